@@ -1,0 +1,396 @@
+//! In-memory column buffers: per table, per time partition, a list of Arrow record batches.
+//!
+//! A write request builds its own batches ([`RowsBuilder`], on the request's task, in parallel
+//! with other requests); the WAL writer thread then appends them here in sequence order once
+//! they are durable ([`TableBuffer::append`]). Batches are immutable, so a query's snapshot is
+//! a list of `Arc` clones taken under a short lock.
+//!
+//! Deduplication: the same table + tag set + time is one point, and the later write wins field
+//! by field. Rather than hash every key, the buffer remembers each series' latest time; a row
+//! at or before it *may* repeat a key, and only then is its partition marked `overlap` so that
+//! queries and persistence merge it (`dedup`). In-order data, the common case, is never merged.
+//!
+//! No I/O here; `persist` takes snapshots of partitions and writes them out.
+
+#[cfg(test)]
+mod tests;
+pub mod dedup;
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+
+use arrow::array::{
+    new_null_array, ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, StringBuilder,
+    StringDictionaryBuilder, TimestampNanosecondArray, UInt64Array, UInt64Builder,
+};
+use arrow::datatypes::{Field, Int32Type, Schema, SchemaRef};
+use arrow::record_batch::{RecordBatch, RecordBatchOptions};
+
+use crate::catalog::{self, SEQ_COLUMN, TIME_COLUMN};
+use crate::line_protocol::{FieldValue, Line};
+
+/// Which partition a timestamp falls in: the start of its window, in nanoseconds.
+pub fn partition_of(time_ns: i64, partition_ns: i64) -> i64 {
+    time_ns.div_euclid(partition_ns).saturating_mul(partition_ns)
+}
+
+enum ColumnBuilder {
+    Tag(StringDictionaryBuilder<Int32Type>),
+    Float(Float64Builder),
+    Integer(Int64Builder),
+    UInteger(UInt64Builder),
+    String(StringBuilder),
+    Boolean(BooleanBuilder),
+}
+
+impl ColumnBuilder {
+    fn for_value(value: &FieldValue<'_>) -> ColumnBuilder {
+        match value {
+            FieldValue::Float(_) => ColumnBuilder::Float(Float64Builder::new()),
+            FieldValue::Integer(_) => ColumnBuilder::Integer(Int64Builder::new()),
+            FieldValue::UInteger(_) => ColumnBuilder::UInteger(UInt64Builder::new()),
+            FieldValue::String(_) => ColumnBuilder::String(StringBuilder::new()),
+            FieldValue::Boolean(_) => ColumnBuilder::Boolean(BooleanBuilder::new()),
+        }
+    }
+
+    fn len(&self) -> usize {
+        use arrow::array::ArrayBuilder;
+        match self {
+            ColumnBuilder::Tag(b) => b.len(),
+            ColumnBuilder::Float(b) => b.len(),
+            ColumnBuilder::Integer(b) => b.len(),
+            ColumnBuilder::UInteger(b) => b.len(),
+            ColumnBuilder::String(b) => b.len(),
+            ColumnBuilder::Boolean(b) => b.len(),
+        }
+    }
+
+    fn pad_to(&mut self, rows: usize) {
+        let missing = rows - self.len();
+        if missing == 0 {
+            return;
+        }
+        match self {
+            ColumnBuilder::Tag(b) => (0..missing).for_each(|_| b.append_null()),
+            ColumnBuilder::Float(b) => b.append_nulls(missing),
+            ColumnBuilder::Integer(b) => b.append_nulls(missing),
+            ColumnBuilder::UInteger(b) => b.append_nulls(missing),
+            ColumnBuilder::String(b) => (0..missing).for_each(|_| b.append_null()),
+            ColumnBuilder::Boolean(b) => b.append_nulls(missing),
+        }
+    }
+
+    /// Appends a field value; the catalog has already checked that its type matches.
+    fn append_field(&mut self, value: &FieldValue<'_>) {
+        match (self, value) {
+            (ColumnBuilder::Float(b), FieldValue::Float(v)) => b.append_value(*v),
+            (ColumnBuilder::Integer(b), FieldValue::Integer(v)) => b.append_value(*v),
+            (ColumnBuilder::UInteger(b), FieldValue::UInteger(v)) => b.append_value(*v),
+            (ColumnBuilder::String(b), FieldValue::String(v)) => b.append_value(v),
+            (ColumnBuilder::Boolean(b), FieldValue::Boolean(v)) => b.append_value(*v),
+            _ => unreachable!("field types are checked against the catalog before building"),
+        }
+    }
+
+    fn finish(&mut self) -> ArrayRef {
+        match self {
+            ColumnBuilder::Tag(b) => Arc::new(b.finish()),
+            ColumnBuilder::Float(b) => Arc::new(b.finish()),
+            ColumnBuilder::Integer(b) => Arc::new(b.finish()),
+            ColumnBuilder::UInteger(b) => Arc::new(b.finish()),
+            ColumnBuilder::String(b) => Arc::new(b.finish()),
+            ColumnBuilder::Boolean(b) => Arc::new(b.finish()),
+        }
+    }
+}
+
+/// Rows of one table and partition being built from a request's lines.
+struct TableRows {
+    names: Vec<String>,
+    columns: Vec<ColumnBuilder>,
+    index: HashMap<String, usize>,
+    times: Vec<i64>,
+    series: Vec<u64>,
+}
+
+impl TableRows {
+    fn new() -> TableRows {
+        TableRows { names: Vec::new(), columns: Vec::new(), index: HashMap::new(), times: Vec::new(), series: Vec::new() }
+    }
+
+    fn column(&mut self, name: &str, make: impl FnOnce() -> ColumnBuilder) -> &mut ColumnBuilder {
+        let i = match self.index.get(name) {
+            Some(&i) => i,
+            None => {
+                let i = self.columns.len();
+                self.names.push(name.to_string());
+                self.columns.push(make());
+                self.index.insert(name.to_string(), i);
+                i
+            }
+        };
+        &mut self.columns[i]
+    }
+}
+
+/// A request's rows for one table and partition, ready to append once a sequence number is known.
+pub struct PendingBatch {
+    pub table: String,
+    pub partition: i64,
+    /// Columns present in these lines and `time`; no `_seq` yet.
+    pub batch: RecordBatch,
+    /// Per row, a hash of its tag set (see [`series_hash`]).
+    pub series: Vec<u64>,
+}
+
+/// A hash of a tag set that does not depend on the order tags were written in. Equal tag sets
+/// hash equal; a collision only costs an unneeded merge, never a wrong answer.
+pub fn series_hash(tags: &[(std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)]) -> u64 {
+    let state = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
+    tags.iter().fold(0x9e37_79b9_7f4a_7c15u64, |acc, (k, v)| {
+        let mut h = state.build_hasher();
+        h.write(k.as_bytes());
+        h.write_u8(0xff);
+        h.write(v.as_bytes());
+        acc.wrapping_add(h.finish())
+    })
+}
+
+/// Builds Arrow batches from one request's accepted lines, grouped by table and partition.
+pub struct RowsBuilder {
+    partition_ns: i64,
+    groups: HashMap<(String, i64), TableRows>,
+    rows: usize,
+}
+
+impl RowsBuilder {
+    pub fn new(partition_ns: i64) -> RowsBuilder {
+        RowsBuilder { partition_ns, groups: HashMap::new(), rows: 0 }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Adds a line whose schema the catalog accepted; `time_ns` is its timestamp in ns.
+    pub fn push(&mut self, line: &Line<'_>, time_ns: i64) {
+        let partition = partition_of(time_ns, self.partition_ns);
+        let rows = match self.groups.get_mut(&(line.measurement.to_string(), partition)) {
+            Some(rows) => rows,
+            None => self.groups.entry((line.measurement.to_string(), partition)).or_insert_with(TableRows::new),
+        };
+        let row = rows.times.len();
+        for (key, value) in &line.tags {
+            let column = rows.column(key, || ColumnBuilder::Tag(StringDictionaryBuilder::new()));
+            column.pad_to(row);
+            if let ColumnBuilder::Tag(b) = column {
+                b.append_value(value);
+            }
+        }
+        for (index, (key, value)) in line.fields.iter().enumerate() {
+            if line.fields[index + 1..].iter().any(|(k, _)| k == key) {
+                continue; // a later occurrence of the same field wins
+            }
+            let column = rows.column(key, || ColumnBuilder::for_value(value));
+            column.pad_to(row);
+            column.append_field(value);
+        }
+        rows.times.push(time_ns);
+        rows.series.push(series_hash(&line.tags));
+        self.rows += 1;
+    }
+
+    pub fn finish(self) -> Vec<PendingBatch> {
+        let mut out = Vec::with_capacity(self.groups.len());
+        for ((table, partition), mut rows) in self.groups {
+            let n = rows.times.len();
+            let mut fields = Vec::with_capacity(rows.columns.len() + 1);
+            let mut arrays = Vec::with_capacity(rows.columns.len() + 1);
+            for (name, column) in rows.names.iter().zip(rows.columns.iter_mut()) {
+                column.pad_to(n);
+                let array = column.finish();
+                fields.push(Field::new(name, array.data_type().clone(), true));
+                arrays.push(array);
+            }
+            fields.push(Field::new(TIME_COLUMN, catalog::time_data_type(), false));
+            arrays.push(Arc::new(TimestampNanosecondArray::from(std::mem::take(&mut rows.times)).with_timezone("UTC")));
+            let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
+                .expect("columns are built to the same length with matching types");
+            out.push(PendingBatch { table, partition, batch, series: rows.series });
+        }
+        out
+    }
+}
+
+/// Adds the `_seq` column to a batch.
+pub fn with_seq(batch: &RecordBatch, seq: u64) -> RecordBatch {
+    let mut fields: Vec<Field> = batch.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new(SEQ_COLUMN, arrow::datatypes::DataType::UInt64, false));
+    let mut arrays = batch.columns().to_vec();
+    arrays.push(Arc::new(UInt64Array::from_value(seq, batch.num_rows())));
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays).expect("same row count")
+}
+
+/// Reshapes `batch` to `target` by column name: missing columns become nulls, extra columns
+/// are dropped. Types match by construction (the catalog never changes a column's type).
+pub fn adapt(batch: &RecordBatch, target: &SchemaRef) -> RecordBatch {
+    if batch.schema().as_ref() == target.as_ref() {
+        return batch.clone();
+    }
+    let source = batch.schema();
+    let arrays = target
+        .fields()
+        .iter()
+        .map(|field| match source.index_of(field.name()) {
+            Ok(i) => batch.column(i).clone(),
+            Err(_) => new_null_array(field.data_type(), batch.num_rows()),
+        })
+        .collect();
+    RecordBatch::try_new_with_options(target.clone(), arrays, &RecordBatchOptions::new().with_row_count(Some(batch.num_rows())))
+        .expect("catalog column types are stable, so adapted columns match the target schema")
+}
+
+/// One time window of one table.
+#[derive(Default, Clone)]
+pub struct Partition {
+    /// Buffered rows, each batch with `_seq`.
+    pub batches: Vec<RecordBatch>,
+    /// Rows being written to Parquet right now; still visible to queries until the file is.
+    pub persisting: Vec<RecordBatch>,
+    /// Some key may occur in more than one row of this partition (buffer or files).
+    pub overlap: bool,
+    pub persisting_overlap: bool,
+    pub bytes: usize,
+    pub persisting_bytes: usize,
+    /// Smallest `_seq` among `batches` (u64::MAX when empty).
+    pub min_seq: u64,
+    pub persisting_min_seq: u64,
+    pub rows: usize,
+}
+
+impl Partition {
+    fn new() -> Partition {
+        Partition { min_seq: u64::MAX, persisting_min_seq: u64::MAX, ..Default::default() }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.batches.is_empty() && self.persisting.is_empty()
+    }
+}
+
+/// Every buffered partition of one table, plus what is needed to decide overlaps.
+#[derive(Default)]
+pub struct TableBuffer {
+    pub partitions: BTreeMap<i64, Partition>,
+    /// Latest time written per series hash.
+    series_last: HashMap<u64, i64>,
+    /// Rows at or before this time may repeat keys of files written before this process
+    /// started, whose series are not in `series_last`.
+    floor_ns: i64,
+    bytes: usize,
+}
+
+/// Merges small batches once a partition holds this many, so tiny writes do not pile up.
+const BATCHES_BEFORE_MERGE: usize = 64;
+const SMALL_BATCH_ROWS: usize = 8_192;
+
+impl TableBuffer {
+    pub fn new(floor_ns: i64) -> TableBuffer {
+        TableBuffer { floor_ns, ..Default::default() }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Raises the floor (after startup found persisted files up to this time).
+    pub fn raise_floor(&mut self, time_ns: i64) {
+        self.floor_ns = self.floor_ns.max(time_ns);
+    }
+
+    /// Appends a request's rows with their sequence number. `schema` is the table's current
+    /// schema with `_seq`, used when small batches are merged.
+    pub fn append(&mut self, pending: &PendingBatch, seq: u64, schema: &SchemaRef) {
+        let times = pending.batch.column(pending.batch.num_columns() - 1);
+        let times = times.as_any().downcast_ref::<TimestampNanosecondArray>().expect("last column is time");
+        let mut overlap = false;
+        for (&series, &time) in pending.series.iter().zip(times.values().iter()) {
+            let last = self.series_last.entry(series).or_insert(i64::MIN);
+            if time <= *last || time <= self.floor_ns {
+                overlap = true;
+            }
+            *last = (*last).max(time);
+        }
+        let batch = with_seq(&pending.batch, seq);
+        let bytes = batch.get_array_memory_size();
+        let partition = self.partitions.entry(pending.partition).or_insert_with(Partition::new);
+        partition.overlap |= overlap;
+        partition.min_seq = partition.min_seq.min(seq);
+        partition.rows += batch.num_rows();
+        partition.bytes += bytes;
+        self.bytes += bytes;
+        partition.batches.push(batch);
+        if partition.batches.len() >= BATCHES_BEFORE_MERGE {
+            let (small, large): (Vec<_>, Vec<_>) =
+                partition.batches.drain(..).partition(|b| b.num_rows() < SMALL_BATCH_ROWS);
+            partition.batches = large;
+            if !small.is_empty() {
+                let adapted: Vec<_> = small.iter().map(|b| adapt(b, schema)).collect();
+                let merged = arrow::compute::concat_batches(schema, &adapted).expect("adapted batches share the schema");
+                partition.batches.push(merged);
+                let before = partition.bytes;
+                partition.bytes = partition.batches.iter().map(|b| b.get_array_memory_size()).sum();
+                self.bytes = self.bytes - before.min(self.bytes) + partition.bytes;
+            }
+        }
+    }
+
+    /// Moves a partition's buffered rows to `persisting` and returns them, unless a persist of
+    /// it is already running or it holds nothing.
+    pub fn start_persist(&mut self, partition: i64) -> Option<(Vec<RecordBatch>, bool)> {
+        let p = self.partitions.get_mut(&partition)?;
+        if !p.persisting.is_empty() || p.batches.is_empty() {
+            return None;
+        }
+        p.persisting = std::mem::take(&mut p.batches);
+        p.persisting_overlap = std::mem::take(&mut p.overlap);
+        p.persisting_bytes = std::mem::take(&mut p.bytes);
+        p.persisting_min_seq = std::mem::replace(&mut p.min_seq, u64::MAX);
+        p.rows = 0;
+        Some((p.persisting.clone(), p.persisting_overlap))
+    }
+
+    /// The persist of `partition` is committed: its rows are in a file now.
+    pub fn finish_persist(&mut self, partition: i64) {
+        if let Some(p) = self.partitions.get_mut(&partition) {
+            self.bytes -= p.persisting_bytes.min(self.bytes);
+            p.persisting.clear();
+            p.persisting_bytes = 0;
+            p.persisting_min_seq = u64::MAX;
+            p.persisting_overlap = false;
+            if p.is_empty() {
+                self.partitions.remove(&partition);
+            }
+        }
+    }
+
+    /// The persist of `partition` failed: its rows go back to the buffer.
+    pub fn abort_persist(&mut self, partition: i64) {
+        if let Some(p) = self.partitions.get_mut(&partition) {
+            let mut batches = std::mem::take(&mut p.persisting);
+            batches.append(&mut p.batches);
+            p.batches = batches;
+            p.overlap |= std::mem::take(&mut p.persisting_overlap);
+            p.bytes += std::mem::take(&mut p.persisting_bytes);
+            p.min_seq = p.min_seq.min(std::mem::replace(&mut p.persisting_min_seq, u64::MAX));
+            p.rows = p.batches.iter().map(|b| b.num_rows()).sum();
+        }
+    }
+
+    /// Smallest sequence number still only in memory (u64::MAX when none).
+    pub fn min_unpersisted_seq(&self) -> u64 {
+        self.partitions.values().map(|p| p.min_seq.min(p.persisting_min_seq)).min().unwrap_or(u64::MAX)
+    }
+}

@@ -1,0 +1,323 @@
+//! The catalog: which databases exist, which tables they hold, and each table's columns
+//! (tags, typed fields, `time`). Schema grows on write: a new table or column appears as
+//! written, and a column's kind and type never change afterwards, so a line that was valid
+//! once stays valid against any later catalog (WAL replay relies on this).
+//!
+//! Pure data: no I/O. `persist` records schemas in manifest commits; `engine` serialises
+//! changes; queries read copy-on-write `Arc<TableSchema>` snapshots.
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use serde::{Deserialize, Serialize};
+
+use crate::line_protocol::{FieldValue, Line};
+
+/// Name of the timestamp column every table has.
+pub const TIME_COLUMN: &str = "time";
+/// Name of the hidden column holding the WAL sequence a row came from.
+pub const SEQ_COLUMN: &str = "_seq";
+/// Limits that keep one careless client from growing the catalog without bound.
+pub const COLUMNS_PER_TABLE_MAX: usize = 2_000;
+pub const TABLES_PER_DATABASE_MAX: usize = 10_000;
+pub const NAME_BYTES_MAX: usize = 512;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FieldType {
+    Float,
+    Integer,
+    UInteger,
+    String,
+    Boolean,
+}
+
+impl FieldType {
+    pub fn of(value: &FieldValue<'_>) -> FieldType {
+        match value {
+            FieldValue::Float(_) => FieldType::Float,
+            FieldValue::Integer(_) => FieldType::Integer,
+            FieldValue::UInteger(_) => FieldType::UInteger,
+            FieldValue::String(_) => FieldType::String,
+            FieldValue::Boolean(_) => FieldType::Boolean,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FieldType::Float => "float",
+            FieldType::Integer => "integer",
+            FieldType::UInteger => "unsigned integer",
+            FieldType::String => "string",
+            FieldType::Boolean => "boolean",
+        }
+    }
+
+    pub fn data_type(self) -> DataType {
+        match self {
+            FieldType::Float => DataType::Float64,
+            FieldType::Integer => DataType::Int64,
+            FieldType::UInteger => DataType::UInt64,
+            FieldType::String => DataType::Utf8,
+            FieldType::Boolean => DataType::Boolean,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind", content = "type")]
+pub enum ColumnKind {
+    Tag,
+    Field(FieldType),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Column {
+    pub name: String,
+    #[serde(flatten)]
+    pub kind: ColumnKind,
+}
+
+/// Arrow type of tag columns.
+pub fn tag_data_type() -> DataType {
+    DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
+}
+
+/// Arrow type of the `time` column: nanoseconds, UTC.
+pub fn time_data_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
+}
+
+/// One table's columns. Arrow schema order: tags, then fields, each in creation order, then
+/// `time`; that is also the sort key order (tags, time).
+#[derive(Debug, Clone)]
+pub struct TableSchema {
+    pub name: String,
+    columns: Vec<Column>,
+    by_name: HashMap<String, usize>,
+    arrow: SchemaRef,
+    arrow_with_seq: SchemaRef,
+}
+
+impl PartialEq for TableSchema {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name && self.columns == other.columns
+    }
+}
+
+impl TableSchema {
+    pub fn new(name: impl Into<String>, columns: Vec<Column>) -> TableSchema {
+        let mut schema = TableSchema {
+            name: name.into(),
+            columns: Vec::new(),
+            by_name: HashMap::new(),
+            arrow: Arc::new(Schema::empty()),
+            arrow_with_seq: Arc::new(Schema::empty()),
+        };
+        for column in columns {
+            schema.push(column);
+        }
+        schema.rebuild_arrow();
+        schema
+    }
+
+    fn push(&mut self, column: Column) {
+        self.by_name.insert(column.name.clone(), self.columns.len());
+        self.columns.push(column);
+    }
+
+    fn rebuild_arrow(&mut self) {
+        let tags = self.tags().map(|c| Field::new(&c.name, tag_data_type(), true));
+        let fields = self.columns.iter().filter_map(|c| match c.kind {
+            ColumnKind::Field(t) => Some(Field::new(&c.name, t.data_type(), true)),
+            ColumnKind::Tag => None,
+        });
+        let mut all: Vec<Field> = tags.chain(fields).collect();
+        all.push(Field::new(TIME_COLUMN, time_data_type(), false));
+        self.arrow = Arc::new(Schema::new(all.clone()));
+        all.push(Field::new(SEQ_COLUMN, DataType::UInt64, false));
+        self.arrow_with_seq = Arc::new(Schema::new(all));
+    }
+
+    pub fn columns(&self) -> &[Column] {
+        &self.columns
+    }
+
+    pub fn column(&self, name: &str) -> Option<&Column> {
+        self.by_name.get(name).map(|&i| &self.columns[i])
+    }
+
+    pub fn tags(&self) -> impl Iterator<Item = &Column> {
+        self.columns.iter().filter(|c| c.kind == ColumnKind::Tag)
+    }
+
+    /// The schema queries see.
+    pub fn arrow_schema(&self) -> &SchemaRef {
+        &self.arrow
+    }
+
+    /// The schema of stored data: the query schema plus `_seq`.
+    pub fn arrow_schema_with_seq(&self) -> &SchemaRef {
+        &self.arrow_with_seq
+    }
+
+    /// Checks `line` against this schema plus `pending` (columns this batch added before it),
+    /// and returns the columns the line would add. Nothing changes unless the caller applies
+    /// them, so a rejected line leaves no trace.
+    pub fn check_line(&self, line: &Line<'_>, pending: &[Column]) -> Result<Vec<Column>, String> {
+        let lookup = |name: &str| -> Option<ColumnKind> {
+            self.column(name).map(|c| c.kind).or_else(|| pending.iter().find(|c| c.name == name).map(|c| c.kind))
+        };
+        let mut added = Vec::new();
+        for (key, _) in &line.tags {
+            check_name("tag key", key)?;
+            match lookup(key) {
+                Some(ColumnKind::Tag) => {}
+                Some(ColumnKind::Field(t)) => {
+                    return Err(format!("\"{key}\" is a {} field in table \"{}\", not a tag", t.name(), self.name))
+                }
+                None => added.push(Column { name: key.to_string(), kind: ColumnKind::Tag }),
+            }
+        }
+        for (index, (key, value)) in line.fields.iter().enumerate() {
+            // A key written twice in one line: only the last occurrence counts.
+            if line.fields[index + 1..].iter().any(|(k, _)| k == key) {
+                continue;
+            }
+            check_name("field key", key)?;
+            if line.tags.iter().any(|(k, _)| k == key) {
+                return Err(format!("\"{key}\" is used as both a tag and a field"));
+            }
+            let wanted = FieldType::of(value);
+            match lookup(key) {
+                Some(ColumnKind::Field(t)) if t == wanted => {}
+                Some(ColumnKind::Field(t)) => {
+                    return Err(format!(
+                        "field \"{key}\" is {} in table \"{}\", got {}",
+                        t.name(),
+                        self.name,
+                        wanted.name()
+                    ))
+                }
+                Some(ColumnKind::Tag) => {
+                    return Err(format!("\"{key}\" is a tag in table \"{}\", not a field", self.name))
+                }
+                None => added.push(Column { name: key.to_string(), kind: ColumnKind::Field(wanted) }),
+            }
+        }
+        if self.columns.len() + pending.len() + added.len() > COLUMNS_PER_TABLE_MAX {
+            return Err(format!("table \"{}\" would exceed {COLUMNS_PER_TABLE_MAX} columns", self.name));
+        }
+        Ok(added)
+    }
+
+    /// A copy with `added` appended; columns already present are skipped.
+    pub fn with_columns(&self, added: &[Column]) -> TableSchema {
+        let mut next = self.clone();
+        for column in added {
+            if next.column(&column.name).is_none() {
+                next.push(column.clone());
+            }
+        }
+        next.rebuild_arrow();
+        next
+    }
+
+    /// Whether adding `added` conflicts with a column that is already here with another kind.
+    pub fn conflicts_with(&self, added: &[Column]) -> bool {
+        added.iter().any(|c| self.column(&c.name).is_some_and(|existing| existing.kind != c.kind))
+    }
+}
+
+fn check_name(what: &str, name: &str) -> Result<(), String> {
+    if name.len() > NAME_BYTES_MAX {
+        return Err(format!("{what} longer than {NAME_BYTES_MAX} bytes"));
+    }
+    if name == SEQ_COLUMN {
+        return Err(format!("{what} \"{SEQ_COLUMN}\" is reserved"));
+    }
+    Ok(())
+}
+
+/// Checks a database or table name.
+pub fn check_object_name(what: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err(format!("{what} name is empty"));
+    }
+    if name.len() > NAME_BYTES_MAX {
+        return Err(format!("{what} name longer than {NAME_BYTES_MAX} bytes"));
+    }
+    if name.chars().any(|c| c.is_control() || c == '/' || c == '\\') {
+        return Err(format!("{what} name \"{name}\" contains '/', '\\' or a control character"));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("{what} name \"{name}\" is not allowed"));
+    }
+    Ok(())
+}
+
+/// Every database and table. Cloned cheaply: tables are `Arc`s.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    databases: BTreeMap<String, BTreeMap<String, Arc<TableSchema>>>,
+}
+
+impl Catalog {
+    pub fn database_names(&self) -> impl Iterator<Item = &String> {
+        self.databases.keys()
+    }
+
+    pub fn has_database(&self, db: &str) -> bool {
+        self.databases.contains_key(db)
+    }
+
+    pub fn create_database(&mut self, db: &str) -> bool {
+        if self.databases.contains_key(db) {
+            return false;
+        }
+        self.databases.insert(db.to_string(), BTreeMap::new());
+        true
+    }
+
+    pub fn table(&self, db: &str, table: &str) -> Option<&Arc<TableSchema>> {
+        self.databases.get(db)?.get(table)
+    }
+
+    pub fn tables(&self, db: &str) -> impl Iterator<Item = &Arc<TableSchema>> {
+        self.databases.get(db).into_iter().flat_map(|t| t.values())
+    }
+
+    pub fn table_count(&self, db: &str) -> usize {
+        self.databases.get(db).map_or(0, |t| t.len())
+    }
+
+    /// Installs `schema` (a new table, or a grown one), creating the database if needed.
+    pub fn put_table(&mut self, db: &str, schema: TableSchema) -> Arc<TableSchema> {
+        let schema = Arc::new(schema);
+        self.databases.entry(db.to_string()).or_default().insert(schema.name.clone(), schema.clone());
+        schema
+    }
+}
+
+/// A Parquet file that holds rows of one partition of one table (see `storage-format/parquet.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ParquetFile {
+    /// Object path within the store.
+    pub path: String,
+    /// Start of the partition's time window, ns.
+    pub partition_ns: i64,
+    pub min_time_ns: i64,
+    pub max_time_ns: i64,
+    pub rows: u64,
+    pub bytes: u64,
+    /// Every WAL record up to this sequence number that had rows for this partition is in
+    /// this file or an earlier one: replay skips them.
+    pub max_seq: u64,
+    /// Rows of this file may share keys with other files or the buffer of the same partition,
+    /// so queries must merge them.
+    pub overlap: bool,
+}

@@ -1,0 +1,104 @@
+//! Command line and environment: every setting has a flag, an environment variable and a
+//! default that says why. Sizes take units (`512MiB`), durations too (`10m`, `1d`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "sundial", version, about = "Embedded columnar time-series database server")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start the server.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WalSync {
+    /// Acknowledge a write only after fdatasync: survives power loss.
+    Fsync,
+    /// Acknowledge after write(2), never sync: survives a process crash, not power loss.
+    None,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Directory for the WAL (and, by default, the object store).
+    #[arg(long, env = "SUNDIAL_DATA_DIR", default_value = "./sundial-data")]
+    pub data_dir: PathBuf,
+
+    /// Object store for Parquet files and the manifest (`file:///abs/dir`). Default:
+    /// `{data-dir}/objects`, so one directory holds everything.
+    #[arg(long, env = "SUNDIAL_OBJECT_STORE")]
+    pub object_store: Option<String>,
+
+    /// HTTP address. 8086 is the port Telegraf and influx clients try first.
+    #[arg(long, env = "SUNDIAL_HTTP_BIND", default_value = "127.0.0.1:8086")]
+    pub http_bind: SocketAddr,
+
+    /// Memory for buffered rows. A quarter of it triggers early persistence; past all of it
+    /// writes get 503 with Retry-After. Default keeps a 1000-host ingest well under 1 GiB RSS.
+    #[arg(long, env = "SUNDIAL_BUFFER_MEMORY_MAX", default_value = "512MiB", value_parser = parse_bytes)]
+    pub buffer_memory_max: u64,
+
+    /// Time partition width: one day, so a query for recent data skips older days' files.
+    #[arg(long, env = "SUNDIAL_PARTITION_DURATION", default_value = "1d", value_parser = humantime::parse_duration)]
+    pub partition_duration: Duration,
+
+    /// Everything buffered is persisted at least this often, which also bounds WAL replay.
+    #[arg(long, env = "SUNDIAL_PERSIST_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub persist_interval: Duration,
+
+    /// When a write is acknowledged: after fdatasync (default) or after write(2).
+    #[arg(long, env = "SUNDIAL_WAL_SYNC", value_enum, default_value_t = WalSync::Fsync)]
+    pub wal_sync: WalSync,
+
+    /// WAL segment size before rotating; segments are deleted once persisted.
+    #[arg(long, env = "SUNDIAL_WAL_SEGMENT_SIZE", default_value = "64MiB", value_parser = parse_bytes)]
+    pub wal_segment_size: u64,
+
+    /// Largest request body accepted (after gzip decompression too); larger gets 413.
+    #[arg(long, env = "SUNDIAL_REQUEST_MAX", default_value = "64MiB", value_parser = parse_bytes)]
+    pub request_max: u64,
+
+    /// Memory all running queries may use together; a query needing more fails cleanly.
+    #[arg(long, env = "SUNDIAL_QUERY_MEMORY_MAX", default_value = "1GiB", value_parser = parse_bytes)]
+    pub query_memory_max: u64,
+
+    /// Log filter (tracing's EnvFilter syntax).
+    #[arg(long, env = "SUNDIAL_LOG", default_value = "info")]
+    pub log: String,
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    s.parse::<bytesize::ByteSize>().map(|b| b.as_u64()).map_err(|e| format!("invalid size \"{s}\": {e}"))
+}
+
+impl ServeArgs {
+    pub fn engine_config(&self) -> crate::engine::Config {
+        crate::engine::Config {
+            data_dir: self.data_dir.clone(),
+            object_store_url: self.object_store.clone(),
+            buffer_bytes_max: usize::try_from(self.buffer_memory_max).unwrap_or(usize::MAX),
+            partition: self.partition_duration,
+            persist_interval: self.persist_interval,
+            wal_sync: self.wal_sync == WalSync::Fsync,
+            wal_segment_bytes_max: self.wal_segment_size,
+            wal_record_bytes_max: usize::try_from(self.request_max).unwrap_or(usize::MAX).saturating_add(1 << 16),
+        }
+    }
+
+    pub fn query_config(&self) -> crate::query::Config {
+        crate::query::Config {
+            memory_bytes_max: usize::try_from(self.query_memory_max).unwrap_or(usize::MAX),
+            target_partitions: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}

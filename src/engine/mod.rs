@@ -1,0 +1,705 @@
+//! The engine ties the write path together and owns the live state:
+//!
+//! write: parse lines → check them against a catalog snapshot → build Arrow rows (all on the
+//! request's task) → grow the catalog under a short lock → WAL append; the WAL writer thread
+//! applies rows to the buffer once durable, in sequence order, and hands them to subscribers.
+//!
+//! startup: manifest (schemas, files) → WAL replay, skipping rows already in files → buffer.
+//!
+//! persistence: a background loop writes partitions to Parquet on a timer and under memory
+//! pressure, then deletes WAL segments that hold nothing unpersisted.
+//!
+//! It holds no protocol knowledge: `http` and later `pg` call it.
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use arrow::array::UInt64Array;
+use arrow::record_batch::RecordBatch;
+use tokio_util::sync::CancellationToken;
+
+use crate::buffer::{PendingBatch, RowsBuilder, TableBuffer};
+use crate::catalog::{self, Catalog, Column, ParquetFile, TableSchema, SEQ_COLUMN};
+use crate::line_protocol::{self, Line, Precision};
+use crate::persist::manifest::{Manifest, Op};
+use crate::persist::store::Store;
+use crate::wal::{self, Wal};
+use crate::ErrorKind;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    /// Where Parquet files and the manifest go; `None` means `file://{data_dir}/objects`.
+    pub object_store_url: Option<String>,
+    /// Buffered rows may use this much memory; writes get 503 beyond it.
+    pub buffer_bytes_max: usize,
+    /// Width of a time partition.
+    pub partition: Duration,
+    /// Everything buffered is persisted at least this often.
+    pub persist_interval: Duration,
+    pub wal_sync: bool,
+    pub wal_segment_bytes_max: u64,
+    pub wal_record_bytes_max: usize,
+}
+
+impl Config {
+    pub fn for_tests(data_dir: PathBuf) -> Config {
+        Config {
+            data_dir,
+            object_store_url: None,
+            buffer_bytes_max: 64 << 20,
+            partition: Duration::from_secs(86_400),
+            persist_interval: Duration::from_secs(3600),
+            wal_sync: true,
+            wal_segment_bytes_max: 1 << 20,
+            wal_record_bytes_max: 64 << 20,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what} \"{name}\" is invalid: {reason}")]
+    InvalidName { what: &'static str, name: String, reason: String },
+    #[error("database \"{0}\" not found")]
+    DatabaseNotFound(String),
+    #[error("buffer memory limit of {bytes_max} bytes reached; persisting, retry shortly")]
+    BufferFull { bytes_max: usize },
+    #[error("database \"{database}\" would exceed {tables_max} tables")]
+    TooManyTables { database: String, tables_max: usize },
+    #[error("no line was accepted")]
+    Rejected(Vec<RejectedLine>),
+    #[error("server is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Wal(Arc<wal::Error>),
+    #[error(transparent)]
+    Persist(#[from] crate::persist::Error),
+    #[error("startup: {0}")]
+    Startup(String),
+}
+
+impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::InvalidName { .. } | Error::Rejected(_) | Error::TooManyTables { .. } => ErrorKind::InvalidInput,
+            Error::DatabaseNotFound(_) => ErrorKind::NotFound,
+            Error::BufferFull { .. } => ErrorKind::ResourceExhausted,
+            Error::ShuttingDown => ErrorKind::Unavailable,
+            Error::Wal(e) => e.kind(),
+            Error::Persist(e) => e.kind(),
+            Error::Startup(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+/// A line that was not stored, and why.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RejectedLine {
+    pub line_number: usize,
+    pub original_line: String,
+    pub error_message: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct WriteOptions {
+    pub precision: Precision,
+    /// Store the good lines when some are bad (otherwise store nothing).
+    pub accept_partial: bool,
+    /// Answer once written to the WAL file, before the sync.
+    pub no_sync: bool,
+    /// Timestamp for lines without one: the time of receipt, ns.
+    pub default_time_ns: i64,
+}
+
+/// What a write stored.
+#[derive(Debug, Default)]
+pub struct WriteOutcome {
+    pub lines_stored: usize,
+    pub rejected: Vec<RejectedLine>,
+}
+
+/// A durable write, as handed to subscribers (continuous views build on this).
+pub struct CommittedWrite<'a> {
+    pub database: &'a str,
+    pub seq: u64,
+    /// Per table, the rows this write added (with `_seq`).
+    pub tables: Vec<(&'a str, &'a RecordBatch)>,
+}
+
+pub type Subscriber = Arc<dyn Fn(&CommittedWrite<'_>) + Send + Sync>;
+
+type TableKey = (String, String);
+
+/// A table's rows: buffered partitions and the Parquet files of persisted ones.
+#[derive(Default)]
+pub struct TableData {
+    pub buffer: TableBuffer,
+    pub files: Vec<Arc<ParquetFile>>,
+}
+
+/// One partition's buffered rows as a query sees them.
+pub struct PartitionSnapshot {
+    pub partition_ns: i64,
+    pub batches: Vec<RecordBatch>,
+    pub overlap: bool,
+}
+
+/// A consistent view of a table for one query.
+pub struct TableSnapshot {
+    pub schema: Arc<TableSchema>,
+    pub files: Vec<Arc<ParquetFile>>,
+    pub partitions: Vec<PartitionSnapshot>,
+}
+
+pub struct Engine {
+    config: Config,
+    catalog: RwLock<Arc<Catalog>>,
+    /// Serialises catalog changes (the check-then-grow step of writes).
+    schema_lock: Mutex<()>,
+    tables: RwLock<HashMap<TableKey, Arc<RwLock<TableData>>>>,
+    wal: Mutex<Option<Wal>>,
+    wal_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    store: Store,
+    manifest: tokio::sync::Mutex<Manifest>,
+    buffered_bytes: AtomicUsize,
+    applied_seq: AtomicU64,
+    file_counter: AtomicU64,
+    subscribers: RwLock<Vec<Subscriber>>,
+    persist_wakeup: tokio::sync::Notify,
+}
+
+/// The WAL payload of a line-protocol write (layout in `storage-format/wal.md`).
+struct LpRecord<'a> {
+    precision: Precision,
+    default_time_ns: i64,
+    database: &'a str,
+    lines: &'a [u8],
+}
+
+impl<'a> LpRecord<'a> {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(11 + self.database.len() + self.lines.len());
+        out.push(self.precision.code());
+        out.extend_from_slice(&self.default_time_ns.to_le_bytes());
+        let db_len = u16::try_from(self.database.len()).expect("database names are at most NAME_BYTES_MAX");
+        out.extend_from_slice(&db_len.to_le_bytes());
+        out.extend_from_slice(self.database.as_bytes());
+        out.extend_from_slice(self.lines);
+        out
+    }
+
+    fn decode(payload: &'a [u8]) -> Result<LpRecord<'a>, String> {
+        if payload.len() < 11 {
+            return Err("line protocol record shorter than its header".into());
+        }
+        let precision = Precision::from_code(payload[0]).ok_or("unknown precision code")?;
+        let default_time_ns = i64::from_le_bytes(payload[1..9].try_into().expect("8 bytes"));
+        let db_len = u16::from_le_bytes(payload[9..11].try_into().expect("2 bytes")) as usize;
+        let database = payload.get(11..11 + db_len).ok_or("database name runs past the record")?;
+        let database = std::str::from_utf8(database).map_err(|_| "database name is not UTF-8")?;
+        Ok(LpRecord { precision, default_time_ns, database, lines: &payload[11 + db_len..] })
+    }
+}
+
+/// Lines checked against a catalog and turned into rows.
+struct Prepared {
+    wal_lines: Vec<u8>,
+    rejected: Vec<RejectedLine>,
+    /// New columns (and tables) these lines need, per table.
+    additions: BTreeMap<String, Vec<Column>>,
+    rows: RowsBuilder,
+}
+
+const ORIGINAL_LINE_BYTES_MAX: usize = 1024;
+
+fn prepare(catalog: &Catalog, db: &str, body: &[u8], precision: Precision, default_time_ns: i64, partition_ns: i64) -> Prepared {
+    let mut prepared = Prepared { wal_lines: Vec::with_capacity(body.len()), rejected: Vec::new(), additions: BTreeMap::new(), rows: RowsBuilder::new(partition_ns) };
+    let mut line = Line::default();
+    let empty_tables: &mut HashMap<String, TableSchema> = &mut HashMap::new();
+    let mut new_tables = 0usize;
+    for (number, bytes) in line_protocol::lines(body) {
+        let outcome = line_protocol::parse_line(number, bytes, &mut line).map_err(|e| e.to_string()).and_then(|()| {
+            let name = line.measurement.as_ref();
+            catalog::check_object_name("table", name)?;
+            let schema = match catalog.table(db, name) {
+                Some(schema) => schema.as_ref(),
+                None => &*empty_tables.entry(name.to_string()).or_insert_with(|| TableSchema::new(name, Vec::new())),
+            };
+            let pending = prepared.additions.get(name).map_or(&[][..], |v| v.as_slice());
+            let added = schema.check_line(&line, pending)?;
+            let time_ns = match line.timestamp {
+                None => default_time_ns,
+                Some(t) => precision
+                    .to_nanos(t)
+                    .ok_or_else(|| format!("timestamp {t} is out of range for precision {precision:?}"))?,
+            };
+            if catalog.table(db, name).is_none() && !prepared.additions.contains_key(name) {
+                if catalog.table_count(db) + new_tables >= catalog::TABLES_PER_DATABASE_MAX {
+                    return Err(format!("database would exceed {} tables", catalog::TABLES_PER_DATABASE_MAX));
+                }
+                new_tables += 1;
+            }
+            Ok((added, time_ns))
+        });
+        match outcome {
+            Ok((added, time_ns)) => {
+                prepared.additions.entry(line.measurement.to_string()).or_default().extend(added);
+                prepared.rows.push(&line, time_ns);
+                prepared.wal_lines.extend_from_slice(bytes);
+                prepared.wal_lines.push(b'\n');
+            }
+            Err(error_message) => {
+                let mut original = String::from_utf8_lossy(bytes).into_owned();
+                if original.len() > ORIGINAL_LINE_BYTES_MAX {
+                    let mut cut = ORIGINAL_LINE_BYTES_MAX;
+                    while !original.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    original.truncate(cut);
+                }
+                prepared.rejected.push(RejectedLine { line_number: number, original_line: original, error_message });
+            }
+        }
+    }
+    prepared
+}
+
+/// Applies a batch's additions to `catalog`; `false` if one conflicts (another write won a race).
+fn grow_catalog(catalog: &mut Catalog, db: &str, additions: &BTreeMap<String, Vec<Column>>) -> bool {
+    for (table, columns) in additions {
+        if let Some(existing) = catalog.table(db, table) {
+            if existing.conflicts_with(columns) {
+                return false;
+            }
+        }
+    }
+    catalog.create_database(db);
+    for (table, columns) in additions {
+        let next = match catalog.table(db, table) {
+            Some(existing) if columns.iter().all(|c| existing.column(&c.name).is_some()) => continue,
+            Some(existing) => existing.with_columns(columns),
+            None => TableSchema::new(table.clone(), columns.clone()),
+        };
+        catalog.put_table(db, next);
+    }
+    true
+}
+
+fn max_seq(batches: &[RecordBatch]) -> u64 {
+    batches
+        .iter()
+        .filter_map(|b| {
+            let seq = b.column_by_name(SEQ_COLUMN)?.as_any().downcast_ref::<UInt64Array>()?;
+            arrow::compute::max(seq)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("data_dir", &self.config.data_dir).finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Opens the data directory: loads the manifest, replays the WAL, starts the WAL writer.
+    pub async fn open(config: Config) -> Result<Arc<Engine>, Error> {
+        let startup = |what: &str, e: &dyn std::fmt::Display| Error::Startup(format!("{what}: {e}"));
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| startup("creating the data directory", &e))?;
+        let data_dir = std::fs::canonicalize(&config.data_dir).map_err(|e| startup("resolving the data directory", &e))?;
+        let url = match &config.object_store_url {
+            Some(url) => url.clone(),
+            None => url::Url::from_directory_path(data_dir.join("objects"))
+                .map_err(|()| Error::Startup("data directory is not an absolute path".into()))?
+                .to_string(),
+        };
+        let store = Store::open(&url).map_err(|e| startup("opening the object store", &e))?;
+        let manifest = Manifest::load(store.clone()).await.map_err(|e| startup("loading the manifest", &e))?;
+
+        let mut catalog = Catalog::default();
+        let mut tables: HashMap<TableKey, TableData> = HashMap::new();
+        let mut persisted: HashMap<(String, String, i64), u64> = HashMap::new();
+        for (db, state) in &manifest.state().databases {
+            catalog.create_database(db);
+            for (name, table) in &state.tables {
+                catalog.put_table(db, TableSchema::new(name.clone(), table.columns.clone()));
+                let floor = table.files.iter().map(|f| f.max_time_ns).max().unwrap_or(i64::MIN);
+                for f in &table.files {
+                    let watermark = persisted.entry((db.clone(), name.clone(), f.partition_ns)).or_default();
+                    *watermark = (*watermark).max(f.max_seq);
+                }
+                tables.insert(
+                    (db.clone(), name.clone()),
+                    TableData { buffer: TableBuffer::new(floor), files: table.files.iter().cloned().map(Arc::new).collect() },
+                );
+            }
+        }
+
+        let partition_ns = i64::try_from(config.partition.as_nanos()).unwrap_or(i64::MAX).max(1);
+        let wal_config = wal::Config {
+            dir: data_dir.join("wal"),
+            segment_bytes_max: config.wal_segment_bytes_max,
+            record_bytes_max: config.wal_record_bytes_max,
+            queue_len_max: 256,
+            sync: config.wal_sync,
+        };
+        let mut replayed_rows = 0usize;
+        let replayed = wal::replay(&wal_config, |seq, kind, payload| {
+            if kind != wal::KIND_LINE_PROTOCOL {
+                return Err(format!("unknown record kind {kind}"));
+            }
+            let record = LpRecord::decode(payload)?;
+            let prepared = prepare(&catalog, record.database, record.lines, record.precision, record.default_time_ns, partition_ns);
+            if let Some(bad) = prepared.rejected.first() {
+                // Cannot happen for records this server wrote; refuse rather than drop data.
+                return Err(format!("record {seq} no longer fits the catalog: line {}: {}", bad.line_number, bad.error_message));
+            }
+            if !grow_catalog(&mut catalog, record.database, &prepared.additions) {
+                return Err(format!("record {seq} conflicts with the catalog"));
+            }
+            for pending in prepared.rows.finish() {
+                let db = record.database.to_string();
+                let watermark = persisted.get(&(db.clone(), pending.table.clone(), pending.partition)).copied().unwrap_or(0);
+                if seq <= watermark {
+                    continue;
+                }
+                let schema = catalog.table(&db, &pending.table).expect("grown above").arrow_schema_with_seq().clone();
+                let data = tables.entry((db, pending.table.clone())).or_insert_with(|| TableData { buffer: TableBuffer::new(i64::MIN), files: Vec::new() });
+                data.buffer.append(&pending, seq, &schema);
+                replayed_rows += pending.batch.num_rows();
+            }
+            Ok(())
+        })
+        .map_err(|e| startup("replaying the WAL", &e))?;
+        let next_seq = replayed.next_seq.max(manifest.state().wal_seq + 1);
+        tracing::info!(records = replayed.records, rows = replayed_rows, truncated_bytes = replayed.truncated_bytes, next_seq, "wal replayed");
+        let (wal, wal_thread) = Wal::start(wal_config, next_seq).map_err(|e| startup("starting the WAL", &e))?;
+
+        let buffered: usize = tables.values().map(|t| t.buffer.bytes()).sum();
+        let file_counter = tables.values().map(|t| t.files.len() as u64).sum();
+        let engine = Arc::new(Engine {
+            config,
+            catalog: RwLock::new(Arc::new(catalog)),
+            schema_lock: Mutex::new(()),
+            tables: RwLock::new(tables.into_iter().map(|(k, v)| (k, Arc::new(RwLock::new(v)))).collect()),
+            wal: Mutex::new(Some(wal)),
+            wal_thread: Mutex::new(Some(wal_thread)),
+            store,
+            manifest: tokio::sync::Mutex::new(manifest),
+            buffered_bytes: AtomicUsize::new(buffered),
+            applied_seq: AtomicU64::new(next_seq - 1),
+            file_counter: AtomicU64::new(file_counter),
+            subscribers: RwLock::new(Vec::new()),
+            persist_wakeup: tokio::sync::Notify::new(),
+        });
+        Ok(engine)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.catalog.read().expect("catalog lock").clone()
+    }
+
+    pub fn buffered_bytes(&self) -> usize {
+        self.buffered_bytes.load(Ordering::Relaxed)
+    }
+
+    fn partition_ns(&self) -> i64 {
+        i64::try_from(self.config.partition.as_nanos()).unwrap_or(i64::MAX).max(1)
+    }
+
+    /// Registers a callback that sees every write once it is durable, in sequence order.
+    pub fn subscribe(&self, subscriber: Subscriber) {
+        self.subscribers.write().expect("subscribers lock").push(subscriber);
+    }
+
+    fn wal(&self) -> Result<Wal, Error> {
+        self.wal.lock().expect("wal handle lock").clone().ok_or(Error::ShuttingDown)
+    }
+
+    fn table_data(&self, db: &str, table: &str) -> Option<Arc<RwLock<TableData>>> {
+        self.tables.read().expect("tables lock").get(&(db.to_string(), table.to_string())).cloned()
+    }
+
+    /// Creates a database explicitly (a write creates it implicitly). `false` if it existed.
+    pub async fn create_database(&self, db: &str) -> Result<bool, Error> {
+        catalog::check_object_name("database", db)
+            .map_err(|reason| Error::InvalidName { what: "database", name: db.into(), reason })?;
+        if self.catalog().has_database(db) {
+            return Ok(false);
+        }
+        let mut manifest = self.manifest.lock().await;
+        if self.catalog().has_database(db) {
+            return Ok(false);
+        }
+        manifest.commit(vec![Op::CreateDatabase { database: db.to_string() }]).await.map_err(crate::persist::Error::from)?;
+        let _guard = self.schema_lock.lock().expect("schema lock");
+        let mut catalog = self.catalog().as_ref().clone();
+        catalog.create_database(db);
+        *self.catalog.write().expect("catalog lock") = Arc::new(catalog);
+        Ok(true)
+    }
+
+    /// Stores the lines of a line-protocol body. Returns once they are durable (or written,
+    /// with `no_sync`), and visible to queries.
+    pub async fn write_lp(self: &Arc<Self>, db: &str, body: &[u8], options: WriteOptions) -> Result<WriteOutcome, Error> {
+        catalog::check_object_name("database", db)
+            .map_err(|reason| Error::InvalidName { what: "database", name: db.into(), reason })?;
+        if self.buffered_bytes() > self.config.buffer_bytes_max {
+            self.persist_wakeup.notify_one();
+            return Err(Error::BufferFull { bytes_max: self.config.buffer_bytes_max });
+        }
+        let partition_ns = self.partition_ns();
+        let mut prepared = prepare(&self.catalog(), db, body, options.precision, options.default_time_ns, partition_ns);
+        let needs_growth = !self.catalog().has_database(db) || prepared.additions.values().any(|c| !c.is_empty())
+            || prepared.additions.keys().any(|t| self.catalog().table(db, t).is_none());
+        if needs_growth && !prepared.wal_lines.is_empty() {
+            let _guard = self.schema_lock.lock().expect("schema lock");
+            let mut catalog = self.catalog().as_ref().clone();
+            if !grow_catalog(&mut catalog, db, &prepared.additions) {
+                // Another write added a conflicting column meanwhile: check again, under the lock.
+                prepared = prepare(&catalog, db, body, options.precision, options.default_time_ns, partition_ns);
+                let grown = grow_catalog(&mut catalog, db, &prepared.additions);
+                debug_assert!(grown, "lines checked under the schema lock cannot conflict");
+            }
+            if !prepared.rejected.is_empty() && !options.accept_partial {
+                return Err(Error::Rejected(prepared.rejected));
+            }
+            let mut tables = self.tables.write().expect("tables lock");
+            for table in prepared.additions.keys() {
+                tables.entry((db.to_string(), table.clone())).or_default();
+            }
+            *self.catalog.write().expect("catalog lock") = Arc::new(catalog);
+        }
+        let Prepared { wal_lines, rejected, rows, .. } = prepared;
+        if !rejected.is_empty() && !options.accept_partial {
+            return Err(Error::Rejected(rejected));
+        }
+        if wal_lines.is_empty() {
+            return if rejected.is_empty() { Ok(WriteOutcome::default()) } else { Err(Error::Rejected(rejected)) };
+        }
+        let lines_stored = rows.rows();
+        let pending = rows.finish();
+        let payload = LpRecord { precision: options.precision, default_time_ns: options.default_time_ns, database: db, lines: &wal_lines }.encode();
+        drop(wal_lines);
+        let engine = self.clone();
+        let database = db.to_string();
+        let apply: wal::Apply = Box::new(move |seq| engine.apply(&database, seq, pending));
+        self.wal()?.append(wal::KIND_LINE_PROTOCOL, payload, !options.no_sync, Some(apply)).await.map_err(Error::Wal)?;
+        Ok(WriteOutcome { lines_stored, rejected })
+    }
+
+    /// Runs on the WAL writer thread, in sequence order, once the record is durable.
+    fn apply(&self, db: &str, seq: u64, pending: Vec<PendingBatch>) {
+        let catalog = self.catalog();
+        let mut appended = Vec::with_capacity(pending.len());
+        for p in &pending {
+            let Some(table) = self.table_data(db, &p.table) else {
+                tracing::error!(db, table = %p.table, "table vanished before its rows were applied");
+                continue;
+            };
+            let schema = catalog.table(db, &p.table).expect("tables are in the catalog before their rows").arrow_schema_with_seq().clone();
+            let mut data = table.write().expect("table lock");
+            let before = data.buffer.bytes();
+            data.buffer.append(p, seq, &schema);
+            let after = data.buffer.bytes();
+            drop(data);
+            if after >= before {
+                self.buffered_bytes.fetch_add(after - before, Ordering::Relaxed);
+            } else {
+                self.buffered_bytes.fetch_sub(before - after, Ordering::Relaxed);
+            }
+            appended.push(p);
+        }
+        self.applied_seq.store(seq, Ordering::Release);
+        let subscribers = self.subscribers.read().expect("subscribers lock");
+        if !subscribers.is_empty() {
+            let with_seq: Vec<(&str, RecordBatch)> = appended.iter().map(|p| (p.table.as_str(), crate::buffer::with_seq(&p.batch, seq))).collect();
+            let committed = CommittedWrite { database: db, seq, tables: with_seq.iter().map(|(t, b)| (*t, b)).collect() };
+            for subscriber in subscribers.iter() {
+                subscriber(&committed);
+            }
+        }
+        if self.buffered_bytes() > self.config.buffer_bytes_max / 4 {
+            self.persist_wakeup.notify_one();
+        }
+    }
+
+    /// A consistent view of one table, limited to partitions that may hold rows in
+    /// `[min_time_ns, max_time_ns]`.
+    pub fn snapshot(&self, db: &str, table: &str, min_time_ns: i64, max_time_ns: i64) -> Option<TableSnapshot> {
+        let schema = self.catalog().table(db, table)?.clone();
+        let data = self.table_data(db, table)?;
+        let data = data.read().expect("table lock");
+        let partition_ns = self.partition_ns();
+        let lowest = crate::buffer::partition_of(min_time_ns, partition_ns);
+        let partitions = data
+            .buffer
+            .partitions
+            .range(lowest..=max_time_ns)
+            .map(|(&partition_ns, p)| PartitionSnapshot {
+                partition_ns,
+                batches: p.persisting.iter().chain(p.batches.iter()).cloned().collect(),
+                overlap: p.overlap || p.persisting_overlap,
+            })
+            .collect();
+        let files = data.files.iter().filter(|f| f.max_time_ns >= min_time_ns && f.min_time_ns <= max_time_ns).cloned().collect();
+        Some(TableSnapshot { schema, files, partitions })
+    }
+
+    /// Smallest sequence number whose rows are not all in Parquet yet.
+    fn min_unpersisted_seq(&self) -> u64 {
+        let in_flight = self.applied_seq.load(Ordering::Acquire) + 1;
+        let tables: Vec<_> = self.tables.read().expect("tables lock").values().cloned().collect();
+        tables.iter().map(|t| t.read().expect("table lock").buffer.min_unpersisted_seq()).min().unwrap_or(u64::MAX).min(in_flight)
+    }
+
+    /// Writes one buffered partition to Parquet and commits it. `false` if there was nothing
+    /// to write (or a persist of it is already running).
+    pub async fn persist_partition(&self, db: &str, table: &str, partition_ns: i64) -> Result<bool, Error> {
+        let Some(data) = self.table_data(db, table) else { return Ok(false) };
+        let Some(schema) = self.catalog().table(db, table).cloned() else { return Ok(false) };
+        let Some((batches, overlap)) = data.write().expect("table lock").buffer.start_persist(partition_ns) else {
+            return Ok(false);
+        };
+        let result = self.write_file(db, table, partition_ns, &schema, batches, overlap).await;
+        let mut guard = data.write().expect("table lock");
+        match result {
+            Ok(file) => {
+                let before = guard.buffer.bytes();
+                guard.buffer.finish_persist(partition_ns);
+                self.buffered_bytes.fetch_sub(before - guard.buffer.bytes(), Ordering::Relaxed);
+                guard.files.push(Arc::new(file));
+                drop(guard);
+                if let Ok(wal) = self.wal() {
+                    match wal.remove_segments_below(self.min_unpersisted_seq()) {
+                        Ok(0) => {}
+                        Ok(n) => tracing::debug!(segments = n, "wal segments removed"),
+                        Err(error) => tracing::warn!(%error, "removing persisted wal segments failed"),
+                    }
+                }
+                Ok(true)
+            }
+            Err(error) => {
+                guard.buffer.abort_persist(partition_ns);
+                Err(error)
+            }
+        }
+    }
+
+    async fn write_file(&self, db: &str, table: &str, partition_ns: i64, schema: &Arc<TableSchema>, batches: Vec<RecordBatch>, overlap: bool) -> Result<ParquetFile, Error> {
+        let max_seq = max_seq(&batches);
+        let encode_schema = schema.clone();
+        let encoded = tokio::task::spawn_blocking(move || crate::persist::encode(&encode_schema, &batches, overlap))
+            .await
+            .map_err(|e| Error::Startup(format!("persist task failed: {e}")))??;
+        let n = self.file_counter.fetch_add(1, Ordering::Relaxed);
+        let path = crate::persist::file_path(db, table, partition_ns, max_seq, n);
+        let bytes = encoded.bytes.len() as u64;
+        self.store.put(&path, encoded.bytes).await.map_err(crate::persist::Error::from)?;
+        crate::crash_point("persist_after_parquet_write");
+        let file = ParquetFile {
+            path: path.to_string(),
+            partition_ns,
+            min_time_ns: encoded.min_time_ns,
+            max_time_ns: encoded.max_time_ns,
+            rows: encoded.rows,
+            bytes,
+            max_seq,
+            overlap,
+        };
+        let op = Op::AddFile { database: db.into(), table: table.into(), columns: schema.columns().to_vec(), file: file.clone() };
+        self.manifest.lock().await.commit(vec![op]).await.map_err(crate::persist::Error::from)?;
+        crate::crash_point("persist_after_manifest_commit");
+        tracing::debug!(db, table, path = %file.path, rows = file.rows, bytes, "partition persisted");
+        Ok(file)
+    }
+
+    /// Buffered partitions, largest first: (db, table, partition, bytes).
+    fn buffered_partitions(&self) -> Vec<(String, String, i64, usize)> {
+        let tables: Vec<_> = self.tables.read().expect("tables lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut out = Vec::new();
+        for ((db, table), data) in tables {
+            for (&partition, p) in &data.read().expect("table lock").buffer.partitions {
+                if !p.batches.is_empty() {
+                    out.push((db.clone(), table.clone(), partition, p.bytes));
+                }
+            }
+        }
+        out.sort_by(|a, b| b.3.cmp(&a.3));
+        out
+    }
+
+    /// Persists every buffered partition.
+    pub async fn persist_all(&self) -> Result<usize, Error> {
+        let mut written = 0;
+        for (db, table, partition, _) in self.buffered_partitions() {
+            if self.persist_partition(&db, &table, partition).await? {
+                written += 1;
+            }
+        }
+        Ok(written)
+    }
+
+    /// Background persistence: everything every `persist_interval`; the largest partitions
+    /// whenever the buffer passes a quarter of its limit.
+    pub async fn persist_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut last_full = Instant::now();
+        let high_water = self.config.buffer_bytes_max / 4;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = self.persist_wakeup.notified() => {}
+            }
+            let result = if last_full.elapsed() >= self.config.persist_interval {
+                last_full = Instant::now();
+                self.persist_all().await.map(|_| ())
+            } else if self.buffered_bytes() > high_water {
+                let mut result = Ok(());
+                for (db, table, partition, _) in self.buffered_partitions() {
+                    if self.buffered_bytes() <= high_water / 2 {
+                        break;
+                    }
+                    if let Err(e) = self.persist_partition(&db, &table, partition).await {
+                        result = Err(e);
+                        break;
+                    }
+                }
+                result
+            } else {
+                Ok(())
+            };
+            if let Err(error) = result {
+                tracing::error!(%error, "persist failed; rows stay buffered and in the WAL");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+
+    /// Stops the WAL: queued writes finish, the log is synced, the writer thread exits.
+    pub fn close(&self) {
+        self.wal.lock().expect("wal handle lock").take();
+        if let Some(handle) = self.wal_thread.lock().expect("wal thread lock").take() {
+            // The writer exits once the last sender (held by in-flight writes) is gone.
+            if handle.join().is_err() {
+                tracing::error!("wal writer thread panicked");
+            }
+        }
+    }
+}

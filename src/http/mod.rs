@@ -1,0 +1,455 @@
+//! HTTP API: the InfluxDB write endpoints (v1 `/write`, v2 `/api/v2/write`, v3
+//! `/api/v3/write_lp`), `/ping`, `/health`, Telegraf's `/query?q=CREATE DATABASE`, and SQL
+//! queries at `/api/v3/query_sql` in json, jsonl, csv, pretty, parquet and Arrow IPC.
+//!
+//! The only place that knows HTTP status codes: [`status_of`] maps error kinds exhaustively.
+
+#[cfg(test)]
+mod tests;
+
+use std::io::Read;
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::engine::{self, RejectedLine, WriteOptions};
+use crate::line_protocol::Precision;
+use crate::query::QueryEngine;
+use crate::ErrorKind;
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Clone)]
+struct AppState {
+    query: Arc<QueryEngine>,
+    request_bytes_max: usize,
+}
+
+pub fn router(query: Arc<QueryEngine>, request_bytes_max: usize) -> Router {
+    let state = AppState { query, request_bytes_max };
+    Router::new()
+        .route("/write", post(write_v1))
+        .route("/api/v2/write", post(write_v2))
+        .route("/api/v3/write_lp", post(write_v3))
+        .route("/ping", get(ping).head(ping))
+        .route("/health", get(health))
+        .route("/query", get(influxql).post(influxql))
+        .route("/api/v3/query_sql", get(query_get).post(query_post))
+        .layer(DefaultBodyLimit::max(request_bytes_max))
+        .with_state(state)
+}
+
+/// The single mapping from error kinds to HTTP status codes.
+pub fn status_of(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::InvalidInput | ErrorKind::Unsupported => StatusCode::BAD_REQUEST,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::AlreadyExists => StatusCode::CONFLICT,
+        ErrorKind::ResourceExhausted | ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn code_name(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "invalid",
+        404 => "not found",
+        413 => "request too large",
+        503 => "unavailable",
+        _ => "internal error",
+    }
+}
+
+/// `{"error": …}` for v1 clients, `code`/`message` for v2 clients, `data` for rejected lines.
+fn error_response(status: StatusCode, message: &str, data: Option<&[RejectedLine]>) -> Response {
+    let mut body = json!({ "error": message, "code": code_name(status), "message": message });
+    if let Some(lines) = data {
+        body["data"] = json!(lines);
+        if let Some(first) = lines.first() {
+            body["line"] = json!(first.line_number);
+        }
+    }
+    let mut response = (status, Json(body)).into_response();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+fn body_too_large(limit: usize) -> Response {
+    error_response(StatusCode::PAYLOAD_TOO_LARGE, &format!("request body exceeds the limit of {limit} bytes"), None)
+}
+
+/// Decompresses a gzip body (bounded by the request limit) or returns it as is.
+fn decode_body(headers: &HeaderMap, body: Bytes, limit: usize) -> Result<Bytes, Response> {
+    let encoding = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).unwrap_or("").trim().to_ascii_lowercase();
+    match encoding.as_str() {
+        "" | "identity" => Ok(body),
+        "gzip" | "x-gzip" => {
+            let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit));
+            let mut decoder = flate2::read::MultiGzDecoder::new(&body[..]).take(limit as u64 + 1);
+            decoder
+                .read_to_end(&mut out)
+                .map_err(|e| error_response(StatusCode::BAD_REQUEST, &format!("invalid gzip body: {e}"), None))?;
+            if out.len() > limit {
+                return Err(body_too_large(limit));
+            }
+            Ok(Bytes::from(out))
+        }
+        other => Err(error_response(StatusCode::UNSUPPORTED_MEDIA_TYPE, &format!("unsupported Content-Encoding \"{other}\""), None)),
+    }
+}
+
+fn now_ns() -> i64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(since.as_nanos()).unwrap_or(i64::MAX)
+}
+
+async fn write(state: &AppState, headers: &HeaderMap, db: Option<&str>, missing: &str, options: WriteOptions, body: Bytes) -> Response {
+    let Some(db) = db.filter(|d| !d.is_empty()) else {
+        return error_response(StatusCode::BAD_REQUEST, &format!("missing required query parameter \"{missing}\""), None);
+    };
+    let body = match decode_body(headers, body, state.request_bytes_max) {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    match state.query.engine().write_lp(db, &body, options).await {
+        Ok(outcome) if outcome.rejected.is_empty() => StatusCode::NO_CONTENT.into_response(),
+        Ok(outcome) => error_response(
+            StatusCode::BAD_REQUEST,
+            &format!("partial write of line protocol occurred: {} lines stored, {} rejected", outcome.lines_stored, outcome.rejected.len()),
+            Some(&outcome.rejected),
+        ),
+        Err(engine::Error::Rejected(lines)) => error_response(
+            StatusCode::BAD_REQUEST,
+            &format!("parsing failed for write_lp endpoint: {} lines rejected, nothing stored", lines.len()),
+            Some(&lines),
+        ),
+        Err(engine::Error::Wal(e)) if matches!(*e, crate::wal::Error::RecordTooLarge { .. }) => body_too_large(state.request_bytes_max),
+        Err(e) => {
+            let status = status_of(e.kind());
+            if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+                tracing::error!(error = %e, db, "write failed");
+            }
+            error_response(status, &e.to_string(), None)
+        }
+    }
+}
+
+fn precision_or_error(name: Option<&str>, default: Precision) -> Result<Precision, Response> {
+    match name {
+        None => Ok(default),
+        Some(p) => Precision::parse(p)
+            .ok_or_else(|| error_response(StatusCode::BAD_REQUEST, &format!("invalid precision \"{p}\""), None)),
+    }
+}
+
+#[derive(Deserialize)]
+struct V1Params {
+    db: Option<String>,
+    precision: Option<String>,
+    #[allow(dead_code)]
+    rp: Option<String>,
+    #[allow(dead_code)]
+    u: Option<String>,
+    #[allow(dead_code)]
+    p: Option<String>,
+}
+
+async fn write_v1(State(state): State<AppState>, Query(params): Query<V1Params>, headers: HeaderMap, body: Bytes) -> Response {
+    let precision = match precision_or_error(params.precision.as_deref(), Precision::Nanosecond) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let options = WriteOptions { precision, accept_partial: true, no_sync: false, default_time_ns: now_ns() };
+    write(&state, &headers, params.db.as_deref(), "db", options, body).await
+}
+
+#[derive(Deserialize)]
+struct V2Params {
+    bucket: Option<String>,
+    #[allow(dead_code)]
+    org: Option<String>,
+    precision: Option<String>,
+}
+
+async fn write_v2(State(state): State<AppState>, Query(params): Query<V2Params>, headers: HeaderMap, body: Bytes) -> Response {
+    let precision = match precision_or_error(params.precision.as_deref(), Precision::Nanosecond) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let options = WriteOptions { precision, accept_partial: true, no_sync: false, default_time_ns: now_ns() };
+    write(&state, &headers, params.bucket.as_deref(), "bucket", options, body).await
+}
+
+#[derive(Deserialize)]
+struct V3Params {
+    db: Option<String>,
+    precision: Option<String>,
+    accept_partial: Option<bool>,
+    no_sync: Option<bool>,
+}
+
+async fn write_v3(State(state): State<AppState>, Query(params): Query<V3Params>, headers: HeaderMap, body: Bytes) -> Response {
+    let precision = match precision_or_error(params.precision.as_deref(), Precision::Auto) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let options = WriteOptions {
+        precision,
+        accept_partial: params.accept_partial.unwrap_or(true),
+        no_sync: params.no_sync.unwrap_or(false),
+        default_time_ns: now_ns(),
+    };
+    write(&state, &headers, params.db.as_deref(), "db", options, body).await
+}
+
+async fn ping() -> Response {
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    let headers = response.headers_mut();
+    headers.insert("X-Influxdb-Version", HeaderValue::from_static(VERSION));
+    headers.insert("X-Influxdb-Build", HeaderValue::from_static("sundial"));
+    response
+}
+
+async fn health() -> Response {
+    Json(json!({ "name": "sundial", "message": "ready for queries and writes", "status": "pass", "version": VERSION })).into_response()
+}
+
+#[derive(Deserialize, Default)]
+struct InfluxQlParams {
+    q: Option<String>,
+}
+
+/// The InfluxQL endpoint, for what v1 clients send before writing: `CREATE DATABASE` and
+/// `SHOW DATABASES`. SQL goes to `/api/v3/query_sql`.
+async fn influxql(State(state): State<AppState>, Query(params): Query<InfluxQlParams>, headers: HeaderMap, body: Bytes) -> Response {
+    let form_q = || {
+        let is_form = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+        if !is_form {
+            return None;
+        }
+        url::form_urlencoded::parse(&body).find(|(k, _)| k == "q").map(|(_, v)| v.into_owned())
+    };
+    let Some(q) = params.q.or_else(form_q) else {
+        return error_response(StatusCode::BAD_REQUEST, "missing required parameter \"q\"", None);
+    };
+    let words: Vec<&str> = q.split_whitespace().collect();
+    let upper: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
+    match upper.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["CREATE", "DATABASE", _, ..] => {
+            let name = words[2].trim_end_matches(';').trim_matches('"');
+            match state.query.engine().create_database(name).await {
+                Ok(_) => Json(json!({ "results": [{ "statement_id": 0 }] })).into_response(),
+                Err(e) => error_response(status_of(e.kind()), &e.to_string(), None),
+            }
+        }
+        ["SHOW", "DATABASES"] | ["SHOW", "DATABASES;"] => {
+            let names: Vec<_> = state.query.engine().catalog().database_names().map(|n| json!([n])).collect();
+            Json(json!({ "results": [{ "statement_id": 0, "series": [{ "name": "databases", "columns": ["name"], "values": names }] }] })).into_response()
+        }
+        _ => error_response(
+            StatusCode::BAD_REQUEST,
+            "only CREATE DATABASE and SHOW DATABASES are supported on /query; send SQL to /api/v3/query_sql",
+            None,
+        ),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct SqlParams {
+    db: Option<String>,
+    q: Option<String>,
+    format: Option<String>,
+}
+
+async fn query_get(State(state): State<AppState>, Query(params): Query<SqlParams>, headers: HeaderMap) -> Response {
+    run_sql(&state, params, &headers).await
+}
+
+async fn query_post(State(state): State<AppState>, Query(params): Query<SqlParams>, headers: HeaderMap, body: Bytes) -> Response {
+    let mut merged = params;
+    if !body.is_empty() {
+        match serde_json::from_slice::<SqlParams>(&body) {
+            Ok(from_body) => {
+                merged.db = from_body.db.or(merged.db);
+                merged.q = from_body.q.or(merged.q);
+                merged.format = from_body.format.or(merged.format);
+            }
+            Err(e) => return error_response(StatusCode::BAD_REQUEST, &format!("request body is not valid JSON: {e}"), None),
+        }
+    }
+    run_sql(&state, merged, &headers).await
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Json,
+    JsonLines,
+    Csv,
+    Pretty,
+    Parquet,
+    Arrow,
+}
+
+impl Format {
+    fn parse(name: &str) -> Option<Format> {
+        Some(match name {
+            "json" => Format::Json,
+            "jsonl" => Format::JsonLines,
+            "csv" => Format::Csv,
+            "pretty" => Format::Pretty,
+            "parquet" => Format::Parquet,
+            "arrow" => Format::Arrow,
+            _ => return None,
+        })
+    }
+
+    fn from_accept(accept: &str) -> Option<Format> {
+        accept.split(',').map(|a| a.split(';').next().unwrap_or("").trim()).find_map(|mime| {
+            Some(match mime {
+                "application/json" => Format::Json,
+                "application/jsonl" | "application/x-ndjson" => Format::JsonLines,
+                "text/csv" => Format::Csv,
+                "text/plain" => Format::Pretty,
+                "application/vnd.apache.parquet" => Format::Parquet,
+                "application/vnd.apache.arrow.stream" => Format::Arrow,
+                _ => return None,
+            })
+        })
+    }
+
+    fn content_type(self) -> &'static str {
+        match self {
+            Format::Json => "application/json",
+            Format::JsonLines => "application/jsonl",
+            Format::Csv => "text/csv; charset=utf-8",
+            Format::Pretty => "text/plain; charset=utf-8",
+            Format::Parquet => "application/vnd.apache.parquet",
+            Format::Arrow => "application/vnd.apache.arrow.stream",
+        }
+    }
+}
+
+async fn run_sql(state: &AppState, params: SqlParams, headers: &HeaderMap) -> Response {
+    let Some(db) = params.db.filter(|d| !d.is_empty()) else {
+        return error_response(StatusCode::BAD_REQUEST, "missing required parameter \"db\"", None);
+    };
+    let Some(q) = params.q.filter(|q| !q.trim().is_empty()) else {
+        return error_response(StatusCode::BAD_REQUEST, "missing required parameter \"q\"", None);
+    };
+    let format = match params.format.as_deref() {
+        Some(name) => match Format::parse(name) {
+            Some(f) => f,
+            None => return error_response(StatusCode::BAD_REQUEST, &format!("unknown format \"{name}\"; use json, jsonl, csv, pretty, parquet or arrow"), None),
+        },
+        None => headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).and_then(Format::from_accept).unwrap_or(Format::Json),
+    };
+    let (schema, batches) = match state.query.sql(&db, &q).await {
+        Ok(result) => result,
+        Err(e) => {
+            let status = status_of(e.kind());
+            if status == StatusCode::INTERNAL_SERVER_ERROR {
+                tracing::error!(error = %e, db, "query failed");
+            }
+            return error_response(status, &e.to_string(), None);
+        }
+    };
+    match tokio::task::spawn_blocking(move || encode(format, &schema, &batches)).await {
+        Ok(Ok(body)) => ([(header::CONTENT_TYPE, format.content_type())], body).into_response(),
+        Ok(Err(e)) => error_response(StatusCode::INTERNAL_SERVER_ERROR, &format!("encoding the result: {e}"), None),
+        Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, &format!("encoding task failed: {e}"), None),
+    }
+}
+
+/// Dictionary columns (tags) become plain strings for the text formats.
+fn plain(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<(SchemaRef, Vec<RecordBatch>), arrow::error::ArrowError> {
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| match f.data_type() {
+            DataType::Dictionary(_, value) => Field::new(f.name(), value.as_ref().clone(), f.is_nullable()),
+            _ => f.as_ref().clone(),
+        })
+        .collect();
+    let target = Arc::new(Schema::new(fields));
+    let converted = batches
+        .iter()
+        .map(|b| {
+            let columns = b
+                .columns()
+                .iter()
+                .zip(target.fields())
+                .map(|(c, f)| if c.data_type() == f.data_type() { Ok(c.clone()) } else { arrow::compute::cast(c, f.data_type()) })
+                .collect::<Result<Vec<_>, _>>()?;
+            RecordBatch::try_new(target.clone(), columns)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((target, converted))
+}
+
+fn encode(format: Format, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, Box<dyn std::error::Error + Send + Sync>> {
+    let mut out = Vec::new();
+    match format {
+        Format::Json => {
+            let (_, batches) = plain(schema, batches)?;
+            let mut writer = arrow::json::ArrayWriter::new(&mut out);
+            for b in &batches {
+                writer.write(b)?;
+            }
+            writer.finish()?;
+            if out.is_empty() {
+                out.extend_from_slice(b"[]");
+            }
+        }
+        Format::JsonLines => {
+            let (_, batches) = plain(schema, batches)?;
+            let mut writer = arrow::json::LineDelimitedWriter::new(&mut out);
+            for b in &batches {
+                writer.write(b)?;
+            }
+            writer.finish()?;
+        }
+        Format::Csv => {
+            let (schema, batches) = plain(schema, batches)?;
+            if batches.is_empty() {
+                let names: Vec<_> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+                out.extend_from_slice(names.join(",").as_bytes());
+                out.push(b'\n');
+            }
+            let mut writer = arrow::csv::WriterBuilder::new().with_header(true).build(&mut out);
+            for b in &batches {
+                writer.write(b)?;
+            }
+        }
+        Format::Pretty => {
+            let text = arrow::util::pretty::pretty_format_batches(batches)?.to_string();
+            out.extend_from_slice(text.as_bytes());
+            out.push(b'\n');
+        }
+        Format::Parquet => {
+            let mut writer = parquet::arrow::ArrowWriter::try_new(&mut out, schema.clone(), None)?;
+            for b in batches {
+                writer.write(b)?;
+            }
+            writer.close()?;
+        }
+        Format::Arrow => {
+            let mut writer = arrow::ipc::writer::StreamWriter::try_new(&mut out, schema)?;
+            for b in batches {
+                writer.write(b)?;
+            }
+            writer.finish()?;
+        }
+    }
+    Ok(out)
+}

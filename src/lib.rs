@@ -1,0 +1,27 @@
+//! Sundial: an embedded columnar time-series database server. Line protocol in over HTTP, a
+//! write-ahead log for durability, Arrow buffers in memory, Parquet on object storage, SQL out
+//! through DataFusion. `ARCHITECTURE.md` has the map; each module's header says what it owns.
+
+pub mod buffer;
+pub mod catalog;
+pub mod config;
+pub mod engine;
+mod error;
+pub mod http;
+pub mod line_protocol;
+pub mod persist;
+pub mod query;
+pub mod server;
+pub mod wal;
+
+pub use error::ErrorKind;
+
+/// Named crash points for recovery tests: when `SUNDIAL_CRASH_POINT` names this point, the
+/// process aborts here, as a power cut or kill -9 would stop it.
+pub fn crash_point(name: &str) {
+    static ARMED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if ARMED.get_or_init(|| std::env::var("SUNDIAL_CRASH_POINT").ok()).as_deref() == Some(name) {
+        eprintln!("crash point {name} reached; aborting");
+        std::process::abort();
+    }
+}

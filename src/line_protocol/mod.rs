@@ -1,0 +1,474 @@
+//! InfluxDB line protocol parser.
+//!
+//! Parses `measurement[,tag=value…] field=value[,field=value…] [timestamp]` lines into borrowed
+//! slices: names and values point into the request body and are copied only when they contain
+//! escapes, so the hot path allocates nothing per field. The caller reuses one [`Line`] for a whole
+//! body. Errors name the 1-based line and column and what is wrong. This module does no I/O and
+//! knows nothing of schemas; `catalog` decides whether a well-formed line fits a table.
+
+#[cfg(test)]
+mod tests;
+
+use std::borrow::Cow;
+
+/// A field value as written; the suffix decides the type (`i` integer, `u` unsigned).
+#[derive(Debug, Clone, PartialEq)]
+pub enum FieldValue<'a> {
+    Float(f64),
+    Integer(i64),
+    UInteger(u64),
+    String(Cow<'a, str>),
+    Boolean(bool),
+}
+
+/// One parsed line. Reused across the lines of a body to avoid allocating per line.
+#[derive(Debug, Default)]
+pub struct Line<'a> {
+    pub measurement: Cow<'a, str>,
+    pub tags: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    /// Fields in the order written; a key written twice appears twice (the last one wins).
+    pub fields: Vec<(Cow<'a, str>, FieldValue<'a>)>,
+    /// The timestamp as written, in the request's precision.
+    pub timestamp: Option<i64>,
+}
+
+impl Line<'_> {
+    fn clear(&mut self) {
+        self.measurement = Cow::Borrowed("");
+        self.tags.clear();
+        self.fields.clear();
+        self.timestamp = None;
+    }
+}
+
+/// Where and why a line is malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}, column {column}: {message}")]
+pub struct ParseError {
+    /// 1-based line number within the request body.
+    pub line: usize,
+    /// 1-based byte column within the line.
+    pub column: usize,
+    pub message: String,
+}
+
+/// Timestamp precision of a write request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    Nanosecond,
+    Microsecond,
+    Millisecond,
+    Second,
+    Minute,
+    Hour,
+    /// Guess from the magnitude, as InfluxDB 3's `precision=auto`.
+    Auto,
+}
+
+impl Precision {
+    /// Parses the names the v1, v2 and v3 write APIs accept.
+    pub fn parse(s: &str) -> Option<Precision> {
+        Some(match s {
+            "" | "ns" | "n" | "nanosecond" => Precision::Nanosecond,
+            "us" | "u" | "µ" | "microsecond" => Precision::Microsecond,
+            "ms" | "millisecond" => Precision::Millisecond,
+            "s" | "second" => Precision::Second,
+            "m" | "minute" => Precision::Minute,
+            "h" | "hour" => Precision::Hour,
+            "auto" => Precision::Auto,
+            _ => return None,
+        })
+    }
+
+    /// Stable one-byte code used in the WAL (see `storage-format/wal.md`).
+    pub fn code(self) -> u8 {
+        match self {
+            Precision::Nanosecond => 0,
+            Precision::Microsecond => 1,
+            Precision::Millisecond => 2,
+            Precision::Second => 3,
+            Precision::Minute => 4,
+            Precision::Hour => 5,
+            Precision::Auto => 6,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<Precision> {
+        Some(match code {
+            0 => Precision::Nanosecond,
+            1 => Precision::Microsecond,
+            2 => Precision::Millisecond,
+            3 => Precision::Second,
+            4 => Precision::Minute,
+            5 => Precision::Hour,
+            6 => Precision::Auto,
+            _ => return None,
+        })
+    }
+
+    /// Converts a timestamp in this precision to nanoseconds; `None` when it overflows i64.
+    pub fn to_nanos(self, value: i64) -> Option<i64> {
+        let factor: i64 = match self {
+            Precision::Nanosecond => 1,
+            Precision::Microsecond => 1_000,
+            Precision::Millisecond => 1_000_000,
+            Precision::Second => 1_000_000_000,
+            Precision::Minute => 60_000_000_000,
+            Precision::Hour => 3_600_000_000_000,
+            Precision::Auto => {
+                // As InfluxDB 3: pick the unit that puts the value near the present.
+                let magnitude = value.unsigned_abs();
+                if magnitude < 5_000_000_000 {
+                    1_000_000_000
+                } else if magnitude < 5_000_000_000_000 {
+                    1_000_000
+                } else if magnitude < 5_000_000_000_000_000 {
+                    1_000
+                } else {
+                    1
+                }
+            }
+        };
+        value.checked_mul(factor)
+    }
+}
+
+/// Splits a body into numbered lines, skipping blank lines and `#` comments, accepting CRLF
+/// and a missing final newline. Yields `(line_number, bytes)`; UTF-8 is checked per line by
+/// [`parse_line`] so one bad line does not reject its neighbours.
+pub fn lines(body: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
+    body.split(|&b| b == b'\n').enumerate().filter_map(|(index, line)| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let trimmed = trim_start(line);
+        if trimmed.is_empty() || trimmed[0] == b'#' {
+            None
+        } else {
+            Some((index + 1, line))
+        }
+    })
+}
+
+fn trim_start(mut bytes: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = bytes {
+        bytes = rest;
+    }
+    bytes
+}
+
+/// Parses one line (as yielded by [`lines`]) into `out`.
+pub fn parse_line<'a>(line_number: usize, bytes: &'a [u8], out: &mut Line<'a>) -> Result<(), ParseError> {
+    out.clear();
+    let text = match std::str::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(e) => {
+            return Err(ParseError {
+                line: line_number,
+                column: e.valid_up_to() + 1,
+                message: "invalid UTF-8".to_string(),
+            })
+        }
+    };
+    let mut parser = Parser { text, bytes: text.as_bytes(), pos: 0, line: line_number };
+    parser.skip_spaces();
+    parser.parse(out)
+}
+
+struct Parser<'a> {
+    text: &'a str,
+    bytes: &'a [u8],
+    pos: usize,
+    line: usize,
+}
+
+/// Which characters end a name or tag value, and which may be escaped in it.
+#[derive(Clone, Copy)]
+enum Part {
+    Measurement,
+    TagKey,
+    TagValue,
+    FieldKey,
+}
+
+impl Part {
+    fn what(self) -> &'static str {
+        match self {
+            Part::Measurement => "measurement",
+            Part::TagKey => "tag key",
+            Part::TagValue => "tag value",
+            Part::FieldKey => "field key",
+        }
+    }
+
+    fn is_end(self, b: u8) -> bool {
+        match self {
+            Part::Measurement => b == b',' || b == b' ',
+            Part::TagKey | Part::FieldKey => b == b',' || b == b' ' || b == b'=',
+            Part::TagValue => b == b',' || b == b' ',
+        }
+    }
+
+    fn is_escapable(self, b: u8) -> bool {
+        match self {
+            Part::Measurement => b == b',' || b == b' ' || b == b'\\',
+            _ => b == b',' || b == b' ' || b == b'=' || b == b'\\',
+        }
+    }
+}
+
+impl<'a> Parser<'a> {
+    fn error(&self, column_pos: usize, message: impl Into<String>) -> ParseError {
+        ParseError { line: self.line, column: column_pos + 1, message: message.into() }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.pos).copied()
+    }
+
+    fn skip_spaces(&mut self) -> bool {
+        let start = self.pos;
+        while matches!(self.peek(), Some(b' ' | b'\t')) {
+            self.pos += 1;
+        }
+        self.pos > start
+    }
+
+    fn parse(&mut self, out: &mut Line<'a>) -> Result<(), ParseError> {
+        let start = self.pos;
+        out.measurement = self.name(Part::Measurement)?;
+        if out.measurement.is_empty() {
+            return Err(self.error(start, "missing measurement"));
+        }
+        while self.peek() == Some(b',') {
+            self.pos += 1;
+            let key_pos = self.pos;
+            let key = self.name(Part::TagKey)?;
+            if key.is_empty() {
+                return Err(self.error(key_pos, "missing tag key"));
+            }
+            if self.peek() != Some(b'=') {
+                return Err(self.error(self.pos, format!("missing '=' after tag key \"{key}\"")));
+            }
+            self.pos += 1;
+            let value_pos = self.pos;
+            let value = self.name(Part::TagValue)?;
+            if value.is_empty() {
+                return Err(self.error(value_pos, format!("missing value for tag \"{key}\"")));
+            }
+            if key == "time" {
+                return Err(self.error(key_pos, "\"time\" cannot be a tag key"));
+            }
+            if out.tags.iter().any(|(k, _)| *k == key) {
+                return Err(self.error(key_pos, format!("duplicate tag key \"{key}\"")));
+            }
+            out.tags.push((key, value));
+        }
+        if !self.skip_spaces() || self.peek().is_none() {
+            return Err(self.error(self.pos, "missing field set"));
+        }
+        loop {
+            let key_pos = self.pos;
+            let key = self.name(Part::FieldKey)?;
+            if key.is_empty() {
+                return Err(self.error(key_pos, "missing field key"));
+            }
+            if self.peek() != Some(b'=') {
+                return Err(self.error(self.pos, format!("missing '=' after field key \"{key}\"")));
+            }
+            self.pos += 1;
+            if key == "time" {
+                return Err(self.error(key_pos, "\"time\" cannot be a field key"));
+            }
+            let value = self.field_value(&key)?;
+            out.fields.push((key, value));
+            match self.peek() {
+                Some(b',') => self.pos += 1,
+                Some(b' ' | b'\t') | None => break,
+                Some(_) => return Err(self.error(self.pos, "expected ',' or ' ' after field value")),
+            }
+        }
+        self.skip_spaces();
+        if self.peek().is_some() {
+            let ts_pos = self.pos;
+            let end = self.bytes[ts_pos..]
+                .iter()
+                .position(|&b| b == b' ' || b == b'\t')
+                .map_or(self.bytes.len(), |n| ts_pos + n);
+            let digits = &self.text[ts_pos..end];
+            out.timestamp = Some(parse_timestamp(digits).ok_or_else(|| {
+                self.error(ts_pos, format!("invalid timestamp \"{digits}\""))
+            })?);
+            self.pos = end;
+            self.skip_spaces();
+            if self.peek().is_some() {
+                return Err(self.error(self.pos, "unexpected text after timestamp"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a measurement, key or tag value up to its unescaped terminator.
+    fn name(&mut self, part: Part) -> Result<Cow<'a, str>, ParseError> {
+        let start = self.pos;
+        let mut escaped = false;
+        while let Some(b) = self.peek() {
+            if b == b'\\' {
+                if let Some(next) = self.bytes.get(self.pos + 1) {
+                    if part.is_escapable(*next) {
+                        escaped = true;
+                        self.pos += 2;
+                        continue;
+                    }
+                }
+                self.pos += 1;
+                continue;
+            }
+            if b == b'\t' && !matches!(part, Part::TagValue) {
+                break;
+            }
+            if part.is_end(b) {
+                break;
+            }
+            if b == b'"' && matches!(part, Part::Measurement | Part::TagKey | Part::FieldKey) && self.pos == start {
+                return Err(self.error(self.pos, format!("{} cannot begin with a double quote", part.what())));
+            }
+            self.pos += 1;
+        }
+        let raw = &self.text[start..self.pos];
+        if !escaped {
+            return Ok(Cow::Borrowed(raw));
+        }
+        let mut owned = String::with_capacity(raw.len());
+        let mut chars = raw.chars();
+        while let Some(c) = chars.next() {
+            if c == '\\' {
+                let mut lookahead = chars.clone();
+                match lookahead.next() {
+                    Some(n) if n.is_ascii() && part.is_escapable(n as u8) => {
+                        owned.push(n);
+                        chars = lookahead;
+                    }
+                    _ => owned.push('\\'),
+                }
+            } else {
+                owned.push(c);
+            }
+        }
+        Ok(Cow::Owned(owned))
+    }
+
+    fn field_value(&mut self, key: &str) -> Result<FieldValue<'a>, ParseError> {
+        let start = self.pos;
+        match self.peek() {
+            None | Some(b',' | b' ' | b'\t') => {
+                Err(self.error(start, format!("missing value for field \"{key}\"")))
+            }
+            Some(b'"') => self.string_value(key),
+            Some(_) => {
+                while let Some(b) = self.peek() {
+                    if b == b',' || b == b' ' || b == b'\t' {
+                        break;
+                    }
+                    self.pos += 1;
+                }
+                let raw = &self.text[start..self.pos];
+                parse_scalar(raw).map_err(|problem| {
+                    self.error(start, format!("{problem} \"{raw}\" for field \"{key}\""))
+                })
+            }
+        }
+    }
+
+    fn string_value(&mut self, key: &str) -> Result<FieldValue<'a>, ParseError> {
+        let open = self.pos;
+        self.pos += 1;
+        let start = self.pos;
+        let mut escaped = false;
+        loop {
+            match self.peek() {
+                None => {
+                    return Err(self.error(open, format!("unterminated string for field \"{key}\"")))
+                }
+                Some(b'\\') if matches!(self.bytes.get(self.pos + 1), Some(b'"' | b'\\')) => {
+                    escaped = true;
+                    self.pos += 2;
+                }
+                Some(b'"') => break,
+                Some(_) => self.pos += 1,
+            }
+        }
+        let raw = &self.text[start..self.pos];
+        self.pos += 1; // closing quote
+        if !escaped {
+            return Ok(FieldValue::String(Cow::Borrowed(raw)));
+        }
+        let mut owned = String::with_capacity(raw.len());
+        let mut chars = raw.chars();
+        while let Some(c) = chars.next() {
+            if c == '\\' {
+                let mut lookahead = chars.clone();
+                match lookahead.next() {
+                    Some(n @ ('"' | '\\')) => {
+                        owned.push(n);
+                        chars = lookahead;
+                    }
+                    _ => owned.push('\\'),
+                }
+            } else {
+                owned.push(c);
+            }
+        }
+        Ok(FieldValue::String(Cow::Owned(owned)))
+    }
+}
+
+fn parse_timestamp(s: &str) -> Option<i64> {
+    let digits = s.strip_prefix('-').unwrap_or(s);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Numbers and booleans: `1`, `1.`, `-0.5e-3` (float), `12i`, `12u`, `t`/`true`/….
+fn parse_scalar(raw: &str) -> Result<FieldValue<'static>, &'static str> {
+    const INVALID: &str = "invalid value";
+    match raw {
+        "t" | "T" | "true" | "True" | "TRUE" => return Ok(FieldValue::Boolean(true)),
+        "f" | "F" | "false" | "False" | "FALSE" => return Ok(FieldValue::Boolean(false)),
+        _ => {}
+    }
+    let bytes = raw.as_bytes();
+    let Some(&last) = bytes.last() else { return Err(INVALID) };
+    if last == b'i' {
+        let digits = &raw[..raw.len() - 1];
+        if !is_integer(digits, true) {
+            return Err(INVALID);
+        }
+        return digits.parse().map(FieldValue::Integer).map_err(|_| "integer out of range");
+    }
+    if last == b'u' {
+        let digits = &raw[..raw.len() - 1];
+        if !is_integer(digits, false) {
+            return Err(INVALID);
+        }
+        return digits.parse().map(FieldValue::UInteger).map_err(|_| "unsigned integer out of range");
+    }
+    // Rust's float parser also takes "inf", "NaN" and "infinity"; line protocol does not.
+    let first = bytes[0];
+    let starts_numeric = first.is_ascii_digit() || first == b'-' || first == b'+' || first == b'.';
+    if !starts_numeric || !bytes.iter().all(|b| b.is_ascii_digit() || b"+-.eE".contains(b)) {
+        return Err(INVALID);
+    }
+    let value: f64 = raw.parse().map_err(|_| INVALID)?;
+    if value.is_finite() {
+        Ok(FieldValue::Float(value))
+    } else {
+        Err("float out of range")
+    }
+}
+
+fn is_integer(s: &str, signed: bool) -> bool {
+    let digits = if signed { s.strip_prefix('-').unwrap_or(s) } else { s };
+    !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+}

@@ -1,0 +1,357 @@
+//! SQL over a database: DataFusion with one catalog per database (schema `public`), whose tables
+//! read a snapshot of the buffer together with the table's Parquet files.
+//!
+//! Pruning: time predicates select partitions and files before anything is opened (a query for
+//! the last hour opens no file of other days); the remaining predicates go to the Parquet reader
+//! for row-group and page pruning, and only the projected columns are read.
+//!
+//! Dedup: partitions flagged `overlap` (a key may occur in more than one row) are read whole
+//! (filtered on key columns only), merged field by field, and then filtered like the rest.
+//! Other partitions are read as they are: they hold each key once.
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use arrow::datatypes::{Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+use datafusion::catalog::{CatalogProvider, MemoryCatalogProvider, SchemaProvider, Session};
+use datafusion::common::{DFSchema, ScalarValue};
+use datafusion::datasource::listing::PartitionedFile;
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::datasource::{TableProvider, TableType};
+use datafusion::error::{DataFusionError, Result as DfResult};
+use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::logical_expr::expr_rewriter::unnormalize_col;
+use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown};
+use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::union::UnionExec;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+use crate::buffer::{adapt, dedup};
+use crate::catalog::{ParquetFile, SEQ_COLUMN, TIME_COLUMN};
+use crate::engine::{Engine, PartitionSnapshot};
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Memory all running queries may use together; a query that needs more fails.
+    pub memory_bytes_max: usize,
+    /// Parallelism of one query.
+    pub target_partitions: usize,
+}
+
+impl Config {
+    pub fn for_tests() -> Config {
+        Config { memory_bytes_max: 512 << 20, target_partitions: 2 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("database \"{0}\" not found")]
+    DatabaseNotFound(String),
+    #[error(transparent)]
+    DataFusion(#[from] DataFusionError),
+}
+
+impl Error {
+    /// The single mapping point from DataFusion errors to error kinds.
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind;
+        match self {
+            Error::DatabaseNotFound(_) => ErrorKind::NotFound,
+            Error::DataFusion(e) => match e.find_root() {
+                DataFusionError::SQL(..) | DataFusionError::Plan(_) | DataFusionError::SchemaError(..) => ErrorKind::InvalidInput,
+                DataFusionError::NotImplemented(_) => ErrorKind::Unsupported,
+                DataFusionError::ResourcesExhausted(_) => ErrorKind::ResourceExhausted,
+                DataFusionError::Execution(_) | DataFusionError::ArrowError(..) => ErrorKind::InvalidInput,
+                _ => ErrorKind::Internal,
+            },
+        }
+    }
+}
+
+/// Runs SQL against the engine's databases.
+pub struct QueryEngine {
+    engine: Arc<Engine>,
+    runtime: Arc<RuntimeEnv>,
+    config: Config,
+    contexts: Mutex<HashMap<String, SessionContext>>,
+}
+
+impl QueryEngine {
+    pub fn new(engine: Arc<Engine>, config: Config) -> Result<QueryEngine, Error> {
+        let runtime = RuntimeEnvBuilder::new().with_memory_limit(config.memory_bytes_max, 1.0).build_arc()?;
+        let url = url::Url::parse(&engine.store().datafusion_url).map_err(|e| DataFusionError::External(Box::new(e)))?;
+        runtime.register_object_store(&url, engine.store().inner.clone());
+        Ok(QueryEngine { engine, runtime, config, contexts: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// The session for `db` (one per database, cached).
+    pub fn context(&self, db: &str) -> Result<SessionContext, Error> {
+        if !self.engine.catalog().has_database(db) {
+            return Err(Error::DatabaseNotFound(db.to_string()));
+        }
+        let mut contexts = self.contexts.lock().expect("contexts lock");
+        if let Some(ctx) = contexts.get(db) {
+            return Ok(ctx.clone());
+        }
+        let mut config = SessionConfig::new()
+            .with_default_catalog_and_schema(db, "public")
+            .with_create_default_catalog_and_schema(false)
+            .with_information_schema(true)
+            .with_target_partitions(self.config.target_partitions);
+        config.options_mut().execution.parquet.pushdown_filters = true;
+        config.options_mut().execution.parquet.reorder_filters = true;
+        let ctx = SessionContext::new_with_config_rt(config, self.runtime.clone());
+        let catalog = MemoryCatalogProvider::new();
+        catalog.register_schema("public", Arc::new(DatabaseSchema { engine: self.engine.clone(), db: db.to_string() }))?;
+        ctx.register_catalog(db, Arc::new(catalog));
+        contexts.insert(db.to_string(), ctx.clone());
+        Ok(ctx)
+    }
+
+    /// Plans and runs `sql`, returning every result batch and the result schema.
+    pub async fn sql(&self, db: &str, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>), Error> {
+        let ctx = self.context(db)?;
+        let df = ctx.sql(sql).await?;
+        let schema: SchemaRef = df.schema().inner().clone();
+        let batches = df.collect().await?;
+        Ok((schema, batches))
+    }
+}
+
+/// A database's tables, read live from the engine's catalog.
+#[derive(Debug)]
+struct DatabaseSchema {
+    engine: Arc<Engine>,
+    db: String,
+}
+
+#[async_trait]
+impl SchemaProvider for DatabaseSchema {
+    fn table_names(&self) -> Vec<String> {
+        self.engine.catalog().tables(&self.db).map(|t| t.name.clone()).collect()
+    }
+
+    async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
+        let Some(schema) = self.engine.catalog().table(&self.db, name).cloned() else { return Ok(None) };
+        Ok(Some(Arc::new(Table {
+            engine: self.engine.clone(),
+            db: self.db.clone(),
+            name: name.to_string(),
+            schema: schema.arrow_schema().clone(),
+            keys: schema.tags().map(|c| c.name.clone()).chain([TIME_COLUMN.to_string()]).collect(),
+        })))
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        self.engine.catalog().table(&self.db, name).is_some()
+    }
+}
+
+/// One table as DataFusion sees it.
+#[derive(Debug)]
+pub struct Table {
+    engine: Arc<Engine>,
+    db: String,
+    name: String,
+    /// The schema when the query was planned; newer columns are not seen by this query.
+    schema: SchemaRef,
+    /// Tag columns and time: the dedup key.
+    keys: Vec<String>,
+}
+
+impl Table {
+    fn schema_with_seq(&self) -> SchemaRef {
+        let mut fields: Vec<_> = self.schema.fields().iter().cloned().collect();
+        fields.push(Arc::new(arrow::datatypes::Field::new(SEQ_COLUMN, arrow::datatypes::DataType::UInt64, false)));
+        Arc::new(Schema::new(fields))
+    }
+
+    fn parquet_exec(
+        &self,
+        state: &dyn Session,
+        schema: &SchemaRef,
+        files: &[Arc<ParquetFile>],
+        filters: &[Expr],
+        projection: Option<Vec<usize>>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let mut source = ParquetSource::new(schema.clone()).with_table_parquet_options(state.table_options().parquet.clone());
+        if let Some(predicate) = filters.iter().cloned().map(unnormalize_col).reduce(Expr::and) {
+            let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
+            source = source.with_predicate(state.create_physical_expr(predicate, &df_schema)?);
+        }
+        let groups = split(files.iter().map(|f| PartitionedFile::new(f.path.clone(), f.bytes)).collect(), state.config().target_partitions());
+        let config = FileScanConfigBuilder::new(ObjectStoreUrl::parse(&self.engine.store().datafusion_url)?, Arc::new(source))
+            .with_file_groups(groups.into_iter().map(FileGroup::new).collect())
+            .with_projection_indices(projection)?
+            .build();
+        Ok(DataSourceExec::from_data_source(config))
+    }
+
+    /// Reads an overlapping partition whole and merges duplicate keys.
+    async fn merged_partition(
+        &self,
+        buffered: Vec<RecordBatch>,
+        files: &[Arc<ParquetFile>],
+        key_filters: &[Expr],
+        state: &dyn Session,
+    ) -> DfResult<Vec<RecordBatch>> {
+        let schema = self.schema_with_seq();
+        let mut batches: Vec<RecordBatch> = buffered.iter().map(|b| adapt(b, &schema)).collect();
+        if !files.is_empty() {
+            let plan = self.parquet_exec(state, &schema, files, key_filters, None)?;
+            let task = Arc::new(datafusion::execution::TaskContext::from(state));
+            batches.extend(datafusion::physical_plan::collect(plan, task).await?);
+        }
+        let all = arrow::compute::concat_batches(&schema, &batches)?;
+        let keys: Vec<usize> = self.keys.iter().filter_map(|k| schema.index_of(k).ok()).collect();
+        let seq = schema.index_of(SEQ_COLUMN)?;
+        let merged = dedup::sort_and_merge(&all, &keys, seq, true)?;
+        Ok(vec![adapt(&merged, &self.schema)])
+    }
+}
+
+/// Splits items into at most `n` groups of similar size, keeping order.
+fn split<T>(items: Vec<T>, n: usize) -> Vec<Vec<T>> {
+    let n = n.max(1).min(items.len().max(1));
+    let per = items.len().div_ceil(n).max(1);
+    let mut groups: Vec<Vec<T>> = Vec::with_capacity(n);
+    for (i, item) in items.into_iter().enumerate() {
+        if i % per == 0 {
+            groups.push(Vec::with_capacity(per));
+        }
+        groups.last_mut().expect("pushed above").push(item);
+    }
+    groups
+}
+
+/// The time range `filters` allow, as inclusive nanosecond bounds.
+pub fn time_bounds(filters: &[Expr]) -> (i64, i64) {
+    let mut lo = i64::MIN;
+    let mut hi = i64::MAX;
+    for filter in filters {
+        if let Expr::BinaryExpr(BinaryExpr { left, op, right }) = filter {
+            let (op, value) = match (left.as_ref(), right.as_ref()) {
+                (Expr::Column(c), Expr::Literal(v, _)) if c.name == TIME_COLUMN => (*op, v),
+                (Expr::Literal(v, _), Expr::Column(c)) if c.name == TIME_COLUMN => match op.swap() {
+                    Some(op) => (op, v),
+                    None => continue,
+                },
+                _ => continue,
+            };
+            let Some(ns) = timestamp_nanos(value) else { continue };
+            match op {
+                Operator::Gt => lo = lo.max(ns.saturating_add(1)),
+                Operator::GtEq => lo = lo.max(ns),
+                Operator::Lt => hi = hi.min(ns.saturating_sub(1)),
+                Operator::LtEq => hi = hi.min(ns),
+                Operator::Eq => {
+                    lo = lo.max(ns);
+                    hi = hi.min(ns);
+                }
+                _ => {}
+            }
+        }
+    }
+    (lo, hi)
+}
+
+fn timestamp_nanos(value: &ScalarValue) -> Option<i64> {
+    match value {
+        ScalarValue::TimestampNanosecond(Some(v), _) => Some(*v),
+        ScalarValue::TimestampMicrosecond(Some(v), _) => v.checked_mul(1_000),
+        ScalarValue::TimestampMillisecond(Some(v), _) => v.checked_mul(1_000_000),
+        ScalarValue::TimestampSecond(Some(v), _) => v.checked_mul(1_000_000_000),
+        _ => None,
+    }
+}
+
+/// Whether a filter only reads key columns (so it may run before the merge).
+fn only_keys(filter: &Expr, keys: &[String]) -> bool {
+    filter.column_refs().iter().all(|c| keys.iter().any(|k| *k == c.name))
+}
+
+#[async_trait]
+impl TableProvider for Table {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(&self, filters: &[&Expr]) -> DfResult<Vec<TableProviderFilterPushDown>> {
+        // Inexact: we prune with them; DataFusion still filters every row.
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let projected = match projection {
+            Some(p) => Arc::new(self.schema.project(p)?),
+            None => self.schema.clone(),
+        };
+        let (lo, hi) = time_bounds(filters);
+        let Some(snapshot) = self.engine.snapshot(&self.db, &self.name, lo, hi) else {
+            return Ok(Arc::new(EmptyExec::new(projected)));
+        };
+        let overlapping: BTreeSet<i64> = snapshot
+            .partitions
+            .iter()
+            .filter(|p| p.overlap)
+            .map(|p| p.partition_ns)
+            .chain(snapshot.files.iter().filter(|f| f.overlap).map(|f| f.partition_ns))
+            .collect();
+
+        let mut plain_batches = Vec::new();
+        let mut merged_batches = Vec::new();
+        let key_filters: Vec<Expr> = filters.iter().filter(|f| only_keys(f, &self.keys)).cloned().collect();
+        let mut by_partition: HashMap<i64, Vec<RecordBatch>> = HashMap::new();
+        for PartitionSnapshot { partition_ns, batches, .. } in snapshot.partitions {
+            if overlapping.contains(&partition_ns) {
+                by_partition.insert(partition_ns, batches);
+            } else {
+                plain_batches.extend(batches.iter().map(|b| adapt(b, &self.schema)));
+            }
+        }
+        for &partition_ns in &overlapping {
+            let buffered = by_partition.remove(&partition_ns).unwrap_or_default();
+            let files: Vec<_> = snapshot.files.iter().filter(|f| f.partition_ns == partition_ns).cloned().collect();
+            merged_batches.extend(self.merged_partition(buffered, &files, &key_filters, state).await?);
+        }
+        let plain_files: Vec<_> = snapshot.files.iter().filter(|f| !overlapping.contains(&f.partition_ns)).cloned().collect();
+
+        let mut inputs: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
+        let in_memory: Vec<RecordBatch> = plain_batches.into_iter().chain(merged_batches).filter(|b| b.num_rows() > 0).collect();
+        if !in_memory.is_empty() {
+            let groups = split(in_memory, state.config().target_partitions());
+            inputs.push(MemorySourceConfig::try_new_exec(&groups, self.schema.clone(), projection.cloned())?);
+        }
+        if !plain_files.is_empty() {
+            inputs.push(self.parquet_exec(state, &self.schema, &plain_files, filters, projection.cloned())?);
+        }
+        if inputs.is_empty() {
+            return Ok(Arc::new(EmptyExec::new(projected)));
+        }
+        UnionExec::try_new(inputs)
+    }
+}
