@@ -59,9 +59,14 @@ pub async fn run(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 's
 
     let app = crate::http::router(query, args.request_max as usize);
     let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
-    tracing::info!("shutting down: http stopped, syncing the wal");
+    tracing::info!("shutting down: http stopped, persisting the buffer");
     stop_persist.cancel();
     let _ = persister.await;
+    // Persisting now makes the next start replay nothing; if it fails the WAL still has it all.
+    match engine.persist_all().await {
+        Ok(n) => tracing::info!(partitions = n, "buffer persisted"),
+        Err(error) => tracing::error!(%error, "persisting at shutdown failed; the wal keeps the rows"),
+    }
     let closing = engine.clone();
     let _ = tokio::task::spawn_blocking(move || closing.close()).await;
     served.map_err(Error::Serve)?;

@@ -1,0 +1,202 @@
+//! TSBS-style benchmarks against the real `sundial` binary over loopback.
+//!
+//! `cargo bench --bench tsbs -- ingest` posts the cpu-only data set over HTTP line protocol in
+//! batches of 5,000 lines with 1, 2 and 4 concurrent writers (100 hosts × 1 day), then 1,000 hosts
+//! × 1 day with default settings, and reports rows/s, MB/s, the server's peak RSS and Parquet
+//! bytes per row. Under `cargo test` (no `--bench`) it runs a small smoke version instead, so CI
+//! keeps the benchmark working.
+
+mod generate;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use generate::Generator;
+
+const BATCH_LINES: usize = 5_000;
+
+struct Server {
+    child: Child,
+    addr: String,
+    dir: PathBuf,
+}
+
+impl Server {
+    fn start(dir: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sundial"))
+            .args(["serve", "--http-bind", "127.0.0.1:0", "--data-dir"])
+            .arg(dir)
+            .args(extra)
+            .env("SUNDIAL_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn sundial");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            let line = lines.next().expect("server exited before listening").expect("stdout line");
+            if let Some(addr) = line.strip_prefix("sundial http listening on ") {
+                break addr.to_string();
+            }
+        };
+        Server { child, addr, dir: dir.to_path_buf() }
+    }
+
+    fn peak_rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    /// SIGTERM (which persists the buffer) and wait.
+    fn stop(mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = self.child.wait();
+    }
+}
+
+fn parquet_bytes(dir: &Path) -> u64 {
+    fn walk(dir: &Path) -> u64 {
+        let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+        entries
+            .flatten()
+            .map(|e| {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p)
+                } else if p.extension().is_some_and(|x| x == "parquet") {
+                    e.metadata().map_or(0, |m| m.len())
+                } else {
+                    0
+                }
+            })
+            .sum()
+    }
+    walk(&dir.join("objects"))
+}
+
+struct Outcome {
+    rows: u64,
+    seconds: f64,
+    body_bytes: u64,
+    peak_rss: u64,
+    parquet_bytes: u64,
+}
+
+/// Ingests `hosts` × `duration_s` with `writers` concurrent clients. Pre-generated batches keep
+/// the client's CPU out of the measurement; `on_the_fly` generates while sending (large sets).
+fn ingest(hosts: usize, duration_s: i64, writers: usize, on_the_fly: bool, extra: &[&str]) -> Outcome {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let server = Server::start(&data, extra);
+    let expected = Generator::total_rows(hosts, duration_s);
+    let generator = Arc::new(Mutex::new(Generator::new(hosts, duration_s, 42)));
+    let pregenerated: Arc<Vec<(String, usize)>> = Arc::new(if on_the_fly {
+        Vec::new()
+    } else {
+        let mut g = generator.lock().expect("generator");
+        std::iter::from_fn(|| g.next_batch(BATCH_LINES)).collect()
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let url = format!("http://{}/api/v3/write_lp?db=benchmark&precision=ns", server.addr);
+    let next = Arc::new(AtomicU64::new(0));
+    let body_bytes = Arc::new(AtomicU64::new(0));
+    let rows = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    runtime.block_on(async {
+        let client = reqwest::Client::new();
+        let tasks: Vec<_> = (0..writers)
+            .map(|_| {
+                let (client, url, next, body_bytes, rows, generator, pregenerated) =
+                    (client.clone(), url.clone(), next.clone(), body_bytes.clone(), rows.clone(), generator.clone(), pregenerated.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let batch = if on_the_fly {
+                            match generator.lock().expect("generator").next_batch(BATCH_LINES) {
+                                Some(b) => b,
+                                None => break,
+                            }
+                        } else {
+                            let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                            match pregenerated.get(i) {
+                                Some(b) => b.clone(),
+                                None => break,
+                            }
+                        };
+                        let (body, lines) = batch;
+                        let len = body.len() as u64;
+                        loop {
+                            let response = client.post(&url).body(body.clone()).send().await.expect("post");
+                            match response.status().as_u16() {
+                                204 => break,
+                                503 => tokio::time::sleep(Duration::from_millis(50)).await,
+                                other => panic!("write failed with {other}: {}", response.text().await.unwrap_or_default()),
+                            }
+                        }
+                        body_bytes.fetch_add(len, Ordering::Relaxed);
+                        rows.fetch_add(lines as u64, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("writer");
+        }
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    let peak_rss = server.peak_rss_bytes();
+    let counted: serde_json::Value = runtime.block_on(async {
+        let url = format!("http://{}/api/v3/query_sql?db=benchmark&q=SELECT%20count(*)%20AS%20n%20FROM%20cpu", server.addr);
+        reqwest::get(url).await.expect("count").json().await.expect("json")
+    });
+    assert_eq!(counted[0]["n"].as_u64(), Some(expected), "every row landed");
+    let data_dir = server.dir.clone();
+    server.stop();
+    Outcome { rows: rows.load(Ordering::Relaxed), seconds, body_bytes: body_bytes.load(Ordering::Relaxed), peak_rss, parquet_bytes: parquet_bytes(&data_dir) }
+}
+
+fn report(label: &str, o: &Outcome) {
+    println!(
+        "| {label} | {} | {:.1} | {:.0} | {:.1} | {:.0} | {:.2} |",
+        o.rows,
+        o.seconds,
+        o.rows as f64 / o.seconds,
+        o.body_bytes as f64 / o.seconds / 1e6,
+        o.peak_rss as f64 / (1 << 20) as f64,
+        o.parquet_bytes as f64 / o.rows as f64,
+    );
+}
+
+fn header() {
+    println!("| run | rows | seconds | rows/s | MB/s | peak RSS MiB | Parquet bytes/row |");
+    println!("|---|---|---|---|---|---|---|");
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let benching = args.iter().any(|a| a == "--bench");
+    let filter = args.iter().find(|a| !a.starts_with("--")).cloned().unwrap_or_default();
+    if !benching {
+        // Smoke run under `cargo test`: small, but the same code path end to end.
+        let o = ingest(10, 600, 2, false, &[]);
+        assert_eq!(o.rows, 600);
+        assert!(o.parquet_bytes > 0, "shutdown persisted the buffer");
+        println!("tsbs smoke: {} rows ingested and persisted", o.rows);
+        return;
+    }
+    if filter.is_empty() || filter == "ingest" {
+        header();
+        for writers in [1, 2, 4] {
+            report(&format!("100 hosts × 1 day, {writers} writer(s)"), &ingest(100, 86_400, writers, false, &[]));
+        }
+        report("1000 hosts × 1 day, 4 writers, generated while sending", &ingest(1_000, 86_400, 4, true, &[]));
+    }
+}
