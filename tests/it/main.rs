@@ -4,4 +4,5 @@
 mod durability;
 mod harness;
 mod query;
+mod tidy;
 mod write;
