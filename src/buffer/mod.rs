@@ -17,7 +17,7 @@ mod tests;
 pub mod dedup;
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasher, Hasher};
+use std::hash::Hasher;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -120,7 +120,12 @@ impl TableRows {
         TableRows { names: Vec::new(), columns: Vec::new(), index: HashMap::new(), times: Vec::new(), series: Vec::new() }
     }
 
-    fn column(&mut self, name: &str, make: impl FnOnce() -> ColumnBuilder) -> &mut ColumnBuilder {
+    /// The builder for column `name`. `guess` is where the previous line had the column at
+    /// this position; checking it first avoids hashing when lines share a layout.
+    fn column(&mut self, name: &str, guess: usize, make: impl FnOnce() -> ColumnBuilder) -> &mut ColumnBuilder {
+        if self.names.get(guess).is_some_and(|n| n == name) {
+            return &mut self.columns[guess];
+        }
         let i = match self.index.get(name) {
             Some(&i) => i,
             None => {
@@ -146,28 +151,51 @@ pub struct PendingBatch {
 }
 
 /// A hash of a tag set that does not depend on the order tags were written in. Equal tag sets
-/// hash equal; a collision only costs an unneeded merge, never a wrong answer.
+/// hash equal; a collision only costs an unneeded merge, never a wrong answer. Two hardware
+/// CRC32C lanes with different seeds make 64 bits, much cheaper than SipHash on long tag sets.
 pub fn series_hash(tags: &[(std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)]) -> u64 {
-    let state = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
     tags.iter().fold(0x9e37_79b9_7f4a_7c15u64, |acc, (k, v)| {
-        let mut h = state.build_hasher();
-        h.write(k.as_bytes());
-        h.write_u8(0xff);
-        h.write(v.as_bytes());
-        acc.wrapping_add(h.finish())
+        let lane = |seed: u32| {
+            let h = crc32c::crc32c_append(seed, k.as_bytes());
+            crc32c::crc32c_append(h ^ 0xff, v.as_bytes())
+        };
+        let h = (u64::from(lane(0x1234_5678)) << 32) | u64::from(lane(0x8765_4321));
+        acc.wrapping_add(h.wrapping_mul(0x9e37_79b9_7f4a_7c15))
     })
 }
+
+/// A hasher for keys that are hashes already (series hashes).
+#[derive(Default, Clone, Copy)]
+pub struct PassThroughHasher(u64);
+
+impl Hasher for PassThroughHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type SeriesMap = HashMap<u64, i64, std::hash::BuildHasherDefault<PassThroughHasher>>;
 
 /// Builds Arrow batches from one request's accepted lines, grouped by table and partition.
 pub struct RowsBuilder {
     partition_ns: i64,
-    groups: HashMap<(String, i64), TableRows>,
+    groups: Vec<(String, i64, TableRows)>,
+    /// The group of the previous line: consecutive lines mostly share table and partition.
+    last: usize,
     rows: usize,
 }
 
 impl RowsBuilder {
     pub fn new(partition_ns: i64) -> RowsBuilder {
-        RowsBuilder { partition_ns, groups: HashMap::new(), rows: 0 }
+        RowsBuilder { partition_ns, groups: Vec::new(), last: 0, rows: 0 }
     }
 
     pub fn rows(&self) -> usize {
@@ -177,13 +205,20 @@ impl RowsBuilder {
     /// Adds a line whose schema the catalog accepted; `time_ns` is its timestamp in ns.
     pub fn push(&mut self, line: &Line<'_>, time_ns: i64) {
         let partition = partition_of(time_ns, self.partition_ns);
-        let rows = match self.groups.get_mut(&(line.measurement.to_string(), partition)) {
-            Some(rows) => rows,
-            None => self.groups.entry((line.measurement.to_string(), partition)).or_insert_with(TableRows::new),
-        };
+        let same = |g: &(String, i64, TableRows)| g.1 == partition && g.0 == line.measurement.as_ref();
+        if !self.groups.get(self.last).is_some_and(same) {
+            self.last = match self.groups.iter().position(same) {
+                Some(i) => i,
+                None => {
+                    self.groups.push((line.measurement.to_string(), partition, TableRows::new()));
+                    self.groups.len() - 1
+                }
+            };
+        }
+        let rows = &mut self.groups[self.last].2;
         let row = rows.times.len();
-        for (key, value) in &line.tags {
-            let column = rows.column(key, || ColumnBuilder::Tag(StringDictionaryBuilder::new()));
+        for (position, (key, value)) in line.tags.iter().enumerate() {
+            let column = rows.column(key, position, || ColumnBuilder::Tag(StringDictionaryBuilder::new()));
             column.pad_to(row);
             if let ColumnBuilder::Tag(b) = column {
                 b.append_value(value);
@@ -193,7 +228,7 @@ impl RowsBuilder {
             if line.fields[index + 1..].iter().any(|(k, _)| k == key) {
                 continue; // a later occurrence of the same field wins
             }
-            let column = rows.column(key, || ColumnBuilder::for_value(value));
+            let column = rows.column(key, line.tags.len() + index, || ColumnBuilder::for_value(value));
             column.pad_to(row);
             column.append_field(value);
         }
@@ -204,7 +239,7 @@ impl RowsBuilder {
 
     pub fn finish(self) -> Vec<PendingBatch> {
         let mut out = Vec::with_capacity(self.groups.len());
-        for ((table, partition), mut rows) in self.groups {
+        for (table, partition, mut rows) in self.groups {
             let n = rows.times.len();
             let mut fields = Vec::with_capacity(rows.columns.len() + 1);
             let mut arrays = Vec::with_capacity(rows.columns.len() + 1);
@@ -285,7 +320,7 @@ impl Partition {
 pub struct TableBuffer {
     pub partitions: BTreeMap<i64, Partition>,
     /// Latest time written per series hash.
-    series_last: HashMap<u64, i64>,
+    series_last: SeriesMap,
     /// Rows at or before this time may repeat keys of files written before this process
     /// started, whose series are not in `series_last`.
     floor_ns: i64,

@@ -250,7 +250,14 @@ fn prepare(catalog: &Catalog, db: &str, body: &[u8], precision: Precision, defau
         });
         match outcome {
             Ok((added, time_ns)) => {
-                prepared.additions.entry(line.measurement.to_string()).or_default().extend(added);
+                if !added.is_empty() {
+                    match prepared.additions.get_mut(line.measurement.as_ref()) {
+                        Some(columns) => columns.extend(added),
+                        None => {
+                            prepared.additions.insert(line.measurement.to_string(), added);
+                        }
+                    }
+                }
                 prepared.rows.push(&line, time_ns);
                 prepared.wal_lines.extend_from_slice(bytes);
                 prepared.wal_lines.push(b'\n');
