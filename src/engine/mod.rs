@@ -83,6 +83,8 @@ pub enum Error {
     Persist(#[from] crate::persist::Error),
     #[error("startup: {0}")]
     Startup(String),
+    #[error("internal: {0}")]
+    Internal(String),
 }
 
 impl Error {
@@ -94,7 +96,7 @@ impl Error {
             Error::ShuttingDown => ErrorKind::Unavailable,
             Error::Wal(e) => e.kind(),
             Error::Persist(e) => e.kind(),
-            Error::Startup(_) => ErrorKind::Internal,
+            Error::Startup(_) | Error::Internal(_) => ErrorKind::Internal,
         }
     }
 }
@@ -614,7 +616,7 @@ impl Engine {
         let encode_schema = schema.clone();
         let encoded = tokio::task::spawn_blocking(move || crate::persist::encode(&encode_schema, &batches, overlap))
             .await
-            .map_err(|e| Error::Startup(format!("persist task failed: {e}")))??;
+            .map_err(|e| Error::Internal(format!("persist task failed: {e}")))??;
         let n = self.file_counter.fetch_add(1, Ordering::Relaxed);
         let path = crate::persist::file_path(db, table, partition_ns, max_seq, n);
         let bytes = encoded.bytes.len() as u64;
