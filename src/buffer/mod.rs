@@ -327,6 +327,18 @@ pub struct TableBuffer {
     bytes: usize,
 }
 
+/// Smallest `_seq` in `batches` (u64::MAX when empty).
+fn min_seq(batches: &[RecordBatch]) -> u64 {
+    batches
+        .iter()
+        .filter_map(|b| {
+            let seq = b.column_by_name(SEQ_COLUMN)?.as_any().downcast_ref::<UInt64Array>()?;
+            arrow::compute::min(seq)
+        })
+        .min()
+        .unwrap_or(u64::MAX)
+}
+
 /// Merges small batches once a partition holds this many, so tiny writes do not pile up.
 const BATCHES_BEFORE_MERGE: usize = 64;
 const SMALL_BATCH_ROWS: usize = 8_192;
@@ -368,12 +380,14 @@ impl TableBuffer {
         self.bytes += bytes;
         partition.batches.push(batch);
         if partition.batches.len() >= BATCHES_BEFORE_MERGE {
-            let (small, large): (Vec<_>, Vec<_>) =
-                partition.batches.drain(..).partition(|b| b.num_rows() < SMALL_BATCH_ROWS);
-            partition.batches = large;
-            if !small.is_empty() {
-                let adapted: Vec<_> = small.iter().map(|b| adapt(b, schema)).collect();
+            // Merge the trailing run of small batches only, so batches stay in sequence order
+            // (a persisted prefix must hold every record up to its highest sequence number).
+            let run = partition.batches.iter().rev().take_while(|b| b.num_rows() < SMALL_BATCH_ROWS).count();
+            if run >= BATCHES_BEFORE_MERGE / 2 {
+                let start = partition.batches.len() - run;
+                let adapted: Vec<_> = partition.batches[start..].iter().map(|b| adapt(b, schema)).collect();
                 let merged = arrow::compute::concat_batches(schema, &adapted).expect("adapted batches share the schema");
+                partition.batches.truncate(start);
                 partition.batches.push(merged);
                 let before = partition.bytes;
                 partition.bytes = partition.batches.iter().map(|b| b.get_array_memory_size()).sum();
@@ -382,18 +396,37 @@ impl TableBuffer {
         }
     }
 
-    /// Moves a partition's buffered rows to `persisting` and returns them, unless a persist of
-    /// it is already running or it holds nothing.
-    pub fn start_persist(&mut self, partition: i64) -> Option<(Vec<RecordBatch>, bool)> {
+    /// Moves the oldest of a partition's buffered batches, up to `bytes_max` (at least one
+    /// batch), to `persisting` and returns them with the overlap flag, unless a persist of it
+    /// is already running or it holds nothing. Batches are in sequence order, so the moved
+    /// prefix holds every buffered record of this partition up to its highest sequence number.
+    pub fn start_persist(&mut self, partition: i64, bytes_max: usize) -> Option<(Vec<RecordBatch>, bool)> {
         let p = self.partitions.get_mut(&partition)?;
         if !p.persisting.is_empty() || p.batches.is_empty() {
             return None;
         }
-        p.persisting = std::mem::take(&mut p.batches);
-        p.persisting_overlap = std::mem::take(&mut p.overlap);
-        p.persisting_bytes = std::mem::take(&mut p.bytes);
-        p.persisting_min_seq = std::mem::replace(&mut p.min_seq, u64::MAX);
-        p.rows = 0;
+        let mut bytes = 0;
+        let mut count = 0;
+        for b in &p.batches {
+            let size = b.get_array_memory_size();
+            if count > 0 && bytes + size > bytes_max {
+                break;
+            }
+            bytes += size;
+            count += 1;
+        }
+        let rest = p.batches.split_off(count);
+        p.persisting = std::mem::replace(&mut p.batches, rest);
+        // Rows left behind may still share keys with the persisted ones: keep the flag on both.
+        p.persisting_overlap = p.overlap;
+        if p.batches.is_empty() {
+            p.overlap = false;
+        }
+        p.persisting_bytes = bytes;
+        p.bytes -= bytes.min(p.bytes);
+        p.persisting_min_seq = min_seq(&p.persisting);
+        p.min_seq = min_seq(&p.batches);
+        p.rows = p.batches.iter().map(|b| b.num_rows()).sum();
         Some((p.persisting.clone(), p.persisting_overlap))
     }
 

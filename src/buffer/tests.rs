@@ -96,15 +96,33 @@ fn persist_moves_rows_and_abort_restores_them() {
     for p in build("cpu,host=a u=1 10") {
         buffer.append(&p, 7, &schema);
     }
-    let (rows, overlap) = buffer.start_persist(0).expect("something to persist");
+    let (rows, overlap) = buffer.start_persist(0, usize::MAX).expect("something to persist");
     assert_eq!((rows.len(), overlap), (1, false));
-    assert!(buffer.start_persist(0).is_none(), "one persist per partition at a time");
+    assert!(buffer.start_persist(0, usize::MAX).is_none(), "one persist per partition at a time");
     assert_eq!(buffer.min_unpersisted_seq(), 7);
     buffer.abort_persist(0);
     assert_eq!(buffer.partitions[&0].batches.len(), 1);
-    buffer.start_persist(0).expect("again");
+    buffer.start_persist(0, usize::MAX).expect("again");
     buffer.finish_persist(0);
     assert!(buffer.partitions.is_empty());
     assert_eq!(buffer.min_unpersisted_seq(), u64::MAX);
     assert_eq!(buffer.bytes(), 0);
+}
+
+#[test]
+fn persist_takes_a_bounded_prefix_in_sequence_order() {
+    let mut buffer = TableBuffer::new(i64::MIN);
+    let schema = Arc::new(Schema::empty());
+    for seq in 1..=4u64 {
+        for p in build(&format!("cpu,host=a u={seq} {}", seq * 10)) {
+            buffer.append(&p, seq, &schema);
+        }
+    }
+    let one = buffer.partitions[&0].batches[0].get_array_memory_size();
+    let (rows, _) = buffer.start_persist(0, one * 2).expect("a prefix");
+    assert_eq!(rows.len(), 2);
+    assert_eq!(buffer.min_unpersisted_seq(), 1, "the persisting rows are not persisted yet");
+    buffer.finish_persist(0);
+    assert_eq!(buffer.min_unpersisted_seq(), 3);
+    assert_eq!(buffer.partitions[&0].batches.len(), 2);
 }

@@ -578,12 +578,14 @@ impl Engine {
         tables.iter().map(|t| t.read().expect("table lock").buffer.min_unpersisted_seq()).min().unwrap_or(u64::MAX).min(in_flight)
     }
 
-    /// Writes one buffered partition to Parquet and commits it. `false` if there was nothing
-    /// to write (or a persist of it is already running).
+    /// Writes the oldest buffered rows of a partition, at most an eighth of the buffer limit,
+    /// to one Parquet file and commits it. `false` if there was nothing to write (or a persist
+    /// of it is already running). Bounded chunks bound the memory a persist needs.
     pub async fn persist_partition(&self, db: &str, table: &str, partition_ns: i64) -> Result<bool, Error> {
         let Some(data) = self.table_data(db, table) else { return Ok(false) };
         let Some(schema) = self.catalog().table(db, table).cloned() else { return Ok(false) };
-        let Some((batches, overlap)) = data.write().expect("table lock").buffer.start_persist(partition_ns) else {
+        let chunk_bytes = (self.config.buffer_bytes_max / 8).max(1 << 20);
+        let Some((batches, overlap)) = data.write().expect("table lock").buffer.start_persist(partition_ns, chunk_bytes) else {
             return Ok(false);
         };
         let result = self.write_file(db, table, partition_ns, &schema, batches, overlap).await;
@@ -654,15 +656,39 @@ impl Engine {
         out
     }
 
-    /// Persists every buffered partition.
+    /// Persists every buffered partition, chunk by chunk: what was buffered when it started,
+    /// not what keeps arriving meanwhile.
     pub async fn persist_all(&self) -> Result<usize, Error> {
+        let chunk_bytes = (self.config.buffer_bytes_max / 8).max(1 << 20);
+        let partitions = self.buffered_partitions();
+        let rounds = partitions.len() + self.buffered_bytes() / chunk_bytes + 1;
         let mut written = 0;
-        for (db, table, partition, _) in self.buffered_partitions() {
-            if self.persist_partition(&db, &table, partition).await? {
-                written += 1;
+        for _ in 0..rounds {
+            let mut progress = false;
+            for (db, table, partition, _) in self.buffered_partitions() {
+                if partitions.iter().any(|(d, t, p, _)| *d == db && *t == table && *p == partition)
+                    && self.persist_partition(&db, &table, partition).await?
+                {
+                    written += 1;
+                    progress = true;
+                }
+            }
+            if !progress {
+                break;
             }
         }
         Ok(written)
+    }
+
+    /// Persists chunks of the largest partitions until the buffer is under `bytes_target`.
+    async fn persist_down_to(&self, bytes_target: usize) -> Result<(), Error> {
+        while self.buffered_bytes() > bytes_target {
+            let Some((db, table, partition, _)) = self.buffered_partitions().into_iter().next() else { break };
+            if !self.persist_partition(&db, &table, partition).await? {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// Background persistence: everything every `persist_interval`; the largest partitions
@@ -680,17 +706,7 @@ impl Engine {
                 last_full = Instant::now();
                 self.persist_all().await.map(|_| ())
             } else if self.buffered_bytes() > high_water {
-                let mut result = Ok(());
-                for (db, table, partition, _) in self.buffered_partitions() {
-                    if self.buffered_bytes() <= high_water / 2 {
-                        break;
-                    }
-                    if let Err(e) = self.persist_partition(&db, &table, partition).await {
-                        result = Err(e);
-                        break;
-                    }
-                }
-                result
+                self.persist_down_to(high_water / 2).await
             } else {
                 Ok(())
             };

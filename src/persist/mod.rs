@@ -6,7 +6,8 @@
 pub mod manifest;
 pub mod store;
 
-use arrow::array::{Array, TimestampNanosecondArray};
+use arrow::array::{Array, ArrayRef, TimestampNanosecondArray};
+use arrow::compute::{lexsort_to_indices, SortColumn, SortOptions};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
@@ -59,25 +60,16 @@ pub fn key_columns(schema: &SchemaRef, table: &TableSchema) -> Vec<usize> {
 
 /// Sorts by (tags, time), merges duplicate keys when `overlap`, and encodes with zstd, page
 /// statistics and delta-encoded time and `_seq`. CPU-heavy: run it off the I/O threads.
+///
+/// Memory: in-order rows (no `overlap`) are never copied whole. Only the key columns are
+/// concatenated and sorted; each row group is then gathered from the source batches with
+/// `interleave` and written, so a persist needs about the size of its keys plus one row group.
 pub fn encode(table: &TableSchema, batches: &[RecordBatch], overlap: bool) -> Result<Encoded, Error> {
     let schema = table.arrow_schema_with_seq().clone();
     let adapted: Vec<RecordBatch> = batches.iter().map(|b| adapt(b, &schema)).collect();
-    let all = arrow::compute::concat_batches(&schema, &adapted)?;
-    drop(adapted);
     let keys = key_columns(&schema, table);
     let seq = schema.index_of(SEQ_COLUMN)?;
-    let sorted = dedup::sort_and_merge(&all, &keys, seq, overlap)?;
-    drop(all);
     let time_index = schema.index_of(TIME_COLUMN)?;
-    let times = sorted
-        .column(time_index)
-        .as_any()
-        .downcast_ref::<TimestampNanosecondArray>()
-        .expect("time column type is fixed by the catalog");
-    let (min_time_ns, max_time_ns) = (
-        arrow::compute::min(times).unwrap_or(0),
-        arrow::compute::max(times).unwrap_or(0),
-    );
     let sorting = keys
         .iter()
         .map(|&i| SortingColumn { column_idx: i as i32, descending: false, nulls_first: true })
@@ -89,15 +81,59 @@ pub fn encode(table: &TableSchema, batches: &[RecordBatch], overlap: bool) -> Re
         .set_sorting_columns(Some(sorting));
     for name in [TIME_COLUMN, SEQ_COLUMN] {
         let path = ColumnPath::from(name);
-        props = props
-            .set_column_dictionary_enabled(path.clone(), false)
-            .set_column_encoding(path, Encoding::DELTA_BINARY_PACKED);
+        props = props.set_column_dictionary_enabled(path.clone(), false).set_column_encoding(path, Encoding::DELTA_BINARY_PACKED);
     }
-    let mut out = Vec::with_capacity(sorted.get_array_memory_size() / 8);
-    let mut writer = ArrowWriter::try_new(&mut out, schema, Some(props.build()))?;
-    writer.write(&sorted)?;
+    let mut out = Vec::new();
+    let mut writer = ArrowWriter::try_new(&mut out, schema.clone(), Some(props.build()))?;
+    let (rows, min_time_ns, max_time_ns) = if overlap {
+        let all = arrow::compute::concat_batches(&schema, &adapted)?;
+        drop(adapted);
+        let sorted = dedup::sort_and_merge(&all, &keys, seq, true)?;
+        drop(all);
+        let (lo, hi) = time_range(sorted.column(time_index));
+        writer.write(&sorted)?;
+        (sorted.num_rows(), lo, hi)
+    } else {
+        let concat_column = |i: usize| -> Result<ArrayRef, Error> {
+            let parts: Vec<&dyn Array> = adapted.iter().map(|b| b.column(i).as_ref()).collect();
+            Ok(arrow::compute::concat(&parts)?)
+        };
+        let sort_keys: Vec<ArrayRef> = keys.iter().chain(std::iter::once(&seq)).map(|&i| concat_column(i)).collect::<Result<_, _>>()?;
+        let ascending = SortOptions { descending: false, nulls_first: true };
+        let sort_columns: Vec<SortColumn> = sort_keys.iter().map(|a| SortColumn { values: a.clone(), options: Some(ascending) }).collect();
+        let order = lexsort_to_indices(&sort_columns, None)?;
+        let (lo, hi) = time_range(&sort_keys[keys.len() - 1]);
+        drop(sort_columns);
+        drop(sort_keys);
+        // Row i of the concatenation is row `r` of batch `b`.
+        let mut location: Vec<(u32, u32)> = Vec::with_capacity(order.len());
+        for (b, batch) in adapted.iter().enumerate() {
+            location.extend((0..batch.num_rows() as u32).map(|r| (b as u32, r)));
+        }
+        let mut picks: Vec<(usize, usize)> = Vec::with_capacity(ROW_GROUP_ROWS_MAX);
+        for chunk in order.values().chunks(ROW_GROUP_ROWS_MAX) {
+            picks.clear();
+            picks.extend(chunk.iter().map(|&i| {
+                let (b, r) = location[i as usize];
+                (b as usize, r as usize)
+            }));
+            let columns = (0..schema.fields().len())
+                .map(|c| {
+                    let parts: Vec<&dyn Array> = adapted.iter().map(|b| b.column(c).as_ref()).collect();
+                    arrow::compute::interleave(&parts, &picks)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            writer.write(&RecordBatch::try_new(schema.clone(), columns)?)?;
+        }
+        (order.len(), lo, hi)
+    };
     writer.close()?;
-    Ok(Encoded { bytes: Bytes::from(out), rows: sorted.num_rows() as u64, min_time_ns, max_time_ns })
+    Ok(Encoded { bytes: Bytes::from(out), rows: rows as u64, min_time_ns, max_time_ns })
+}
+
+fn time_range(times: &ArrayRef) -> (i64, i64) {
+    let times = times.as_any().downcast_ref::<TimestampNanosecondArray>().expect("time column type is fixed by the catalog");
+    (arrow::compute::min(times).unwrap_or(0), arrow::compute::max(times).unwrap_or(0))
 }
 
 /// Where a partition's file goes: `data/{db}/{table}/{partition}/{max_seq}-{n}.parquet`.
@@ -131,6 +167,52 @@ fn chrono_like_date(ns: i64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::buffer::{with_seq, RowsBuilder};
+    use crate::catalog::{Column, ColumnKind, FieldType};
+    use crate::line_protocol::{lines, parse_line, Line};
+
+    fn decode(bytes: Bytes) -> String {
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes).expect("parquet").build().expect("reader");
+        let batches: Vec<RecordBatch> = reader.map(|b| b.expect("batch")).collect();
+        arrow::util::pretty::pretty_format_batches(&batches).expect("format").to_string()
+    }
+
+    /// Both encoders (gather for in-order rows, merge for overlapping ones) write the same
+    /// sorted rows when no key repeats.
+    #[test]
+    fn gather_and_merge_encoders_agree() {
+        let table = TableSchema::new("cpu", vec![
+            Column { name: "host".into(), kind: ColumnKind::Tag },
+            Column { name: "u".into(), kind: ColumnKind::Field(FieldType::Float) },
+            Column { name: "s".into(), kind: ColumnKind::Field(FieldType::String) },
+        ]);
+        let mut batches = Vec::new();
+        for (seq, body) in [(1, "cpu,host=b u=1 20\ncpu,host=a u=2 30"), (2, "cpu,host=a u=3,s=\"x\" 10\ncpu u=4 5")] {
+            let mut builder = RowsBuilder::new(i64::MAX);
+            let mut line = Line::default();
+            for (n, bytes) in lines(body.as_bytes()) {
+                parse_line(n, bytes, &mut line).expect("well formed");
+                builder.push(&line, line.timestamp.expect("timestamp"));
+            }
+            batches.extend(builder.finish().iter().map(|p| with_seq(&p.batch, seq)));
+        }
+        let gathered = encode(&table, &batches, false).expect("gather");
+        let merged = encode(&table, &batches, true).expect("merge");
+        assert_eq!((gathered.rows, gathered.min_time_ns, gathered.max_time_ns), (4, 5, 30));
+        let expected = "\
++------+-----+---+--------------------------------+------+
+| host | u   | s | time                           | _seq |
++------+-----+---+--------------------------------+------+
+|      | 4.0 |   | 1970-01-01T00:00:00.000000005Z | 2    |
+| a    | 3.0 | x | 1970-01-01T00:00:00.000000010Z | 2    |
+| a    | 2.0 |   | 1970-01-01T00:00:00.000000030Z | 1    |
+| b    | 1.0 |   | 1970-01-01T00:00:00.000000020Z | 1    |
++------+-----+---+--------------------------------+------+";
+        assert_eq!(decode(gathered.bytes), expected);
+        assert_eq!(decode(merged.bytes), expected);
+    }
+
     #[test]
     fn dates_in_paths() {
         assert_eq!(super::chrono_like_date(0), "1970-01-01");
