@@ -175,6 +175,14 @@ pub struct Engine {
     file_counter: AtomicU64,
     subscribers: RwLock<Vec<Subscriber>>,
     persist_wakeup: tokio::sync::Notify,
+    /// Bytes of request bodies being parsed, built and logged at once (in KiB permits): parsed
+    /// rows take a few times their text, so this bounds in-flight write memory.
+    in_flight_kib: tokio::sync::Semaphore,
+}
+
+/// KiB of request bodies that may be in flight: a quarter of the buffer limit, at least 64 MiB.
+fn in_flight_kib_max(buffer_bytes_max: usize) -> usize {
+    (buffer_bytes_max / 4).max(64 << 20) >> 10
 }
 
 /// The WAL payload of a line-protocol write (layout in `storage-format/wal.md`).
@@ -394,6 +402,7 @@ impl Engine {
 
         let buffered: usize = tables.values().map(|t| t.buffer.bytes()).sum();
         let file_counter = tables.values().map(|t| t.files.len() as u64).sum();
+        let kib_max = in_flight_kib_max(config.buffer_bytes_max);
         let engine = Arc::new(Engine {
             config,
             catalog: RwLock::new(Arc::new(catalog)),
@@ -408,6 +417,7 @@ impl Engine {
             file_counter: AtomicU64::new(file_counter),
             subscribers: RwLock::new(Vec::new()),
             persist_wakeup: tokio::sync::Notify::new(),
+            in_flight_kib: tokio::sync::Semaphore::new(kib_max),
         });
         Ok(engine)
     }
@@ -473,6 +483,9 @@ impl Engine {
             self.persist_wakeup.notify_one();
             return Err(Error::BufferFull { bytes_max: self.config.buffer_bytes_max });
         }
+        // Waits while other writes hold the budget; a body larger than all of it takes all of it.
+        let kib = u32::try_from((body.len() >> 10) + 1).unwrap_or(u32::MAX).min(in_flight_kib_max(self.config.buffer_bytes_max) as u32);
+        let _permit = self.in_flight_kib.acquire_many(kib).await.map_err(|_| Error::ShuttingDown)?;
         let partition_ns = self.partition_ns();
         let mut prepared = prepare(&self.catalog(), db, body, options.precision, options.default_time_ns, partition_ns);
         let needs_growth = !self.catalog().has_database(db) || prepared.additions.values().any(|c| !c.is_empty())
