@@ -43,6 +43,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SUNDIAL_HTTP_BIND", default_value = "127.0.0.1:8086")]
     pub http_bind: SocketAddr,
 
+    /// Postgres wire protocol address (psql, drivers, BI tools). 5433 leaves 5432 to a real
+    /// PostgreSQL on the same machine.
+    #[arg(long, env = "SUNDIAL_PG_BIND", default_value = "127.0.0.1:5433")]
+    pub pg_bind: SocketAddr,
+
     /// Memory for buffered rows. A quarter of it triggers early persistence; past all of it
     /// writes get 503 with Retry-After. Default keeps a 1000-host ingest well under 1 GiB RSS.
     #[arg(long, env = "SUNDIAL_BUFFER_MEMORY_MAX", default_value = "512MiB", value_parser = parse_bytes)]

@@ -10,6 +10,7 @@ mod error;
 pub mod http;
 pub mod line_protocol;
 pub mod persist;
+pub mod pg;
 pub mod query;
 pub mod server;
 pub mod wal;

@@ -51,6 +51,13 @@ pub async fn run(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 's
     let stop_persist = CancellationToken::new();
     let persister = tokio::spawn(engine.clone().persist_loop(stop_persist.clone()));
 
+    let pg_listener = tokio::net::TcpListener::bind(args.pg_bind).await.map_err(|source| Error::Bind { addr: args.pg_bind, source })?;
+    let pg_addr = pg_listener.local_addr().map_err(|source| Error::Bind { addr: args.pg_bind, source })?;
+    tracing::info!(addr = %pg_addr, "sundial postgres listening");
+    println!("sundial postgres listening on {pg_addr}");
+    let stop_pg = CancellationToken::new();
+    let pg = tokio::spawn(crate::pg::serve(pg_listener, Arc::new(crate::pg::Handlers::new(query.clone())), stop_pg.clone()));
+
     let listener = tokio::net::TcpListener::bind(args.http_bind).await.map_err(|source| Error::Bind { addr: args.http_bind, source })?;
     let addr = listener.local_addr().map_err(|source| Error::Bind { addr: args.http_bind, source })?;
     tracing::info!(%addr, data_dir = %args.data_dir.display(), "sundial http listening");
@@ -60,6 +67,8 @@ pub async fn run(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 's
     let app = crate::http::router(query, args.request_max as usize);
     let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
     tracing::info!("shutting down: http stopped, persisting the buffer");
+    stop_pg.cancel();
+    let _ = pg.await;
     stop_persist.cancel();
     let _ = persister.await;
     // Persisting now makes the next start replay nothing; if it fails the WAL still has it all.

@@ -28,7 +28,7 @@ struct Server {
 impl Server {
     fn start(dir: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sundial"))
-            .args(["serve", "--http-bind", "127.0.0.1:0", "--data-dir"])
+            .args(["serve", "--http-bind", "127.0.0.1:0", "--pg-bind", "127.0.0.1:0", "--data-dir"])
             .arg(dir)
             .args(extra)
             .env("SUNDIAL_LOG", "warn")

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 pub struct Server {
     pub child: Child,
     pub addr: String,
+    /// The Postgres wire protocol address.
+    pub pg_addr: String,
     pub data_dir: PathBuf,
     pub args: Vec<String>,
     stderr_path: PathBuf,
@@ -39,6 +41,8 @@ impl Server {
             .arg("serve")
             .arg("--http-bind")
             .arg("127.0.0.1:0")
+            .arg("--pg-bind")
+            .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(&data_dir)
             .args(&args)
@@ -54,14 +58,19 @@ impl Server {
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            // The postgres line comes first; the http line means both are listening.
+            let mut pg = String::new();
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("sundial postgres listening on ") {
+                    pg = addr.to_string();
+                }
                 if let Some(addr) = line.strip_prefix("sundial http listening on ") {
-                    let _ = tx.send(addr.to_string());
+                    let _ = tx.send((addr.to_string(), pg.clone()));
                 }
             }
         });
         match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(addr) => Ok(Server { child, addr, data_dir, args, stderr_path }),
+            Ok((addr, pg_addr)) => Ok(Server { child, addr, pg_addr, data_dir, args, stderr_path }),
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();

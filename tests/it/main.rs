@@ -3,6 +3,8 @@
 
 mod durability;
 mod harness;
+mod pg;
 mod query;
+mod slt;
 mod tidy;
 mod write;

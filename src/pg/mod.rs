@@ -1,0 +1,327 @@
+//! Postgres wire protocol: psql, drivers and BI tools talk SQL to Sundial on port 5433.
+//!
+//! Built on `datafusion-postgres` (pgwire + arrow-pg type encoding + datafusion-pg-catalog's
+//! `pg_catalog` and functions). What Sundial adds: the connection's database name selects a
+//! Sundial database (each has its own DataFusion session from `query`), a connection to a
+//! database that does not exist fails with 3D000, and every error carries a real SQLSTATE —
+//! this module is the only place that knows SQLSTATEs ([`sqlstate_of_kind`] maps error kinds
+//! exhaustively; [`sqlstate_of`] refines DataFusion errors).
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use datafusion::error::DataFusionError;
+use datafusion::prelude::SessionContext;
+use datafusion_postgres::pgwire;
+use datafusion_postgres::{DfSessionService, Parser};
+use futures::Sink;
+use pgwire::api::auth::noop::NoopStartupHandler;
+use pgwire::api::auth::StartupHandler;
+use pgwire::api::cancel::DefaultCancelHandler;
+use pgwire::api::portal::{Format, Portal};
+use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
+use pgwire::api::results::{FieldInfo, Response};
+use pgwire::api::stmt::QueryParser;
+use pgwire::api::store::PortalStore;
+use pgwire::api::{ClientInfo, ClientPortalStore, ConnectionManager, PgWireServerHandlers, Type, METADATA_DATABASE};
+use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
+use tokio_util::sync::CancellationToken;
+
+use crate::query::QueryEngine;
+use crate::ErrorKind;
+
+/// The exhaustive map from error kinds to SQLSTATE classes.
+pub fn sqlstate_of_kind(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::InvalidInput => "22023",
+        ErrorKind::NotFound => "42P01",
+        ErrorKind::AlreadyExists => "42P07",
+        ErrorKind::Unsupported => "0A000",
+        ErrorKind::ResourceExhausted => "53200",
+        ErrorKind::Unavailable => "57P03",
+        ErrorKind::Internal => "XX000",
+    }
+}
+
+/// The SQLSTATE of a DataFusion error, as precise as its variant and message allow.
+pub fn sqlstate_of(error: &DataFusionError) -> &'static str {
+    use datafusion::common::SchemaError;
+    let root = error.find_root();
+    match root {
+        DataFusionError::SQL(..) => "42601",
+        DataFusionError::SchemaError(e, _) if matches!(**e, SchemaError::FieldNotFound { .. }) => "42703",
+        DataFusionError::SchemaError(..) => "42P01",
+        DataFusionError::NotImplemented(_) => "0A000",
+        DataFusionError::ResourcesExhausted(_) => "53200",
+        DataFusionError::ArrowError(e, _) if matches!(**e, arrow::error::ArrowError::DivideByZero) => "22012",
+        DataFusionError::ArrowError(e, _) if matches!(**e, arrow::error::ArrowError::CastError(_) | arrow::error::ArrowError::ParseError(_)) => "22P02",
+        DataFusionError::Plan(message) => {
+            let message = message.to_ascii_lowercase();
+            if message.contains("table") && message.contains("not found") {
+                "42P01"
+            } else if message.contains("no field named") || message.contains("column") && message.contains("not found") {
+                "42703"
+            } else if message.contains("coerce") || message.contains("type") || message.contains("signature") {
+                "42804"
+            } else if message.contains("function") && (message.contains("invalid") || message.contains("not found")) {
+                "42883"
+            } else {
+                "42601"
+            }
+        }
+        DataFusionError::Execution(message) => {
+            let message = message.to_ascii_lowercase();
+            if message.contains("divide by zero") || message.contains("division by zero") {
+                "22012"
+            } else if message.contains("cast") || message.contains("parse") {
+                "22P02"
+            } else {
+                "22023"
+            }
+        }
+        _ => "XX000",
+    }
+}
+
+fn user_error(code: &str, message: String) -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new("ERROR".to_string(), code.to_string(), message)))
+}
+
+/// Gives errors from datafusion-postgres a proper SQLSTATE; pgwire would send XX000.
+fn with_sqlstate(error: PgWireError) -> PgWireError {
+    match error {
+        PgWireError::ApiError(inner) => match inner.downcast::<DataFusionError>() {
+            Ok(df) => {
+                let df = *df;
+                user_error(sqlstate_of(&df), df.to_string())
+            }
+            Err(other) => match other.downcast::<crate::query::Error>() {
+                Ok(q) => user_error(sqlstate_of_query(&q), q.to_string()),
+                Err(other) => match other.downcast::<datafusion::sql::sqlparser::parser::ParserError>() {
+                    Ok(parse) => user_error("42601", parse.to_string()),
+                    Err(other) => user_error("XX000", other.to_string()),
+                },
+            },
+        },
+        other => other,
+    }
+}
+
+/// Errors can also surface while rows stream out (division by zero, a failed cast): give
+/// those their SQLSTATE too.
+fn with_sqlstate_in_rows(response: Response) -> Response {
+    use futures::StreamExt;
+    match response {
+        Response::Query(mut query) => {
+            let rows = std::mem::replace(&mut query.data_rows, Box::pin(futures::stream::empty()));
+            query.data_rows = Box::pin(rows.map(|row| row.map_err(with_sqlstate)));
+            Response::Query(query)
+        }
+        other => other,
+    }
+}
+
+fn sqlstate_of_query(error: &crate::query::Error) -> &'static str {
+    match error {
+        crate::query::Error::DatabaseNotFound(_) => "3D000",
+        crate::query::Error::DataFusion(e) => sqlstate_of(e),
+    }
+}
+
+/// One DataFusion-backed session service per database, with `pg_catalog` installed.
+struct Databases {
+    query: Arc<QueryEngine>,
+    services: Mutex<HashMap<String, Arc<DfSessionService>>>,
+    /// Describes statements; that needs only the plan, never a database.
+    describer: Arc<Parser>,
+}
+
+impl Databases {
+    fn service(&self, db: &str) -> PgWireResult<Arc<DfSessionService>> {
+        if let Some(service) = self.services.lock().expect("pg services lock").get(db) {
+            return Ok(service.clone());
+        }
+        let ctx = self.query.context(db).map_err(|e| user_error(sqlstate_of_query(&e), e.to_string()))?;
+        datafusion_postgres::datafusion_pg_catalog::pg_catalog::setup_pg_catalog(
+            &ctx,
+            db,
+            datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider,
+        )
+        .map_err(|e| user_error("XX000", format!("setting up pg_catalog: {e}")))?;
+        let service = Arc::new(DfSessionService::new(Arc::new(ctx)));
+        self.services.lock().expect("pg services lock").entry(db.to_string()).or_insert(service.clone());
+        Ok(service)
+    }
+
+    fn for_client<C: ClientInfo>(&self, client: &C) -> PgWireResult<Arc<DfSessionService>> {
+        let db = client.metadata().get(METADATA_DATABASE).cloned().unwrap_or_default();
+        self.service(&db)
+    }
+}
+
+type Statement = <DfSessionService as ExtendedQueryHandler>::Statement;
+
+/// The query handlers: find the connection's database, delegate, attach SQLSTATEs.
+pub struct Handler {
+    databases: Arc<Databases>,
+    parser: Arc<DatabaseParser>,
+}
+
+pub struct DatabaseParser {
+    databases: Arc<Databases>,
+}
+
+#[async_trait]
+impl QueryParser for DatabaseParser {
+    type Statement = Statement;
+
+    async fn parse_sql<C>(&self, client: &C, sql: &str, types: &[Option<Type>]) -> PgWireResult<Option<Self::Statement>>
+    where
+        C: ClientInfo + Unpin + Send + Sync,
+    {
+        let service = self.databases.for_client(client)?;
+        service.query_parser().parse_sql(client, sql, types).await.map_err(with_sqlstate)
+    }
+
+    fn get_parameter_types(&self, stmt: &Self::Statement) -> PgWireResult<Vec<Type>> {
+        self.databases.describer.get_parameter_types(stmt).map_err(with_sqlstate)
+    }
+
+    fn get_result_schema(&self, stmt: &Self::Statement, column_format: Option<&Format>) -> PgWireResult<Vec<FieldInfo>> {
+        self.databases.describer.get_result_schema(stmt, column_format).map_err(with_sqlstate)
+    }
+}
+
+#[async_trait]
+impl SimpleQueryHandler for Handler {
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let service = self.databases.for_client(client)?;
+        let responses = SimpleQueryHandler::do_query(service.as_ref(), client, query).await.map_err(with_sqlstate)?;
+        Ok(responses.into_iter().map(with_sqlstate_in_rows).collect())
+    }
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for Handler {
+    type Statement = Statement;
+    type QueryParser = DatabaseParser;
+
+    fn query_parser(&self) -> Arc<Self::QueryParser> {
+        self.parser.clone()
+    }
+
+    async fn do_query<C>(&self, client: &mut C, portal: &Portal<Self::Statement>, max_rows: usize) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let service = self.databases.for_client(client)?;
+        ExtendedQueryHandler::do_query(service.as_ref(), client, portal, max_rows).await.map(with_sqlstate_in_rows).map_err(with_sqlstate)
+    }
+}
+
+/// Startup without authentication (auth comes with the security work); refuses databases
+/// that do not exist, as PostgreSQL does.
+pub struct Startup {
+    connections: Arc<ConnectionManager>,
+    query: Arc<QueryEngine>,
+}
+
+#[async_trait]
+impl NoopStartupHandler for Startup {
+    fn connection_manager(&self) -> Option<Arc<ConnectionManager>> {
+        Some(self.connections.clone())
+    }
+
+    async fn post_startup<C>(&self, client: &mut C, _message: PgWireFrontendMessage) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let db = client.metadata().get(METADATA_DATABASE).cloned().unwrap_or_default();
+        if !self.query.engine().catalog().has_database(&db) {
+            return Err(PgWireError::UserError(Box::new(ErrorInfo::new(
+                "FATAL".to_string(),
+                "3D000".to_string(),
+                format!("database \"{db}\" does not exist"),
+            ))));
+        }
+        Ok(())
+    }
+}
+
+pub struct Handlers {
+    handler: Arc<Handler>,
+    startup: Arc<Startup>,
+    cancel: Arc<DefaultCancelHandler>,
+}
+
+impl Handlers {
+    pub fn new(query: Arc<QueryEngine>) -> Handlers {
+        let describer = DfSessionService::new(Arc::new(SessionContext::new())).query_parser();
+        let databases = Arc::new(Databases { query: query.clone(), services: Mutex::new(HashMap::new()), describer });
+        let connections = Arc::new(ConnectionManager::new());
+        Handlers {
+            handler: Arc::new(Handler { databases: databases.clone(), parser: Arc::new(DatabaseParser { databases }) }),
+            startup: Arc::new(Startup { connections: connections.clone(), query }),
+            cancel: Arc::new(DefaultCancelHandler::new(connections)),
+        }
+    }
+}
+
+impl PgWireServerHandlers for Handlers {
+    fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
+        self.handler.clone()
+    }
+
+    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
+        self.handler.clone()
+    }
+
+    fn startup_handler(&self) -> Arc<impl StartupHandler> {
+        self.startup.clone()
+    }
+
+    fn cancel_handler(&self) -> Arc<impl pgwire::api::cancel::CancelHandler> {
+        self.cancel.clone()
+    }
+}
+
+/// Accepts Postgres connections until `shutdown`; each connection runs on its own task.
+pub async fn serve(listener: tokio::net::TcpListener, handlers: Arc<Handlers>, shutdown: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((socket, addr)) => {
+                let handlers = handlers.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = pgwire::tokio::process_socket(socket, None, handlers).await {
+                        tracing::debug!(%addr, %error, "postgres connection ended with an error");
+                    }
+                });
+            }
+            Err(error) => {
+                tracing::warn!(%error, "accepting a postgres connection failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

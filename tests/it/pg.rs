@@ -1,0 +1,111 @@
+//! The Postgres wire protocol with real clients: psql and tokio-postgres (simple and extended
+//! protocol, binary types, SQLSTATEs, connection reuse after errors).
+
+use std::process::Command;
+
+use tokio_postgres::error::SqlState;
+use tokio_postgres::NoTls;
+
+use crate::harness::Server;
+
+pub async fn connect(server: &Server, db: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    connect_addr(&server.pg_addr, db).await
+}
+
+pub async fn connect_addr(pg_addr: &str, db: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (host, port) = pg_addr.rsplit_once(':').expect("host:port");
+    let config = format!("host={host} port={port} user=sundial dbname={db} application_name=sundial-tests");
+    let (client, connection) = tokio_postgres::connect(&config, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+fn psql(server: &Server, db: &str, commands: &[&str]) -> (bool, String) {
+    let (host, port) = server.pg_addr.rsplit_once(':').expect("host:port");
+    let mut command = Command::new("psql");
+    command.args(["-X", "-h", host, "-p", port, "-U", "sundial", "-d", db, "-v", "ON_ERROR_STOP=1"]);
+    for c in commands {
+        command.arg("-c").arg(c);
+    }
+    let output = command.env("PGCONNECT_TIMEOUT", "10").output().expect("psql is installed");
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), text)
+}
+
+async fn server_with_cpu() -> (tempfile::TempDir, Server) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data"), &[]);
+    let body = "cpu,host=a,region=eu usage=1.5,n=3i,ok=t 1700000000\ncpu,host=b,region=us usage=2.5,n=4i,ok=f 1700000010";
+    assert_eq!(server.write("/api/v3/write_lp?db=pgdb&precision=s", body).await.0, 204);
+    (dir, server)
+}
+
+#[tokio::test]
+async fn psql_queries_and_lists_tables() {
+    let (_dir, server) = server_with_cpu().await;
+    let (ok, out) = psql(&server, "pgdb", &["SELECT host, usage, n, ok, time FROM cpu ORDER BY host"]);
+    assert!(ok, "{out}");
+    assert!(out.contains(" a    |   1.5 | 3 | t  | 2023-11-14 22:13:20"), "{out}");
+    assert!(out.contains("(2 rows)"), "{out}");
+    let (ok, out) = psql(&server, "pgdb", &["\\dt"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("cpu"), "{out}");
+    let (ok, out) = psql(&server, "pgdb", &["SELECT version()", "SELECT current_database()"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("pgdb"), "{out}");
+    // Several statements in one simple query, and empty ones (Grafana's health checks).
+    let (ok, out) = psql(&server, "pgdb", &["SELECT 1 AS one; SELECT 2 AS two;", ";", "-- ping"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("one") && out.contains("two"), "{out}");
+}
+
+#[tokio::test]
+async fn unknown_database_is_refused_with_3d000() {
+    let (_dir, server) = server_with_cpu().await;
+    let error = connect(&server, "nope").await.err().expect("no such database");
+    assert_eq!(error.code(), Some(&SqlState::INVALID_CATALOG_NAME), "{error:?}");
+    let (ok, out) = psql(&server, "nope", &["SELECT 1"]);
+    assert!(!ok);
+    assert!(out.contains("database \"nope\" does not exist"), "{out}");
+}
+
+#[tokio::test]
+async fn errors_carry_sqlstates_and_the_connection_stays_usable() {
+    let (_dir, server) = server_with_cpu().await;
+    let client = connect(&server, "pgdb").await.expect("connect");
+    let cases = [
+        ("SELEC 1", SqlState::SYNTAX_ERROR),
+        ("SELECT * FROM missing_table", SqlState::UNDEFINED_TABLE),
+        ("SELECT missing_column FROM cpu", SqlState::UNDEFINED_COLUMN),
+        ("SELECT 1 / 0", SqlState::DIVISION_BY_ZERO),
+    ];
+    for (sql, code) in cases {
+        let error = client.simple_query(sql).await.expect_err(sql);
+        assert_eq!(error.code(), Some(&code), "{sql}: {error:?}");
+        let error = client.query(sql, &[]).await.expect_err(sql);
+        assert_eq!(error.code(), Some(&code), "extended {sql}: {error:?}");
+        // The same connection still answers.
+        let rows = client.query("SELECT count(*) FROM cpu", &[]).await.expect("good query after an error");
+        assert_eq!(rows[0].get::<_, i64>(0), 2);
+    }
+}
+
+#[tokio::test]
+async fn extended_protocol_with_parameters_and_binary_types() {
+    let (_dir, server) = server_with_cpu().await;
+    let client = connect(&server, "pgdb").await.expect("connect");
+    let statement = client.prepare("SELECT host, usage, n, ok, time FROM cpu WHERE usage > $1 ORDER BY host").await.expect("prepare");
+    for _ in 0..10 {
+        let rows = client.query(&statement, &[&1.0f64]).await.expect("query");
+        assert_eq!(rows.len(), 2);
+        let host: &str = rows[0].get(0);
+        let usage: f64 = rows[0].get(1);
+        let n: i64 = rows[0].get(2);
+        let ok: bool = rows[0].get(3);
+        assert_eq!((host, usage, n, ok), ("a", 1.5, 3, true));
+    }
+    let rows = client.query("SELECT count(*) FROM cpu WHERE host = $1", &[&"b"]).await.expect("text parameter");
+    assert_eq!(rows[0].get::<_, i64>(0), 1);
+}
