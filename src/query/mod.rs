@@ -9,6 +9,7 @@
 //! (filtered on key columns only), merged field by field, and then filtered like the rest.
 //! Other partitions are read as they are: they hold each key once.
 
+pub mod functions;
 #[cfg(test)]
 mod tests;
 
@@ -115,6 +116,7 @@ impl QueryEngine {
         config.options_mut().execution.parquet.pushdown_filters = true;
         config.options_mut().execution.parquet.reorder_filters = true;
         let ctx = SessionContext::new_with_config_rt(config, self.runtime.clone());
+        functions::register(&ctx);
         let catalog = MemoryCatalogProvider::new();
         catalog.register_schema("public", Arc::new(DatabaseSchema { engine: self.engine.clone(), db: db.to_string() }))?;
         ctx.register_catalog(db, Arc::new(catalog));

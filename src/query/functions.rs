@@ -1,0 +1,116 @@
+//! SQL functions Sundial adds to DataFusion's, in every database session: `version()` and
+//! `current_setting()` as PostgreSQL clients expect them (SQLAlchemy parses `version()`,
+//! Grafana reads `server_version_num`), and TimescaleDB's `time_bucket(interval, time
+//! [, origin])`, which is `date_bin` with buckets aligned to 2000-01-03 (a Monday).
+
+use std::sync::Arc;
+
+use arrow::array::{Array, StringArray};
+use arrow::datatypes::{DataType, Field};
+use datafusion::common::{exec_err, Result, ScalarValue};
+use datafusion::logical_expr::{
+    create_udf, ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
+use datafusion::prelude::SessionContext;
+
+/// The PostgreSQL version we speak for: new enough for current clients.
+pub const PG_VERSION: &str = "16.6";
+pub const PG_VERSION_NUM: &str = "160006";
+
+pub fn register(ctx: &SessionContext) {
+    let version = format!(
+        "PostgreSQL {PG_VERSION} on {}-linux, compiled by Sundial {} (Apache DataFusion {})",
+        std::env::consts::ARCH,
+        env!("CARGO_PKG_VERSION"),
+        datafusion::DATAFUSION_VERSION
+    );
+    ctx.register_udf(create_udf(
+        "version",
+        vec![],
+        DataType::Utf8,
+        Volatility::Immutable,
+        Arc::new(move |_| Ok(ColumnarValue::Scalar(ScalarValue::Utf8(Some(version.clone()))))),
+    ));
+    ctx.register_udf(create_udf("current_setting", vec![DataType::Utf8], DataType::Utf8, Volatility::Stable, Arc::new(current_setting)));
+    ctx.register_udf(ScalarUDF::new_from_impl(TimeBucket::new()));
+}
+
+/// Settings clients read; each is fixed for now (sessions' SET values live in pgwire's client
+/// metadata, which scalar functions cannot see).
+fn setting(name: &str) -> Option<&'static str> {
+    Some(match name.to_ascii_lowercase().as_str() {
+        "server_version" => PG_VERSION,
+        "server_version_num" => PG_VERSION_NUM,
+        "server_encoding" | "client_encoding" => "UTF8",
+        "timezone" => "UTC",
+        "datestyle" => "ISO, MDY",
+        "intervalstyle" => "postgres",
+        "search_path" => "public",
+        "standard_conforming_strings" | "integer_datetimes" => "on",
+        "is_superuser" => "on",
+        "transaction_isolation" | "default_transaction_isolation" => "read committed",
+        "max_identifier_length" => "63",
+        "statement_timeout" => "0",
+        "application_name" => "",
+        _ => return None,
+    })
+}
+
+fn current_setting(args: &[ColumnarValue]) -> Result<ColumnarValue> {
+    let lookup = |name: &str| match setting(name) {
+        Some(value) => Ok(value.to_string()),
+        None => exec_err!("unrecognized configuration parameter \"{name}\""),
+    };
+    match &args[0] {
+        ColumnarValue::Scalar(ScalarValue::Utf8(Some(name))) => Ok(ColumnarValue::Scalar(ScalarValue::Utf8(Some(lookup(name)?)))),
+        ColumnarValue::Scalar(_) => Ok(ColumnarValue::Scalar(ScalarValue::Utf8(None))),
+        ColumnarValue::Array(array) => {
+            let names = array.as_any().downcast_ref::<StringArray>().ok_or_else(|| {
+                datafusion::error::DataFusionError::Execution("current_setting takes text".into())
+            })?;
+            let values = (0..names.len())
+                .map(|i| if names.is_null(i) { Ok(None) } else { lookup(names.value(i)).map(Some) })
+                .collect::<Result<StringArray>>()?;
+            Ok(ColumnarValue::Array(Arc::new(values)))
+        }
+    }
+}
+
+/// TimescaleDB's default origin: 2000-01-03T00:00:00Z, a Monday, so week buckets start on Mondays.
+const TIME_BUCKET_ORIGIN_NS: i64 = 946_857_600_000_000_000;
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct TimeBucket {
+    signature: Signature,
+}
+
+impl TimeBucket {
+    fn new() -> TimeBucket {
+        // The same argument types and coercions as date_bin.
+        TimeBucket { signature: datafusion::functions::datetime::date_bin().signature().clone() }
+    }
+}
+
+impl ScalarUDFImpl for TimeBucket {
+    fn name(&self) -> &str {
+        "time_bucket"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
+        datafusion::functions::datetime::date_bin().return_type(arg_types)
+    }
+
+    fn invoke_with_args(&self, mut args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        if args.args.len() == 2 {
+            let time_type = args.args[1].data_type();
+            let origin = ScalarValue::TimestampNanosecond(Some(TIME_BUCKET_ORIGIN_NS), None).cast_to(&time_type)?;
+            args.arg_fields.push(Arc::new(Field::new("origin", time_type, true)));
+            args.args.push(ColumnarValue::Scalar(origin));
+        }
+        datafusion::functions::datetime::date_bin().invoke_with_args(args)
+    }
+}
