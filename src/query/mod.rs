@@ -10,6 +10,7 @@
 //! Other partitions are read as they are: they hold each key once.
 
 pub mod functions;
+mod insert;
 #[cfg(test)]
 mod tests;
 
@@ -155,6 +156,8 @@ impl SchemaProvider for DatabaseSchema {
             name: name.to_string(),
             schema: schema.arrow_schema().clone(),
             keys: schema.tags().map(|c| c.name.clone()).chain([TIME_COLUMN.to_string()]).collect(),
+            table_schema: schema,
+            time_default: datafusion::functions::datetime::expr_fn::now(),
         })))
     }
 
@@ -173,6 +176,9 @@ pub struct Table {
     schema: SchemaRef,
     /// Tag columns and time: the dedup key.
     keys: Vec<String>,
+    table_schema: Arc<crate::catalog::TableSchema>,
+    /// `INSERT` without `time` stores the time of the insert.
+    time_default: Expr,
 }
 
 impl Table {
@@ -294,6 +300,28 @@ impl TableProvider for Table {
 
     fn table_type(&self) -> TableType {
         TableType::Base
+    }
+
+    fn get_column_default(&self, column: &str) -> Option<&Expr> {
+        (column == TIME_COLUMN).then_some(&self.time_default)
+    }
+
+    async fn insert_into(
+        &self,
+        _state: &dyn Session,
+        input: Arc<dyn ExecutionPlan>,
+        insert_op: datafusion::logical_expr::dml::InsertOp,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        if insert_op != datafusion::logical_expr::dml::InsertOp::Append {
+            return Err(DataFusionError::NotImplemented(format!("{insert_op} is not supported; INSERT appends (a later write to the same point wins)")));
+        }
+        let sink = insert::LineProtocolSink {
+            engine: self.engine.clone(),
+            db: self.db.clone(),
+            table: self.table_schema.clone(),
+            schema: self.schema.clone(),
+        };
+        Ok(Arc::new(datafusion::datasource::sink::DataSinkExec::new(input, Arc::new(sink), None)))
     }
 
     fn supports_filters_pushdown(&self, filters: &[&Expr]) -> DfResult<Vec<TableProviderFilterPushDown>> {
