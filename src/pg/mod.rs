@@ -134,6 +134,24 @@ fn sqlstate_of_query(error: &crate::query::Error) -> &'static str {
     }
 }
 
+/// Session commands answered here rather than planned: `DEALLOCATE` of protocol-level
+/// prepared statements (psycopg sends it when its statement cache turns over; pgwire owns those
+/// statements), `DISCARD ALL` (connection pools send it on check-in), and savepoints, which
+/// SQLAlchemy and psycopg use for nested transactions. Writes are committed as they happen and
+/// reads see snapshots, so like `BEGIN`/`COMMIT` these change nothing.
+fn session_command(query: &str) -> Option<&'static str> {
+    let statement = query.trim().trim_end_matches(';').trim().to_ascii_uppercase();
+    let words: Vec<&str> = statement.split_whitespace().collect();
+    match words.as_slice() {
+        ["DEALLOCATE", ..] => Some("DEALLOCATE"),
+        ["DISCARD", "ALL"] => Some("DISCARD ALL"),
+        ["SAVEPOINT", _] => Some("SAVEPOINT"),
+        ["RELEASE", ..] => Some("RELEASE"),
+        ["ROLLBACK", "TO", ..] => Some("ROLLBACK"),
+        _ => None,
+    }
+}
+
 /// One DataFusion-backed session service per database, with `pg_catalog` installed.
 struct Databases {
     query: Arc<QueryEngine>,
@@ -207,6 +225,9 @@ impl SimpleQueryHandler for Handler {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
+        if let Some(tag) = session_command(query) {
+            return Ok(vec![Response::Execution(pgwire::api::results::Tag::new(tag))]);
+        }
         let service = self.databases.for_client(client)?;
         let responses = SimpleQueryHandler::do_query(service.as_ref(), client, query).await.map_err(with_sqlstate)?;
         Ok(responses.into_iter().map(with_sqlstate_in_rows).collect())

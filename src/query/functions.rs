@@ -33,6 +33,53 @@ pub fn register(ctx: &SessionContext) {
     ));
     ctx.register_udf(create_udf("current_setting", vec![DataType::Utf8], DataType::Utf8, Volatility::Stable, Arc::new(current_setting)));
     ctx.register_udf(ScalarUDF::new_from_impl(TimeBucket::new()));
+    ctx.register_udf(create_udf("to_regtype", vec![DataType::Utf8], DataType::Int32, Volatility::Stable, Arc::new(to_regtype)));
+}
+
+/// The OID of a type name, NULL for types that do not exist here (psycopg and SQLAlchemy ask
+/// for `hstore` and friends to see whether those extensions are installed).
+fn type_oid(name: &str) -> Option<i32> {
+    let name = name.trim().trim_start_matches("pg_catalog.").to_ascii_lowercase();
+    Some(match name.as_str() {
+        "bool" | "boolean" => 16,
+        "bytea" => 17,
+        "name" => 19,
+        "int8" | "bigint" => 20,
+        "int2" | "smallint" => 21,
+        "int4" | "integer" | "int" => 23,
+        "regproc" => 24,
+        "text" => 25,
+        "oid" => 26,
+        "json" => 114,
+        "float4" | "real" => 700,
+        "float8" | "double precision" => 701,
+        "varchar" | "character varying" => 1043,
+        "date" => 1082,
+        "time" | "time without time zone" => 1083,
+        "timestamp" | "timestamp without time zone" => 1114,
+        "timestamptz" | "timestamp with time zone" => 1184,
+        "interval" => 1186,
+        "numeric" | "decimal" => 1700,
+        "regclass" => 2205,
+        "regtype" => 2206,
+        "uuid" => 2950,
+        "jsonb" => 3802,
+        _ => return None,
+    })
+}
+
+fn to_regtype(args: &[ColumnarValue]) -> Result<ColumnarValue> {
+    match &args[0] {
+        ColumnarValue::Scalar(ScalarValue::Utf8(name)) => Ok(ColumnarValue::Scalar(ScalarValue::Int32(name.as_deref().and_then(type_oid)))),
+        ColumnarValue::Scalar(_) => Ok(ColumnarValue::Scalar(ScalarValue::Int32(None))),
+        ColumnarValue::Array(array) => {
+            let names = array.as_any().downcast_ref::<StringArray>().ok_or_else(|| {
+                datafusion::error::DataFusionError::Execution("to_regtype takes text".into())
+            })?;
+            let oids: arrow::array::Int32Array = names.iter().map(|n| n.and_then(type_oid)).collect();
+            Ok(ColumnarValue::Array(Arc::new(oids)))
+        }
+    }
 }
 
 /// Settings clients read; each is fixed for now (sessions' SET values live in pgwire's client

@@ -109,3 +109,14 @@ async fn extended_protocol_with_parameters_and_binary_types() {
     let rows = client.query("SELECT count(*) FROM cpu WHERE host = $1", &[&"b"]).await.expect("text parameter");
     assert_eq!(rows[0].get::<_, i64>(0), 1);
 }
+
+#[tokio::test]
+async fn python_clients_psycopg_asyncpg_sqlalchemy_pandas() {
+    let (_dir, server) = server_with_cpu().await;
+    let (host, port) = server.pg_addr.rsplit_once(':').expect("host:port");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/python_clients.py");
+    let output = Command::new("python3").args([script, host, port, "pgdb"]).output().expect("python3 is installed");
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{text}\n(scripts/test.sh installs psycopg, asyncpg, sqlalchemy and pandas)");
+    assert!(text.contains("python clients ok"), "{text}");
+}

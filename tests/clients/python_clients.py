@@ -1,0 +1,66 @@
+"""Real Python clients against a running Sundial: psycopg 3, asyncpg, SQLAlchemy + pandas.
+
+Usage: python_clients.py PG_HOST PG_PORT DB. The database must hold table cpu with rows
+(host=a, usage=1.5, n=3, ok=true, 2023-11-14T22:13:20Z) and (host=b, usage=2.5, n=4, ok=false,
+2023-11-14T22:13:30Z). Exits non-zero on the first failed check.
+"""
+import asyncio
+import datetime
+import sys
+
+import asyncpg
+import pandas as pd
+import psycopg
+import sqlalchemy as sa
+
+host, port, db = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+UTC = datetime.timezone.utc
+T0 = datetime.datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)
+
+
+def check(label, actual, expected):
+    if actual != expected:
+        sys.exit(f"{label}: expected {expected!r}, got {actual!r}")
+
+
+# psycopg 3: server-side parameters, a statement prepared after 5 runs, Python types,
+# an error and then a good query on the same connection.
+with psycopg.connect(f"host={host} port={port} dbname={db} user=sundial") as conn:
+    cur = conn.cursor()
+    cur.execute("SELECT host, usage, n, ok, time FROM cpu WHERE usage > %s ORDER BY host", (1.0,))
+    rows = cur.fetchall()
+    check("psycopg rows", rows[0], ("a", 1.5, 3, True, T0))
+    check("psycopg tz", rows[0][4].utcoffset(), datetime.timedelta(0))
+    for _ in range(10):
+        cur.execute("SELECT count(*) FROM cpu WHERE host = %s", ("a",))
+        check("psycopg prepared", cur.fetchone()[0], 1)
+    try:
+        cur.execute("SELECT * FROM no_such_table")
+        sys.exit("psycopg: error expected")
+    except psycopg.Error as e:
+        check("psycopg sqlstate", e.sqlstate, "42P01")
+    conn.rollback()
+    cur.execute("SELECT count(*) FROM cpu")
+    check("psycopg after error", cur.fetchone()[0], 2)
+
+
+# asyncpg: $1 parameters, binary types throughout.
+async def run_asyncpg():
+    conn = await asyncpg.connect(host=host, port=port, database=db, user="sundial")
+    rows = await conn.fetch("SELECT host, usage, n, ok, time FROM cpu WHERE host = $1", "b")
+    check("asyncpg row", tuple(rows[0]), ("b", 2.5, 4, False, datetime.datetime(2023, 11, 14, 22, 13, 30, tzinfo=UTC)))
+    value = await conn.fetchval("SELECT max(usage) FROM cpu WHERE time >= $1", T0)
+    check("asyncpg timestamptz parameter", value, 2.5)
+    await conn.close()
+
+
+asyncio.run(run_asyncpg())
+
+# SQLAlchemy's inspector and pandas.read_sql.
+engine = sa.create_engine(f"postgresql+psycopg://sundial@{host}:{port}/{db}")
+check("sqlalchemy tables", sa.inspect(engine).get_table_names(), ["cpu"])
+df = pd.read_sql("SELECT host, usage, time FROM cpu ORDER BY host", engine)
+check("pandas rows", len(df), 2)
+check("pandas time dtype", str(df["time"].dtype).startswith("datetime64") and "UTC" in str(df["time"].dtype), True)
+check("pandas usage", list(df["usage"]), [1.5, 2.5])
+print("python clients ok")
