@@ -120,3 +120,40 @@ async fn python_clients_psycopg_asyncpg_sqlalchemy_pandas() {
     assert!(output.status.success(), "{text}\n(scripts/test.sh installs psycopg, asyncpg, sqlalchemy and pandas)");
     assert!(text.contains("python clients ok"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_flood_and_concurrent_clients_during_ingest() {
+    let (_dir, server) = server_with_cpu().await;
+    // 200 connections opening and closing.
+    for round in 0..10 {
+        let clients = futures::future::join_all((0..20).map(|_| connect(&server, "pgdb"))).await;
+        for client in clients {
+            let client = client.unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!(client.query_one("SELECT 1::BIGINT", &[]).await.expect("query").get::<_, i64>(0), 1);
+        }
+    }
+    // 20 clients query while line protocol streams in.
+    let url = server.url("/api/v3/write_lp?db=pgdb&precision=s");
+    let writer = tokio::spawn(async move {
+        for batch in 0..20i64 {
+            let body: String = (0..1000).map(|i| format!("stream,host=h{} v={i} {}\n", i % 10, 1_700_000_000 + batch * 1000 + i)).collect();
+            assert_eq!(crate::harness::client().post(&url).body(body).send().await.expect("write").status(), 204);
+        }
+    });
+    let queries = (0..20).map(|_| {
+        let addr = server.pg_addr.clone();
+        async move {
+            let client = connect_addr(&addr, "pgdb").await.expect("connect");
+            for _ in 0..10 {
+                client.query("SELECT host, count(*) FROM cpu GROUP BY host", &[]).await.expect("query during ingest");
+            }
+        }
+    });
+    futures::future::join_all(queries).await;
+    writer.await.expect("writer");
+    let client = connect(&server, "pgdb").await.expect("connect");
+    assert_eq!(client.query_one("SELECT count(*) FROM stream", &[]).await.expect("count").get::<_, i64>(0), 20_000);
+    // Nothing leaked: the server still accepts and answers.
+    let (ok, out) = psql(&server, "pgdb", &["SELECT count(*) FROM stream"]);
+    assert!(ok && out.contains("20000"), "{out}");
+}
