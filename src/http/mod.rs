@@ -11,7 +11,7 @@ use std::io::Read;
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::SchemaRef;
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -371,37 +371,11 @@ async fn run_sql(state: &AppState, params: SqlParams, headers: &HeaderMap) -> Re
     }
 }
 
-/// Dictionary columns (tags) become plain strings for the text formats.
-fn plain(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<(SchemaRef, Vec<RecordBatch>), arrow::error::ArrowError> {
-    let fields: Vec<Field> = schema
-        .fields()
-        .iter()
-        .map(|f| match f.data_type() {
-            DataType::Dictionary(_, value) => Field::new(f.name(), value.as_ref().clone(), f.is_nullable()),
-            _ => f.as_ref().clone(),
-        })
-        .collect();
-    let target = Arc::new(Schema::new(fields));
-    let converted = batches
-        .iter()
-        .map(|b| {
-            let columns = b
-                .columns()
-                .iter()
-                .zip(target.fields())
-                .map(|(c, f)| if c.data_type() == f.data_type() { Ok(c.clone()) } else { arrow::compute::cast(c, f.data_type()) })
-                .collect::<Result<Vec<_>, _>>()?;
-            RecordBatch::try_new(target.clone(), columns)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((target, converted))
-}
-
 fn encode(format: Format, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, Box<dyn std::error::Error + Send + Sync>> {
     let mut out = Vec::new();
     match format {
         Format::Json => {
-            let (_, batches) = plain(schema, batches)?;
+            let (_, batches) = crate::query::plain(schema, batches)?;
             let mut writer = arrow::json::ArrayWriter::new(&mut out);
             for b in &batches {
                 writer.write(b)?;
@@ -412,7 +386,7 @@ fn encode(format: Format, schema: &SchemaRef, batches: &[RecordBatch]) -> Result
             }
         }
         Format::JsonLines => {
-            let (_, batches) = plain(schema, batches)?;
+            let (_, batches) = crate::query::plain(schema, batches)?;
             let mut writer = arrow::json::LineDelimitedWriter::new(&mut out);
             for b in &batches {
                 writer.write(b)?;
@@ -420,7 +394,7 @@ fn encode(format: Format, schema: &SchemaRef, batches: &[RecordBatch]) -> Result
             writer.finish()?;
         }
         Format::Csv => {
-            let (schema, batches) = plain(schema, batches)?;
+            let (schema, batches) = crate::query::plain(schema, batches)?;
             if batches.is_empty() {
                 let names: Vec<_> = schema.fields().iter().map(|f| f.name().as_str()).collect();
                 out.extend_from_slice(names.join(",").as_bytes());

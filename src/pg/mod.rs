@@ -7,6 +7,7 @@
 //! this module is the only place that knows SQLSTATEs ([`sqlstate_of_kind`] maps error kinds
 //! exhaustively; [`sqlstate_of`] refines DataFusion errors).
 
+mod copy;
 #[cfg(test)]
 mod tests;
 
@@ -216,6 +217,29 @@ impl QueryParser for DatabaseParser {
     }
 }
 
+impl Handler {
+    /// Runs the query of a `COPY … TO STDOUT` and streams its rows, one `CopyData` per line.
+    async fn copy_out<C: ClientInfo>(&self, client: &C, copy: Result<copy::CopyOut, String>) -> PgWireResult<Response> {
+        let copy = copy.map_err(|message| user_error("0A000", message))?;
+        let db = client.metadata().get(METADATA_DATABASE).cloned().unwrap_or_default();
+        let ctx = self.databases.query.context(&db).map_err(|e| user_error(sqlstate_of_query(&e), e.to_string()))?;
+        let df = ctx.sql(&copy.query).await.map_err(|e| user_error(sqlstate_of(&e), e.to_string()))?;
+        let schema = df.schema().inner().clone();
+        let batches = df.collect().await.map_err(|e| user_error(sqlstate_of(&e), e.to_string()))?;
+        let text = copy::render(&copy, &schema, &batches).map_err(|e| user_error("XX000", e.to_string()))?;
+        // The completion tag counts CopyData messages, so a header line rides with the first row.
+        let mut lines: Vec<&[u8]> = text.split_inclusive(|&b| b == b'\n').collect();
+        let header_and_first: Vec<u8>;
+        if copy.header && lines.len() >= 2 {
+            header_and_first = [lines[0], lines[1]].concat();
+            lines.splice(0..2, [header_and_first.as_slice()]);
+        }
+        let lines: Vec<PgWireResult<pgwire::messages::copy::CopyData>> =
+            lines.into_iter().map(|line| Ok(pgwire::messages::copy::CopyData::new(bytes::Bytes::copy_from_slice(line)))).collect();
+        Ok(Response::CopyOut(pgwire::api::results::CopyResponse::new(0, schema.fields().len(), futures::stream::iter(lines))))
+    }
+}
+
 #[async_trait]
 impl SimpleQueryHandler for Handler {
     async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
@@ -227,6 +251,9 @@ impl SimpleQueryHandler for Handler {
     {
         if let Some(tag) = session_command(query) {
             return Ok(vec![Response::Execution(pgwire::api::results::Tag::new(tag))]);
+        }
+        if let Some(copy) = copy::parse(query) {
+            return Ok(vec![self.copy_out(client, copy).await?]);
         }
         let service = self.databases.for_client(client)?;
         let responses = SimpleQueryHandler::do_query(service.as_ref(), client, query).await.map_err(with_sqlstate)?;

@@ -52,9 +52,17 @@ async fn psql_queries_and_lists_tables() {
     let (ok, out) = psql(&server, "pgdb", &["\\dt"]);
     assert!(ok, "{out}");
     assert!(out.contains("cpu"), "{out}");
+    // psql's \copy out, CSV with a header.
+    let csv = std::env::temp_dir().join(format!("sundial-copy-{}.csv", std::process::id()));
+    let (ok, out) = psql(&server, "pgdb", &[&format!("\\copy (SELECT host, usage, n FROM cpu ORDER BY host) to '{}' csv header", csv.display())]);
+    assert!(ok && out.contains("COPY 2"), "{out}");
+    assert_eq!(std::fs::read_to_string(&csv).expect("copied file"), "host,usage,n\na,1.5,3\nb,2.5,4\n");
+    let _ = std::fs::remove_file(&csv);
+    let (ok, out) = psql(&server, "pgdb", &["COPY (SELECT host FROM cpu ORDER BY host) TO STDOUT"]);
+    assert!(ok && out.starts_with("a\nb\n"), "{out}");
     let (ok, out) = psql(&server, "pgdb", &["SELECT version()", "SELECT current_database()"]);
     assert!(ok, "{out}");
-    assert!(out.contains("pgdb"), "{out}");
+    assert!(out.contains("pgdb") && out.contains("PostgreSQL 16.6"), "{out}");
     // Several statements in one simple query, and empty ones (Grafana's health checks).
     let (ok, out) = psql(&server, "pgdb", &["SELECT 1 AS one; SELECT 2 AS two;", ";", "-- ping"]);
     assert!(ok, "{out}");
