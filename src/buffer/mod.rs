@@ -327,16 +327,19 @@ pub struct TableBuffer {
     bytes: usize,
 }
 
-/// Smallest `_seq` in `batches` (u64::MAX when empty).
-fn min_seq(batches: &[RecordBatch]) -> u64 {
+/// Smallest and largest `_seq` in `batches`; `None` when there are no rows.
+pub fn seq_bounds(batches: &[RecordBatch]) -> Option<(u64, u64)> {
     batches
         .iter()
         .filter_map(|b| {
             let seq = b.column_by_name(SEQ_COLUMN)?.as_any().downcast_ref::<UInt64Array>()?;
-            arrow::compute::min(seq)
+            Some((arrow::compute::min(seq)?, arrow::compute::max(seq)?))
         })
-        .min()
-        .unwrap_or(u64::MAX)
+        .reduce(|(lo, hi), (l, h)| (lo.min(l), hi.max(h)))
+}
+
+fn min_seq(batches: &[RecordBatch]) -> u64 {
+    seq_bounds(batches).map_or(u64::MAX, |(lo, _)| lo)
 }
 
 /// Merges small batches once a partition holds this many, so tiny writes do not pile up.

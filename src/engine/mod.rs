@@ -309,17 +309,6 @@ fn grow_catalog(catalog: &mut Catalog, db: &str, additions: &BTreeMap<String, Ve
     true
 }
 
-fn max_seq(batches: &[RecordBatch]) -> u64 {
-    batches
-        .iter()
-        .filter_map(|b| {
-            let seq = b.column_by_name(SEQ_COLUMN)?.as_any().downcast_ref::<UInt64Array>()?;
-            arrow::compute::max(seq)
-        })
-        .max()
-        .unwrap_or(0)
-}
-
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine").field("data_dir", &self.config.data_dir).finish_non_exhaustive()
@@ -627,7 +616,7 @@ impl Engine {
     }
 
     async fn write_file(&self, db: &str, table: &str, partition_ns: i64, schema: &Arc<TableSchema>, batches: Vec<RecordBatch>, overlap: bool) -> Result<ParquetFile, Error> {
-        let max_seq = max_seq(&batches);
+        let max_seq = crate::buffer::seq_bounds(&batches).map_or(0, |(_, hi)| hi);
         let encode_schema = schema.clone();
         let encoded = tokio::task::spawn_blocking(move || crate::persist::encode(&encode_schema, &batches, overlap))
             .await

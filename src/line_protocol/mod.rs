@@ -242,14 +242,7 @@ impl<'a> Parser<'a> {
         while self.peek() == Some(b',') {
             self.pos += 1;
             let key_pos = self.pos;
-            let key = self.name(Part::TagKey)?;
-            if key.is_empty() {
-                return Err(self.error(key_pos, "missing tag key"));
-            }
-            if self.peek() != Some(b'=') {
-                return Err(self.error(self.pos, format!("missing '=' after tag key \"{key}\"")));
-            }
-            self.pos += 1;
+            let key = self.key(Part::TagKey)?;
             let value_pos = self.pos;
             let value = self.name(Part::TagValue)?;
             if value.is_empty() {
@@ -268,14 +261,7 @@ impl<'a> Parser<'a> {
         }
         loop {
             let key_pos = self.pos;
-            let key = self.name(Part::FieldKey)?;
-            if key.is_empty() {
-                return Err(self.error(key_pos, "missing field key"));
-            }
-            if self.peek() != Some(b'=') {
-                return Err(self.error(self.pos, format!("missing '=' after field key \"{key}\"")));
-            }
-            self.pos += 1;
+            let key = self.key(Part::FieldKey)?;
             if key == "time" {
                 return Err(self.error(key_pos, "\"time\" cannot be a field key"));
             }
@@ -305,6 +291,20 @@ impl<'a> Parser<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Reads a tag or field key and the `=` after it.
+    fn key(&mut self, part: Part) -> Result<Cow<'a, str>, ParseError> {
+        let start = self.pos;
+        let key = self.name(part)?;
+        if key.is_empty() {
+            return Err(self.error(start, format!("missing {}", part.what())));
+        }
+        if self.peek() != Some(b'=') {
+            return Err(self.error(self.pos, format!("missing '=' after {} \"{key}\"", part.what())));
+        }
+        self.pos += 1;
+        Ok(key)
     }
 
     /// Reads a measurement, key or tag value up to its unescaped terminator.
@@ -338,23 +338,7 @@ impl<'a> Parser<'a> {
         if !escaped {
             return Ok(Cow::Borrowed(raw));
         }
-        let mut owned = String::with_capacity(raw.len());
-        let mut chars = raw.chars();
-        while let Some(c) = chars.next() {
-            if c == '\\' {
-                let mut lookahead = chars.clone();
-                match lookahead.next() {
-                    Some(n) if n.is_ascii() && part.is_escapable(n as u8) => {
-                        owned.push(n);
-                        chars = lookahead;
-                    }
-                    _ => owned.push('\\'),
-                }
-            } else {
-                owned.push(c);
-            }
-        }
-        Ok(Cow::Owned(owned))
+Ok(Cow::Owned(unescape(raw, |c| c.is_ascii() && part.is_escapable(c as u8))))
     }
 
     fn field_value(&mut self, key: &str) -> Result<FieldValue<'a>, ParseError> {
@@ -402,24 +386,24 @@ impl<'a> Parser<'a> {
         if !escaped {
             return Ok(FieldValue::String(Cow::Borrowed(raw)));
         }
-        let mut owned = String::with_capacity(raw.len());
-        let mut chars = raw.chars();
-        while let Some(c) = chars.next() {
-            if c == '\\' {
-                let mut lookahead = chars.clone();
-                match lookahead.next() {
-                    Some(n @ ('"' | '\\')) => {
-                        owned.push(n);
-                        chars = lookahead;
-                    }
-                    _ => owned.push('\\'),
-                }
-            } else {
-                owned.push(c);
-            }
-        }
-        Ok(FieldValue::String(Cow::Owned(owned)))
+Ok(FieldValue::String(Cow::Owned(unescape(raw, |c| c == '"' || c == '\\'))))
     }
+}
+
+/// Drops the backslash before each character `escapable` accepts; other backslashes stay.
+fn unescape(raw: &str, escapable: impl Fn(char) -> bool) -> String {
+    let mut owned = String::with_capacity(raw.len());
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        match chars.peek() {
+            Some(&next) if c == '\\' && escapable(next) => {
+                owned.push(next);
+                chars.next();
+            }
+            _ => owned.push(c),
+        }
+    }
+    owned
 }
 
 fn parse_timestamp(s: &str) -> Option<i64> {
