@@ -20,12 +20,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use arrow::array::UInt64Array;
 use arrow::record_batch::RecordBatch;
 use tokio_util::sync::CancellationToken;
 
 use crate::buffer::{PendingBatch, RowsBuilder, TableBuffer};
-use crate::catalog::{self, Catalog, Column, ParquetFile, TableSchema, SEQ_COLUMN};
+use crate::catalog::{self, Catalog, Column, ParquetFile, TableSchema};
 use crate::line_protocol::{self, Line, Precision};
 use crate::persist::manifest::{Manifest, Op};
 use crate::persist::store::Store;

@@ -1,7 +1,8 @@
 //! SQL functions Sundial adds to DataFusion's, in every database session: `version()` and
 //! `current_setting()` as PostgreSQL clients expect them (SQLAlchemy parses `version()`,
 //! Grafana reads `server_version_num`), and TimescaleDB's `time_bucket(interval, time
-//! [, origin])`, which is `date_bin` with buckets aligned to 2000-01-03 (a Monday).
+//! [, origin])`, which is `date_bin` with buckets aligned to 2000-01-03 (a Monday), with its
+//! `first(value, time)` and `last(value, time)` aggregates.
 
 use std::sync::Arc;
 
@@ -33,6 +34,8 @@ pub fn register(ctx: &SessionContext) {
     ));
     ctx.register_udf(create_udf("current_setting", vec![DataType::Utf8], DataType::Utf8, Volatility::Stable, Arc::new(current_setting)));
     ctx.register_udf(ScalarUDF::new_from_impl(TimeBucket::new()));
+    ctx.register_udaf(datafusion::logical_expr::AggregateUDF::new_from_impl(FirstLast::new("first", false)));
+    ctx.register_udaf(datafusion::logical_expr::AggregateUDF::new_from_impl(FirstLast::new("last", true)));
     ctx.register_udf(create_udf("to_regtype", vec![DataType::Utf8], DataType::Int32, Volatility::Stable, Arc::new(to_regtype)));
 }
 
@@ -159,5 +162,102 @@ impl ScalarUDFImpl for TimeBucket {
             args.args.push(ColumnarValue::Scalar(origin));
         }
         datafusion::functions::datetime::date_bin().invoke_with_args(args)
+    }
+}
+
+/// TimescaleDB's `first(value, time)` and `last(value, time)`: the value at the earliest or
+/// latest time in each group (ties keep the first seen; NULL times are skipped).
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct FirstLast {
+    name: &'static str,
+    last: bool,
+    signature: Signature,
+}
+
+impl FirstLast {
+    fn new(name: &'static str, last: bool) -> FirstLast {
+        FirstLast { name, last, signature: Signature::any(2, Volatility::Immutable) }
+    }
+}
+
+impl datafusion::logical_expr::AggregateUDFImpl for FirstLast {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
+        if !matches!(arg_types[1], DataType::Timestamp(..)) {
+            return datafusion::common::plan_err!("{}(value, time) needs a timestamp as its second argument", self.name);
+        }
+        Ok(arg_types[0].clone())
+    }
+
+    fn accumulator(&self, args: datafusion::logical_expr::function::AccumulatorArgs) -> Result<Box<dyn datafusion::logical_expr::Accumulator>> {
+        let value = ScalarValue::try_from(args.return_field.data_type())?;
+        Ok(Box::new(FirstLastAccumulator { last: self.last, time_ns: None, value }))
+    }
+
+    fn state_fields(&self, args: datafusion::logical_expr::function::StateFieldsArgs) -> Result<Vec<arrow::datatypes::FieldRef>> {
+        Ok(vec![
+            Arc::new(Field::new(format!("{}_value", args.name), args.return_field.data_type().clone(), true)),
+            Arc::new(Field::new(format!("{}_time", args.name), DataType::Int64, true)),
+        ])
+    }
+}
+
+#[derive(Debug)]
+struct FirstLastAccumulator {
+    last: bool,
+    time_ns: Option<i64>,
+    value: ScalarValue,
+}
+
+impl FirstLastAccumulator {
+    fn consider(&mut self, values: &arrow::array::ArrayRef, times: &arrow::array::ArrayRef) -> Result<()> {
+        let times = arrow::compute::cast(times, &DataType::Timestamp(arrow::datatypes::TimeUnit::Nanosecond, None))?;
+        let times = arrow::compute::cast(&times, &DataType::Int64)?;
+        let times = times.as_any().downcast_ref::<arrow::array::Int64Array>().expect("cast to Int64");
+        for row in 0..times.len() {
+            if times.is_null(row) {
+                continue;
+            }
+            let t = times.value(row);
+            let better = match self.time_ns {
+                None => true,
+                Some(best) => if self.last { t > best } else { t < best },
+            };
+            if better {
+                self.time_ns = Some(t);
+                self.value = ScalarValue::try_from_array(values, row)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl datafusion::logical_expr::Accumulator for FirstLastAccumulator {
+    fn update_batch(&mut self, values: &[arrow::array::ArrayRef]) -> Result<()> {
+        self.consider(&values[0], &values[1])
+    }
+
+    fn merge_batch(&mut self, states: &[arrow::array::ArrayRef]) -> Result<()> {
+        let times = arrow::compute::cast(&states[1], &DataType::Timestamp(arrow::datatypes::TimeUnit::Nanosecond, None))?;
+        self.consider(&states[0], &times)
+    }
+
+    fn state(&mut self) -> Result<Vec<ScalarValue>> {
+        Ok(vec![self.value.clone(), ScalarValue::Int64(self.time_ns)])
+    }
+
+    fn evaluate(&mut self) -> Result<ScalarValue> {
+        Ok(self.value.clone())
+    }
+
+    fn size(&self) -> usize {
+        std::mem::size_of_val(self) + self.value.size() - std::mem::size_of_val(&self.value)
     }
 }
