@@ -68,6 +68,8 @@ pub enum Error {
     InvalidName { what: &'static str, name: String, reason: String },
     #[error("database \"{0}\" not found")]
     DatabaseNotFound(String),
+    #[error("table \"{0}\" already exists")]
+    TableExists(String),
     #[error("buffer memory limit of {bytes_max} bytes reached; persisting, retry shortly")]
     BufferFull { bytes_max: usize },
     #[error("database \"{database}\" would exceed {tables_max} tables")]
@@ -91,6 +93,7 @@ impl Error {
         match self {
             Error::InvalidName { .. } | Error::Rejected(_) | Error::TooManyTables { .. } => ErrorKind::InvalidInput,
             Error::DatabaseNotFound(_) => ErrorKind::NotFound,
+            Error::TableExists(_) => ErrorKind::AlreadyExists,
             Error::BufferFull { .. } => ErrorKind::ResourceExhausted,
             Error::ShuttingDown => ErrorKind::Unavailable,
             Error::Wal(e) => e.kind(),
@@ -458,6 +461,29 @@ impl Engine {
         let _guard = self.schema_lock.lock().expect("schema lock");
         let mut catalog = self.catalog().as_ref().clone();
         catalog.create_database(db);
+        *self.catalog.write().expect("catalog lock") = Arc::new(catalog);
+        Ok(true)
+    }
+
+    /// Declares a table before any row is written (`CREATE TABLE`); `false` if it existed and
+    /// `if_not_exists`. Its columns are recorded in the manifest, so they outlive the WAL.
+    pub async fn create_table(&self, db: &str, table: &str, columns: Vec<Column>, if_not_exists: bool) -> Result<bool, Error> {
+        let invalid = |what: &'static str, name: &str, reason: String| Error::InvalidName { what, name: name.into(), reason };
+        catalog::check_object_name("database", db).map_err(|r| invalid("database", db, r))?;
+        catalog::check_object_name("table", table).map_err(|r| invalid("table", table, r))?;
+        if !self.catalog().has_database(db) {
+            return Err(Error::DatabaseNotFound(db.into()));
+        }
+        let mut manifest = self.manifest.lock().await;
+        if self.catalog().table(db, table).is_some() {
+            return if if_not_exists { Ok(false) } else { Err(Error::TableExists(table.into())) };
+        }
+        let op = Op::CreateTable { database: db.into(), table: table.into(), columns: columns.clone() };
+        manifest.commit(vec![op]).await.map_err(crate::persist::Error::from)?;
+        let _guard = self.schema_lock.lock().expect("schema lock");
+        let mut catalog = self.catalog().as_ref().clone();
+        catalog.put_table(db, TableSchema::new(table, columns));
+        self.tables.write().expect("tables lock").entry((db.to_string(), table.to_string())).or_default();
         *self.catalog.write().expect("catalog lock") = Arc::new(catalog);
         Ok(true)
     }

@@ -92,3 +92,26 @@ async fn storage_format_fixtures_load() {
     assert!(engine.snapshot("fixture", "mem", i64::MIN, i64::MAX).is_some());
     engine.close();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_tables_outlive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = Config::for_tests(dir.path().to_path_buf());
+    let engine = Engine::open(config.clone()).await.expect("open");
+    engine.create_database("db").await.expect("database");
+    let columns = vec![
+        Column { name: "city".into(), kind: crate::catalog::ColumnKind::Tag },
+        Column { name: "temp".into(), kind: crate::catalog::ColumnKind::Field(crate::catalog::FieldType::Float) },
+    ];
+    assert!(engine.create_table("db", "weather", columns.clone(), false).await.expect("create"));
+    assert!(matches!(engine.create_table("db", "weather", columns.clone(), false).await, Err(Error::TableExists(_))));
+    assert!(!engine.create_table("db", "weather", columns, true).await.expect("if not exists"));
+    engine.close();
+    drop(engine);
+    let engine = Engine::open(config).await.expect("reopen");
+    let table = engine.catalog().table("db", "weather").cloned().expect("declared table survives");
+    assert_eq!(table.columns().len(), 2);
+    let err = engine.write_lp("db", b"weather,city=oslo temp=\"warm\" 1", WriteOptions { accept_partial: false, ..options() }).await;
+    assert!(matches!(err, Err(Error::Rejected(_))), "declared types hold");
+    engine.close();
+}

@@ -354,6 +354,12 @@ async fn run_sql(state: &AppState, params: SqlParams, headers: &HeaderMap) -> Re
         },
         None => headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).and_then(Format::from_accept).unwrap_or(Format::Json),
     };
+    if let Some(result) = crate::query::ddl::execute(state.query.engine(), &db, &q).await {
+        return match result {
+            Ok(_) => Json(json!([])).into_response(),
+            Err(e) => error_response(status_of(e.kind()), &e.to_string(), None),
+        };
+    }
     let (schema, batches) = match state.query.sql(&db, &q).await {
         Ok(result) => result,
         Err(e) => {

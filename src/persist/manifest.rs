@@ -55,6 +55,8 @@ pub struct State {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
     CreateDatabase { database: String },
+    /// A table declared with `CREATE TABLE` before any row was written.
+    CreateTable { database: String, table: String, columns: Vec<Column> },
     /// A partition of a table was written to `file`; `columns` is the table's schema then.
     AddFile { database: String, table: String, columns: Vec<Column>, file: ParquetFile },
 }
@@ -71,6 +73,12 @@ impl State {
         match op {
             Op::CreateDatabase { database } => {
                 self.databases.entry(database.clone()).or_default();
+            }
+            Op::CreateTable { database, table, columns } => {
+                let table = self.databases.entry(database.clone()).or_default().tables.entry(table.clone()).or_default();
+                if table.columns.is_empty() {
+                    table.columns = columns.clone();
+                }
             }
             Op::AddFile { database, table, columns, file } => {
                 let table = self.databases.entry(database.clone()).or_default().tables.entry(table.clone()).or_default();

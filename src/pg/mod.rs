@@ -255,6 +255,11 @@ impl SimpleQueryHandler for Handler {
         if let Some(copy) = copy::parse(query) {
             return Ok(vec![self.copy_out(client, copy).await?]);
         }
+        let db = client.metadata().get(METADATA_DATABASE).cloned().unwrap_or_default();
+        if let Some(result) = crate::query::ddl::execute(self.databases.query.engine(), &db, query).await {
+            let tag = result.map_err(|e| user_error(sqlstate_of_kind(e.kind()), e.to_string()))?;
+            return Ok(vec![Response::Execution(pgwire::api::results::Tag::new(tag))]);
+        }
         let service = self.databases.for_client(client)?;
         let responses = SimpleQueryHandler::do_query(service.as_ref(), client, query).await.map_err(with_sqlstate)?;
         Ok(responses.into_iter().map(with_sqlstate_in_rows).collect())

@@ -9,6 +9,7 @@
 //! (filtered on key columns only), merged field by field, and then filtered like the rest.
 //! Other partitions are read as they are: they hold each key once.
 
+pub mod ddl;
 pub mod functions;
 mod insert;
 #[cfg(test)]
