@@ -4,8 +4,6 @@
 
 use arrow::csv::QuoteStyle;
 use datafusion::sql::sqlparser::ast::{CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, CopyTarget, Statement};
-use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
-use datafusion::sql::sqlparser::parser::Parser;
 
 /// A parsed `COPY … TO STDOUT`.
 #[derive(Debug, PartialEq)]
@@ -19,15 +17,7 @@ pub struct CopyOut {
 
 /// `None` when `sql` is not a `COPY … TO STDOUT`; `Some(Err)` when it is one we cannot do.
 pub fn parse(sql: &str) -> Option<Result<CopyOut, String>> {
-    let head = sql.trim_start().get(..4)?;
-    if !head.eq_ignore_ascii_case("copy") {
-        return None;
-    }
-    let mut statements = Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
-    if statements.len() != 1 {
-        return None;
-    }
-    let Statement::Copy { source, to: true, target: CopyTarget::Stdout, options, legacy_options, .. } = statements.remove(0) else {
+    let Statement::Copy { source, to: true, target: CopyTarget::Stdout, options, legacy_options, .. } = crate::query::parse_single(sql, "copy")? else {
         return None;
     };
     let query = match source {

@@ -4,8 +4,6 @@
 //! (timestamptz) is implicit when not declared.
 
 use datafusion::sql::sqlparser::ast::{ColumnOption, CreateTable, Expr as SqlExpr, Statement, TableConstraint};
-use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
-use datafusion::sql::sqlparser::parser::Parser;
 
 use crate::catalog::{Column, ColumnKind, FieldType, TIME_COLUMN};
 use crate::engine::Engine;
@@ -29,15 +27,7 @@ impl Error {
 
 /// Runs `sql` if it is a DDL statement handled here; returns the command tag.
 pub async fn execute(engine: &Engine, db: &str, sql: &str) -> Option<Result<&'static str, Error>> {
-    let head = sql.trim_start().get(..6)?;
-    if !head.eq_ignore_ascii_case("create") {
-        return None;
-    }
-    let mut statements = Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
-    if statements.len() != 1 {
-        return None;
-    }
-    match statements.remove(0) {
+    match super::parse_single(sql, "create")? {
         Statement::CreateDatabase { db_name, if_not_exists, .. } => {
             let name = db_name.0.last().map(|p| p.to_string().trim_matches('"').to_string()).unwrap_or_default();
             Some(match engine.create_database(&name).await {

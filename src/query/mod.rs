@@ -412,3 +412,19 @@ pub fn plain(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<(SchemaRef, 
         .collect::<Result<Vec<_>, _>>()?;
     Ok((target, converted))
 }
+
+/// Parses `sql` with sqlparser's PostgreSQL dialect when it is one statement starting with
+/// `keyword`: for the statements Sundial answers itself (COPY TO STDOUT, CREATE DATABASE/TABLE)
+/// rather than DataFusion's parser, which reads them differently.
+pub fn parse_single(sql: &str, keyword: &str) -> Option<datafusion::sql::sqlparser::ast::Statement> {
+    let head = sql.trim_start().get(..keyword.len())?;
+    if !head.eq_ignore_ascii_case(keyword) {
+        return None;
+    }
+    let dialect = datafusion::sql::sqlparser::dialect::PostgreSqlDialect {};
+    let mut statements = datafusion::sql::sqlparser::parser::Parser::parse_sql(&dialect, sql).ok()?;
+    if statements.len() != 1 {
+        return None;
+    }
+    statements.pop()
+}
