@@ -474,17 +474,22 @@ impl Engine {
         if !self.catalog().has_database(db) {
             return Err(Error::DatabaseNotFound(db.into()));
         }
-        let mut manifest = self.manifest.lock().await;
-        if self.catalog().table(db, table).is_some() {
-            return if if_not_exists { Ok(false) } else { Err(Error::TableExists(table.into())) };
+        // Install the table first, atomically with the check, so a concurrent line-protocol
+        // write either sees the declared columns or created the table first (and we stop).
+        {
+            let _guard = self.schema_lock.lock().expect("schema lock");
+            if self.catalog().table(db, table).is_some() {
+                return if if_not_exists { Ok(false) } else { Err(Error::TableExists(table.into())) };
+            }
+            let mut catalog = self.catalog().as_ref().clone();
+            catalog.put_table(db, TableSchema::new(table, columns.clone()));
+            self.tables.write().expect("tables lock").entry((db.to_string(), table.to_string())).or_default();
+            *self.catalog.write().expect("catalog lock") = Arc::new(catalog);
         }
-        let op = Op::CreateTable { database: db.into(), table: table.into(), columns: columns.clone() };
-        manifest.commit(vec![op]).await.map_err(crate::persist::Error::from)?;
-        let _guard = self.schema_lock.lock().expect("schema lock");
-        let mut catalog = self.catalog().as_ref().clone();
-        catalog.put_table(db, TableSchema::new(table, columns));
-        self.tables.write().expect("tables lock").entry((db.to_string(), table.to_string())).or_default();
-        *self.catalog.write().expect("catalog lock") = Arc::new(catalog);
+        // Then make it durable. Should this fail, the table lives until restart, and rows
+        // written to it meanwhile are in the WAL, which recreates it from their lines.
+        let op = Op::CreateTable { database: db.into(), table: table.into(), columns };
+        self.manifest.lock().await.commit(vec![op]).await.map_err(crate::persist::Error::from)?;
         Ok(true)
     }
 
