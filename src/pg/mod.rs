@@ -204,6 +204,10 @@ impl QueryParser for DatabaseParser {
     where
         C: ClientInfo + Unpin + Send + Sync,
     {
+        if answered_here(sql) {
+            // No plan: `Handler::do_query` answers it when the portal runs.
+            return Ok(Some((sql.to_string(), None)));
+        }
         let service = self.databases.for_client(client)?;
         service.query_parser().parse_sql(client, sql, types).await.map_err(with_sqlstate)
     }
@@ -217,7 +221,26 @@ impl QueryParser for DatabaseParser {
     }
 }
 
+/// Whether `sql` is a statement this module answers itself (see [`Handler::answer_here`]).
+fn answered_here(sql: &str) -> bool {
+    session_command(sql).is_some() || crate::query::ddl::is_ddl(sql)
+}
+
 impl Handler {
+    /// Session commands and DDL, on either protocol; `None` for everything DataFusion plans.
+    async fn answer_here<C: ClientInfo>(&self, client: &C, sql: &str) -> Option<PgWireResult<Response>> {
+        if let Some(tag) = session_command(sql) {
+            return Some(Ok(Response::Execution(pgwire::api::results::Tag::new(tag))));
+        }
+        let db = client.metadata().get(METADATA_DATABASE).cloned().unwrap_or_default();
+        let result = crate::query::ddl::execute(self.databases.query.engine(), &db, sql).await?;
+        Some(
+            result
+                .map(|tag| Response::Execution(pgwire::api::results::Tag::new(tag)))
+                .map_err(|e| user_error(sqlstate_of_kind(e.kind()), e.to_string())),
+        )
+    }
+
     /// Runs the query of a `COPY … TO STDOUT` and streams its rows, one `CopyData` per line.
     async fn copy_out<C: ClientInfo>(&self, client: &C, copy: Result<copy::CopyOut, String>) -> PgWireResult<Response> {
         let copy = copy.map_err(|message| user_error("0A000", message))?;
@@ -249,16 +272,11 @@ impl SimpleQueryHandler for Handler {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        if let Some(tag) = session_command(query) {
-            return Ok(vec![Response::Execution(pgwire::api::results::Tag::new(tag))]);
-        }
         if let Some(copy) = copy::parse(query) {
             return Ok(vec![self.copy_out(client, copy).await?]);
         }
-        let db = client.metadata().get(METADATA_DATABASE).cloned().unwrap_or_default();
-        if let Some(result) = crate::query::ddl::execute(self.databases.query.engine(), &db, query).await {
-            let tag = result.map_err(|e| user_error(sqlstate_of_kind(e.kind()), e.to_string()))?;
-            return Ok(vec![Response::Execution(pgwire::api::results::Tag::new(tag))]);
+        if let Some(response) = self.answer_here(client, query).await {
+            return Ok(vec![response?]);
         }
         let service = self.databases.for_client(client)?;
         let responses = SimpleQueryHandler::do_query(service.as_ref(), client, query).await.map_err(with_sqlstate)?;
@@ -282,6 +300,11 @@ impl ExtendedQueryHandler for Handler {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
+        if let (sql, None) = &portal.statement.statement {
+            if let Some(response) = self.answer_here(client, sql).await {
+                return response;
+            }
+        }
         let service = self.databases.for_client(client)?;
         ExtendedQueryHandler::do_query(service.as_ref(), client, portal, max_rows).await.map(with_sqlstate_in_rows).map_err(with_sqlstate)
     }

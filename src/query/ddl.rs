@@ -25,6 +25,11 @@ impl Error {
     }
 }
 
+/// Whether `sql` is a statement [`execute`] handles.
+pub fn is_ddl(sql: &str) -> bool {
+    matches!(super::parse_single(sql, "create"), Some(Statement::CreateDatabase { .. } | Statement::CreateTable(_)))
+}
+
 /// Runs `sql` if it is a DDL statement handled here; returns the command tag.
 pub async fn execute(engine: &Engine, db: &str, sql: &str) -> Option<Result<&'static str, Error>> {
     match super::parse_single(sql, "create")? {

@@ -42,6 +42,13 @@ with psycopg.connect(f"host={host} port={port} dbname={db} user=sundial") as con
     conn.rollback()
     cur.execute("SELECT count(*) FROM cpu")
     check("psycopg after error", cur.fetchone()[0], 2)
+    # DDL, INSERT and a nested transaction (SAVEPOINT) through psycopg's extended protocol.
+    cur.execute("CREATE TABLE IF NOT EXISTS py_events (source TEXT, level BIGINT, PRIMARY KEY (source))")
+    with conn.transaction():
+        cur.execute("INSERT INTO py_events (source, level, time) VALUES (%s, %s, %s)", ("pytest", 3, T0))
+    conn.commit()
+    cur.execute("SELECT source, level, time FROM py_events")
+    check("psycopg insert", cur.fetchall(), [("pytest", 3, T0)])
 
 
 # asyncpg: $1 parameters, binary types throughout.
@@ -58,7 +65,7 @@ asyncio.run(run_asyncpg())
 
 # SQLAlchemy's inspector and pandas.read_sql.
 engine = sa.create_engine(f"postgresql+psycopg://sundial@{host}:{port}/{db}")
-check("sqlalchemy tables", sa.inspect(engine).get_table_names(), ["cpu"])
+check("sqlalchemy tables", sorted(sa.inspect(engine).get_table_names()), ["cpu", "py_events"])
 df = pd.read_sql("SELECT host, usage, time FROM cpu ORDER BY host", engine)
 check("pandas rows", len(df), 2)
 check("pandas time dtype", str(df["time"].dtype).startswith("datetime64") and "UTC" in str(df["time"].dtype), True)
