@@ -360,9 +360,10 @@ impl TableBuffer {
         self.floor_ns = self.floor_ns.max(time_ns);
     }
 
-    /// Appends a request's rows with their sequence number. `schema` is the table's current
-    /// schema with `_seq`, used when small batches are merged.
-    pub fn append(&mut self, pending: &PendingBatch, seq: u64, schema: &SchemaRef) {
+    /// Appends a request's rows with their sequence number and returns them as stored (with
+    /// `_seq`). `schema` is the table's current schema with `_seq`, used when small batches
+    /// are merged.
+    pub fn append(&mut self, pending: &PendingBatch, seq: u64, schema: &SchemaRef) -> RecordBatch {
         let times = pending.batch.column(pending.batch.num_columns() - 1);
         let times = times.as_any().downcast_ref::<TimestampNanosecondArray>().expect("last column is time");
         let mut overlap = false;
@@ -381,7 +382,7 @@ impl TableBuffer {
         partition.rows += batch.num_rows();
         partition.bytes += bytes;
         self.bytes += bytes;
-        partition.batches.push(batch);
+        partition.batches.push(batch.clone());
         if partition.batches.len() >= BATCHES_BEFORE_MERGE {
             // Merge the trailing run of small batches only, so batches stay in sequence order
             // (a persisted prefix must hold every record up to its highest sequence number).
@@ -397,6 +398,7 @@ impl TableBuffer {
                 self.bytes = self.bytes - before.min(self.bytes) + partition.bytes;
             }
         }
+        batch
     }
 
     /// Moves the oldest of a partition's buffered batches, up to `bytes_max` (at least one

@@ -557,7 +557,7 @@ impl Engine {
             let schema = catalog.table(db, &p.table).expect("tables are in the catalog before their rows").arrow_schema_with_seq().clone();
             let mut data = table.write().expect("table lock");
             let before = data.buffer.bytes();
-            data.buffer.append(p, seq, &schema);
+            let stored = data.buffer.append(p, seq, &schema);
             let after = data.buffer.bytes();
             drop(data);
             if after >= before {
@@ -565,13 +565,12 @@ impl Engine {
             } else {
                 self.buffered_bytes.fetch_sub(before - after, Ordering::Relaxed);
             }
-            appended.push(p);
+            appended.push((p.table.as_str(), stored));
         }
         self.applied_seq.store(seq, Ordering::Release);
         let subscribers = self.subscribers.read().expect("subscribers lock");
         if !subscribers.is_empty() {
-            let with_seq: Vec<(&str, RecordBatch)> = appended.iter().map(|p| (p.table.as_str(), crate::buffer::with_seq(&p.batch, seq))).collect();
-            let committed = CommittedWrite { database: db, seq, tables: with_seq.iter().map(|(t, b)| (*t, b)).collect() };
+            let committed = CommittedWrite { database: db, seq, tables: appended.iter().map(|(t, b)| (*t, b)).collect() };
             for subscriber in subscribers.iter() {
                 subscriber(&committed);
             }

@@ -150,20 +150,8 @@ pub fn file_path(db: &str, table: &str, partition_ns: i64, max_seq: u64, n: u64)
 
 /// `YYYY-MM-DD` of a UTC timestamp, for readable paths.
 fn chrono_like_date(ns: i64) -> String {
-    let days = ns.div_euclid(86_400_000_000_000);
-    // Civil-from-days (Howard Hinnant), valid for the whole i64 ns range.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    format!("{:04}-{:02}-{:02}", if m <= 2 { y + 1 } else { y }, m, d)
+    chrono::DateTime::from_timestamp_nanos(ns).format("%Y-%m-%d").to_string()
 }
-
 
 #[cfg(test)]
 mod tests {
