@@ -11,6 +11,8 @@ pub enum ErrorKind {
     NotFound,
     /// Creating something that already exists.
     AlreadyExists,
+    /// The object is in use by the caller's own session (dropping the connected database).
+    ObjectInUse,
     /// A valid request we do not support.
     Unsupported,
     /// A limit was reached (buffer memory, request size); retry later or send less.

@@ -295,6 +295,16 @@ impl Catalog {
         self.databases.get(db).map_or(0, |t| t.len())
     }
 
+    /// Removes a table; `false` if there was none.
+    pub fn drop_table(&mut self, db: &str, table: &str) -> bool {
+        self.databases.get_mut(db).is_some_and(|tables| tables.remove(table).is_some())
+    }
+
+    /// Removes a database and its tables; `false` if there was none.
+    pub fn drop_database(&mut self, db: &str) -> bool {
+        self.databases.remove(db).is_some()
+    }
+
     /// Installs `schema` (a new table, or a grown one), creating the database if needed.
     pub fn put_table(&mut self, db: &str, schema: TableSchema) -> Arc<TableSchema> {
         let schema = Arc::new(schema);

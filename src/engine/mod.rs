@@ -146,6 +146,9 @@ type TableKey = (String, String);
 pub struct TableData {
     pub buffer: TableBuffer,
     pub files: Vec<Arc<ParquetFile>>,
+    /// Set by a drop: the buffer's bytes are no longer counted and a persist still running
+    /// must delete what it wrote.
+    pub dropped: bool,
 }
 
 /// One partition's buffered rows as a query sees them.
@@ -167,6 +170,9 @@ pub struct Engine {
     catalog: RwLock<Arc<Catalog>>,
     /// Serialises catalog changes (the check-then-grow step of writes).
     schema_lock: Mutex<()>,
+    /// Writes and table creation hold it shared until their rows are applied; drops hold it
+    /// exclusively, so a drop sees every earlier write applied and no later one started.
+    write_gate: tokio::sync::RwLock<()>,
     tables: RwLock<HashMap<TableKey, Arc<RwLock<TableData>>>>,
     wal: Mutex<Option<Wal>>,
     wal_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -231,13 +237,19 @@ struct Prepared {
 
 const ORIGINAL_LINE_BYTES_MAX: usize = 1024;
 
-fn prepare(catalog: &Catalog, db: &str, body: &[u8], precision: Precision, default_time_ns: i64, partition_ns: i64) -> Prepared {
+/// Checks and builds the lines of `body`; lines of tables for which `skip` says so are left
+/// out silently (replay skips the rows of dropped tables that way).
+fn prepare(catalog: &Catalog, db: &str, body: &[u8], precision: Precision, default_time_ns: i64, partition_ns: i64, skip: &dyn Fn(&str) -> bool) -> Prepared {
     let mut prepared = Prepared { wal_lines: Vec::with_capacity(body.len()), rejected: Vec::new(), additions: BTreeMap::new(), rows: RowsBuilder::new(partition_ns) };
     let mut line = Line::default();
     let empty_tables: &mut HashMap<String, TableSchema> = &mut HashMap::new();
     let mut new_tables = 0usize;
     for (number, bytes) in line_protocol::lines(body) {
-        let outcome = line_protocol::parse_line(number, bytes, &mut line).map_err(|e| e.to_string()).and_then(|()| {
+        let parsed = line_protocol::parse_line(number, bytes, &mut line).map_err(|e| e.to_string());
+        if parsed.is_ok() && skip(line.measurement.as_ref()) {
+            continue;
+        }
+        let outcome = parsed.and_then(|()| {
             let name = line.measurement.as_ref();
             catalog::check_object_name("table", name)?;
             let schema = match catalog.table(db, name) {
@@ -346,7 +358,7 @@ impl Engine {
                 }
                 tables.insert(
                     (db.clone(), name.clone()),
-                    TableData { buffer: TableBuffer::new(floor), files: table.files.iter().cloned().map(Arc::new).collect() },
+                    TableData { buffer: TableBuffer::new(floor), files: table.files.iter().cloned().map(Arc::new).collect(), dropped: false },
                 );
             }
         }
@@ -365,7 +377,12 @@ impl Engine {
                 return Err(format!("unknown record kind {kind}"));
             }
             let record = LpRecord::decode(payload)?;
-            let prepared = prepare(&catalog, record.database, record.lines, record.precision, record.default_time_ns, partition_ns);
+            let dropped = |table: &str| seq <= manifest.state().dropped_seq(record.database, table);
+            let prepared = prepare(&catalog, record.database, record.lines, record.precision, record.default_time_ns, partition_ns, &dropped);
+            if prepared.wal_lines.is_empty() && prepared.rejected.is_empty() {
+                // Every line belonged to a table dropped since.
+                return Ok(());
+            }
             if let Some(bad) = prepared.rejected.first() {
                 // Cannot happen for records this server wrote; refuse rather than drop data.
                 return Err(format!("record {seq} no longer fits the catalog: line {}: {}", bad.line_number, bad.error_message));
@@ -380,7 +397,7 @@ impl Engine {
                     continue;
                 }
                 let schema = catalog.table(&db, &pending.table).expect("grown above").arrow_schema_with_seq().clone();
-                let data = tables.entry((db, pending.table.clone())).or_insert_with(|| TableData { buffer: TableBuffer::new(i64::MIN), files: Vec::new() });
+                let data = tables.entry((db, pending.table.clone())).or_insert_with(|| TableData { buffer: TableBuffer::new(i64::MIN), files: Vec::new(), dropped: false });
                 data.buffer.append(&pending, seq, &schema);
                 replayed_rows += pending.batch.num_rows();
             }
@@ -398,6 +415,7 @@ impl Engine {
             config,
             catalog: RwLock::new(Arc::new(catalog)),
             schema_lock: Mutex::new(()),
+            write_gate: tokio::sync::RwLock::new(()),
             tables: RwLock::new(tables.into_iter().map(|(k, v)| (k, Arc::new(RwLock::new(v)))).collect()),
             wal: Mutex::new(Some(wal)),
             wal_thread: Mutex::new(Some(wal_thread)),
@@ -453,6 +471,7 @@ impl Engine {
         if self.catalog().has_database(db) {
             return Ok(false);
         }
+        let _gate = self.write_gate.read().await;
         let mut manifest = self.manifest.lock().await;
         if self.catalog().has_database(db) {
             return Ok(false);
@@ -471,6 +490,7 @@ impl Engine {
         let invalid = |what: &'static str, name: &str, reason: String| Error::InvalidName { what, name: name.into(), reason };
         catalog::check_object_name("database", db).map_err(|r| invalid("database", db, r))?;
         catalog::check_object_name("table", table).map_err(|r| invalid("table", table, r))?;
+        let _gate = self.write_gate.read().await;
         if !self.catalog().has_database(db) {
             return Err(Error::DatabaseNotFound(db.into()));
         }
@@ -493,6 +513,75 @@ impl Engine {
         Ok(true)
     }
 
+    /// Drops a table: once this returns its rows, buffered or in files, are gone for good and
+    /// a later write creates it afresh. `false` if it did not exist.
+    pub async fn drop_table(&self, db: &str, table: &str) -> Result<bool, Error> {
+        // Exclusive: every earlier write is applied (its rows are in the buffer, below `seq`),
+        // and none starts until the drop is recorded and the table removed.
+        let _gate = self.write_gate.write().await;
+        if self.catalog().table(db, table).is_none() {
+            return Ok(false);
+        }
+        let seq = self.applied_seq.load(Ordering::Acquire);
+        let op = Op::DropTable { database: db.into(), table: table.into(), seq };
+        let removed = self.commit_drop(op, db, Some(table)).await?;
+        self.discard(removed).await;
+        Ok(true)
+    }
+
+    /// Drops a database and every table in it. `false` if it did not exist.
+    pub async fn drop_database(&self, db: &str) -> Result<bool, Error> {
+        let _gate = self.write_gate.write().await;
+        if !self.catalog().has_database(db) {
+            return Ok(false);
+        }
+        let seq = self.applied_seq.load(Ordering::Acquire);
+        let removed = self.commit_drop(Op::DropDatabase { database: db.into(), seq }, db, None).await?;
+        self.discard(removed).await;
+        Ok(true)
+    }
+
+    /// Records a drop in the manifest, then removes the table (or, with `None`, every table of
+    /// the database) from the catalog and the live state, under the manifest lock: a persist
+    /// racing the drop checks, under that lock, that its table is still the live one.
+    async fn commit_drop(&self, op: Op, db: &str, table: Option<&str>) -> Result<Vec<Arc<RwLock<TableData>>>, Error> {
+        let mut manifest = self.manifest.lock().await;
+        manifest.commit(vec![op]).await.map_err(crate::persist::Error::from)?;
+        let _guard = self.schema_lock.lock().expect("schema lock");
+        let mut catalog = self.catalog().as_ref().clone();
+        match table {
+            Some(table) => catalog.drop_table(db, table),
+            None => catalog.drop_database(db),
+        };
+        let mut tables = self.tables.write().expect("tables lock");
+        let doomed: Vec<TableKey> = tables.keys().filter(|(d, t)| d == db && table.is_none_or(|name| name == t)).cloned().collect();
+        let removed = doomed.iter().filter_map(|key| tables.remove(key)).collect();
+        *self.catalog.write().expect("catalog lock") = Arc::new(catalog);
+        Ok(removed)
+    }
+
+    /// Frees the buffers of dropped tables and deletes their files (a file left behind by a
+    /// failed delete is named by no manifest, so nothing reads it).
+    async fn discard(&self, removed: Vec<Arc<RwLock<TableData>>>) {
+        let mut paths = Vec::new();
+        for data in removed {
+            let mut data = data.write().expect("table lock");
+            data.dropped = true;
+            self.buffered_bytes.fetch_sub(data.buffer.bytes(), Ordering::Relaxed);
+            paths.extend(data.files.iter().map(|f| object_store::path::Path::from(f.path.as_str())));
+        }
+        for path in paths {
+            if let Err(error) = self.store.delete(&path).await {
+                tracing::warn!(%error, %path, "deleting a dropped table's file failed");
+            }
+        }
+        if let Ok(wal) = self.wal() {
+            if let Err(error) = wal.remove_segments_below(self.min_unpersisted_seq()) {
+                tracing::warn!(%error, "removing wal segments failed");
+            }
+        }
+    }
+
     /// Stores the lines of a line-protocol body. Returns once they are durable (or written,
     /// with `no_sync`), and visible to queries.
     pub async fn write_lp(self: &Arc<Self>, db: &str, body: &[u8], options: WriteOptions) -> Result<WriteOutcome, Error> {
@@ -506,7 +595,8 @@ impl Engine {
         let kib = u32::try_from((body.len() >> 10) + 1).unwrap_or(u32::MAX).min(in_flight_kib_max(self.config.buffer_bytes_max) as u32);
         let _permit = self.in_flight_kib.acquire_many(kib).await.map_err(|_| Error::ShuttingDown)?;
         let partition_ns = self.partition_ns();
-        let mut prepared = prepare(&self.catalog(), db, body, options.precision, options.default_time_ns, partition_ns);
+        let _gate = self.write_gate.read().await;
+        let mut prepared = prepare(&self.catalog(), db, body, options.precision, options.default_time_ns, partition_ns, &|_| false);
         let needs_growth = !self.catalog().has_database(db) || prepared.additions.values().any(|c| !c.is_empty())
             || prepared.additions.keys().any(|t| self.catalog().table(db, t).is_none());
         if needs_growth && !prepared.wal_lines.is_empty() {
@@ -514,7 +604,7 @@ impl Engine {
             let mut catalog = self.catalog().as_ref().clone();
             if !grow_catalog(&mut catalog, db, &prepared.additions) {
                 // Another write added a conflicting column meanwhile: check again, under the lock.
-                prepared = prepare(&catalog, db, body, options.precision, options.default_time_ns, partition_ns);
+                prepared = prepare(&catalog, db, body, options.precision, options.default_time_ns, partition_ns, &|_| false);
                 let grown = grow_catalog(&mut catalog, db, &prepared.additions);
                 debug_assert!(grown, "lines checked under the schema lock cannot conflict");
             }
@@ -619,32 +709,56 @@ impl Engine {
         let Some((batches, overlap)) = data.write().expect("table lock").buffer.start_persist(partition_ns, chunk_bytes) else {
             return Ok(false);
         };
-        let result = self.write_file(db, table, partition_ns, &schema, batches, overlap).await;
-        let mut guard = data.write().expect("table lock");
-        match result {
-            Ok(file) => {
-                let before = guard.buffer.bytes();
-                guard.buffer.finish_persist(partition_ns);
-                self.buffered_bytes.fetch_sub(before - guard.buffer.bytes(), Ordering::Relaxed);
-                guard.files.push(Arc::new(file));
-                drop(guard);
-                if let Ok(wal) = self.wal() {
-                    match wal.remove_segments_below(self.min_unpersisted_seq()) {
-                        Ok(0) => {}
-                        Ok(n) => tracing::debug!(segments = n, "wal segments removed"),
-                        Err(error) => tracing::warn!(%error, "removing persisted wal segments failed"),
+        let result = self.write_file(db, table, partition_ns, &schema, batches, overlap, &data).await;
+        let orphan = {
+            let mut guard = data.write().expect("table lock");
+            match result {
+                Ok(Some(file)) if guard.dropped => file,
+                Ok(Some(file)) => {
+                    let before = guard.buffer.bytes();
+                    guard.buffer.finish_persist(partition_ns);
+                    self.buffered_bytes.fetch_sub(before - guard.buffer.bytes(), Ordering::Relaxed);
+                    guard.files.push(Arc::new(file));
+                    drop(guard);
+                    if let Ok(wal) = self.wal() {
+                        match wal.remove_segments_below(self.min_unpersisted_seq()) {
+                            Ok(0) => {}
+                            Ok(n) => tracing::debug!(segments = n, "wal segments removed"),
+                            Err(error) => tracing::warn!(%error, "removing persisted wal segments failed"),
+                        }
                     }
+                    return Ok(true);
                 }
-                Ok(true)
+                Ok(None) => {
+                    // The table was dropped before the commit.
+                    guard.buffer.abort_persist(partition_ns);
+                    return Ok(false);
+                }
+                Err(error) => {
+                    guard.buffer.abort_persist(partition_ns);
+                    return Err(error);
+                }
             }
-            Err(error) => {
-                guard.buffer.abort_persist(partition_ns);
-                Err(error)
-            }
+        };
+        // Committed just before a drop, which removed it from the manifest again.
+        if let Err(error) = self.store.delete(&object_store::path::Path::from(orphan.path.as_str())).await {
+            tracing::warn!(%error, path = %orphan.path, "deleting the file of a dropped table failed");
         }
+        Ok(false)
     }
 
-    async fn write_file(&self, db: &str, table: &str, partition_ns: i64, schema: &Arc<TableSchema>, batches: Vec<RecordBatch>, overlap: bool) -> Result<ParquetFile, Error> {
+    /// Writes a Parquet file and commits it; `None` when the table was dropped meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    async fn write_file(
+        &self,
+        db: &str,
+        table: &str,
+        partition_ns: i64,
+        schema: &Arc<TableSchema>,
+        batches: Vec<RecordBatch>,
+        overlap: bool,
+        data: &Arc<RwLock<TableData>>,
+    ) -> Result<Option<ParquetFile>, Error> {
         let max_seq = crate::buffer::seq_bounds(&batches).map_or(0, |(_, hi)| hi);
         let encode_schema = schema.clone();
         let encoded = tokio::task::spawn_blocking(move || crate::persist::encode(&encode_schema, &batches, overlap))
@@ -666,10 +780,19 @@ impl Engine {
             overlap,
         };
         let op = Op::AddFile { database: db.into(), table: table.into(), columns: schema.columns().to_vec(), file: file.clone() };
-        self.manifest.lock().await.commit(vec![op]).await.map_err(crate::persist::Error::from)?;
+        let mut manifest = self.manifest.lock().await;
+        if !self.table_data(db, table).is_some_and(|live| Arc::ptr_eq(&live, data)) {
+            drop(manifest);
+            if let Err(error) = self.store.delete(&path).await {
+                tracing::warn!(%error, %path, "deleting the file of a dropped table failed");
+            }
+            return Ok(None);
+        }
+        manifest.commit(vec![op]).await.map_err(crate::persist::Error::from)?;
+        drop(manifest);
         crate::crash_point("persist_after_manifest_commit");
         tracing::debug!(db, table, path = %file.path, rows = file.rows, bytes, "partition persisted");
-        Ok(file)
+        Ok(Some(file))
     }
 
     /// Buffered partitions, largest first: (db, table, partition, bytes).

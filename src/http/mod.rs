@@ -53,7 +53,7 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
     match kind {
         ErrorKind::InvalidInput | ErrorKind::Unsupported => StatusCode::BAD_REQUEST,
         ErrorKind::NotFound => StatusCode::NOT_FOUND,
-        ErrorKind::AlreadyExists => StatusCode::CONFLICT,
+        ErrorKind::AlreadyExists | ErrorKind::ObjectInUse => StatusCode::CONFLICT,
         ErrorKind::ResourceExhausted | ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -230,8 +230,8 @@ struct InfluxQlParams {
     q: Option<String>,
 }
 
-/// The InfluxQL endpoint, for what v1 clients send before writing: `CREATE DATABASE` and
-/// `SHOW DATABASES`. SQL goes to `/api/v3/query_sql`.
+/// The InfluxQL endpoint, for what v1 clients send before writing: `CREATE DATABASE`,
+/// `DROP DATABASE` (InfluxDB 1.x answers success when it does not exist) and `SHOW DATABASES`. SQL goes to `/api/v3/query_sql`.
 async fn influxql(State(state): State<AppState>, Query(params): Query<InfluxQlParams>, headers: HeaderMap, body: Bytes) -> Response {
     let form_q = || {
         let is_form = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
@@ -253,13 +253,20 @@ async fn influxql(State(state): State<AppState>, Query(params): Query<InfluxQlPa
                 Err(e) => error_response(status_of(e.kind()), &e.to_string(), None),
             }
         }
+        ["DROP", "DATABASE", _, ..] => {
+            let name = words[2].trim_end_matches(';').trim_matches('"');
+            match state.query.engine().drop_database(name).await {
+                Ok(_) => Json(json!({ "results": [{ "statement_id": 0 }] })).into_response(),
+                Err(e) => error_response(status_of(e.kind()), &e.to_string(), None),
+            }
+        }
         ["SHOW", "DATABASES"] | ["SHOW", "DATABASES;"] => {
             let names: Vec<_> = state.query.engine().catalog().database_names().map(|n| json!([n])).collect();
             Json(json!({ "results": [{ "statement_id": 0, "series": [{ "name": "databases", "columns": ["name"], "values": names }] }] })).into_response()
         }
         _ => error_response(
             StatusCode::BAD_REQUEST,
-            "only CREATE DATABASE and SHOW DATABASES are supported on /query; send SQL to /api/v3/query_sql",
+            "only CREATE DATABASE, DROP DATABASE and SHOW DATABASES are supported on /query; send SQL to /api/v3/query_sql",
             None,
         ),
     }

@@ -37,6 +37,9 @@ pub struct TableState {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DatabaseState {
     pub tables: BTreeMap<String, TableState>,
+    /// Tables dropped, with the WAL sequence number of the drop: replay skips their rows up to it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dropped_tables: BTreeMap<String, u64>,
 }
 
 /// Everything the manifest says, as of one commit.
@@ -48,6 +51,9 @@ pub struct State {
     /// Highest WAL sequence number whose rows any commit recorded.
     pub wal_seq: u64,
     pub databases: BTreeMap<String, DatabaseState>,
+    /// Databases dropped, with the WAL sequence number of the drop.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dropped_databases: BTreeMap<String, u64>,
 }
 
 /// One change.
@@ -59,6 +65,10 @@ pub enum Op {
     CreateTable { database: String, table: String, columns: Vec<Column> },
     /// A partition of a table was written to `file`; `columns` is the table's schema then.
     AddFile { database: String, table: String, columns: Vec<Column>, file: ParquetFile },
+    /// `DROP TABLE`: the table and its files are gone, and so are its WAL rows up to `seq`.
+    DropTable { database: String, table: String, seq: u64 },
+    /// `DROP DATABASE`: every table of it, as `DropTable` each.
+    DropDatabase { database: String, seq: u64 },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,6 +79,13 @@ struct Commit {
 }
 
 impl State {
+    /// The sequence number up to which WAL rows of `table` are gone (dropped); 0 if none.
+    pub fn dropped_seq(&self, database: &str, table: &str) -> u64 {
+        let db = self.dropped_databases.get(database).copied().unwrap_or(0);
+        let table = self.databases.get(database).and_then(|d| d.dropped_tables.get(table)).copied().unwrap_or(0);
+        db.max(table)
+    }
+
     fn apply(&mut self, op: &Op) {
         match op {
             Op::CreateDatabase { database } => {
@@ -85,6 +102,18 @@ impl State {
                 table.columns = columns.clone();
                 table.files.push(file.clone());
                 self.wal_seq = self.wal_seq.max(file.max_seq);
+            }
+            Op::DropTable { database, table, seq } => {
+                if let Some(db) = self.databases.get_mut(database) {
+                    db.tables.remove(table);
+                    db.dropped_tables.insert(table.clone(), *seq);
+                }
+                self.wal_seq = self.wal_seq.max(*seq);
+            }
+            Op::DropDatabase { database, seq } => {
+                self.databases.remove(database);
+                self.dropped_databases.insert(database.clone(), *seq);
+                self.wal_seq = self.wal_seq.max(*seq);
             }
         }
     }

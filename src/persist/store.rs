@@ -93,6 +93,14 @@ impl Store {
         result.bytes().await.map_err(|source| Error::ObjectStore { op: "read", path: path.to_string(), source })
     }
 
+    /// Deletes an object; one that is already gone is not an error.
+    pub async fn delete(&self, path: &Path) -> Result<(), Error> {
+        match self.inner.delete(path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(source) => Err(Error::ObjectStore { op: "delete", path: path.to_string(), source }),
+        }
+    }
+
     /// Object names directly or indirectly under `prefix`, sorted.
     pub async fn list(&self, prefix: &Path) -> Result<Vec<Path>, Error> {
         let mut names: Vec<Path> = self

@@ -43,6 +43,7 @@ pub fn sqlstate_of_kind(kind: ErrorKind) -> &'static str {
         ErrorKind::InvalidInput => "22023",
         ErrorKind::NotFound => "42P01",
         ErrorKind::AlreadyExists => "42P07",
+        ErrorKind::ObjectInUse => "55006",
         ErrorKind::Unsupported => "0A000",
         ErrorKind::ResourceExhausted => "53200",
         ErrorKind::Unavailable => "57P03",
@@ -128,6 +129,14 @@ fn with_sqlstate_in_rows(response: Response) -> Response {
     }
 }
 
+fn sqlstate_of_ddl(error: &crate::query::ddl::Error) -> &'static str {
+    match error {
+        crate::query::ddl::Error::NotFound { what: "database", .. } => "3D000",
+        crate::query::ddl::Error::DatabaseExists(_) => "42P04",
+        other => sqlstate_of_kind(other.kind()),
+    }
+}
+
 fn sqlstate_of_query(error: &crate::query::Error) -> &'static str {
     match error {
         crate::query::Error::DatabaseNotFound(_) => "3D000",
@@ -163,6 +172,9 @@ struct Databases {
 
 impl Databases {
     fn service(&self, db: &str) -> PgWireResult<Arc<DfSessionService>> {
+        if !self.query.engine().catalog().has_database(db) {
+            return Err(user_error("3D000", format!("database \"{db}\" does not exist")));
+        }
         if let Some(service) = self.services.lock().expect("pg services lock").get(db) {
             return Ok(service.clone());
         }
@@ -237,7 +249,7 @@ impl Handler {
         Some(
             result
                 .map(|tag| Response::Execution(pgwire::api::results::Tag::new(tag)))
-                .map_err(|e| user_error(sqlstate_of_kind(e.kind()), e.to_string())),
+                .map_err(|e| user_error(sqlstate_of_ddl(&e), e.to_string())),
         )
     }
 

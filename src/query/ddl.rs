@@ -1,9 +1,9 @@
-//! `CREATE DATABASE` and `CREATE TABLE`, for either protocol. A table's tags are its primary
+//! `CREATE DATABASE`, `CREATE TABLE`, `DROP TABLE` and `DROP DATABASE`, for either protocol. A table's tags are its primary
 //! key columns (besides `time`), as in GreptimeDB: tags plus time identify a point. Other
 //! columns are fields: text, double precision, bigint, bigint unsigned or boolean. `time`
 //! (timestamptz) is implicit when not declared.
 
-use datafusion::sql::sqlparser::ast::{ColumnOption, CreateTable, Expr as SqlExpr, Statement, TableConstraint};
+use datafusion::sql::sqlparser::ast::{ColumnOption, CreateTable, Expr as SqlExpr, ObjectName, ObjectType, Statement, TableConstraint};
 
 use crate::catalog::{Column, ColumnKind, FieldType, TIME_COLUMN};
 use crate::engine::Engine;
@@ -12,6 +12,12 @@ use crate::engine::Engine;
 pub enum Error {
     #[error("{0}")]
     Invalid(String),
+    #[error("{what} \"{name}\" does not exist")]
+    NotFound { what: &'static str, name: String },
+    #[error("database \"{0}\" already exists")]
+    DatabaseExists(String),
+    #[error("cannot drop the currently open database")]
+    DropCurrentDatabase,
     #[error(transparent)]
     Engine(#[from] crate::engine::Error),
 }
@@ -20,6 +26,9 @@ impl Error {
     pub fn kind(&self) -> crate::ErrorKind {
         match self {
             Error::Invalid(_) => crate::ErrorKind::InvalidInput,
+            Error::NotFound { .. } => crate::ErrorKind::NotFound,
+            Error::DatabaseExists(_) => crate::ErrorKind::AlreadyExists,
+            Error::DropCurrentDatabase => crate::ErrorKind::ObjectInUse,
             Error::Engine(e) => e.kind(),
         }
     }
@@ -27,23 +36,62 @@ impl Error {
 
 /// Whether `sql` is a statement [`execute`] handles.
 pub fn is_ddl(sql: &str) -> bool {
-    matches!(super::parse_single(sql, "create"), Some(Statement::CreateDatabase { .. } | Statement::CreateTable(_)))
+    matches!(statement(sql), Some(Statement::CreateDatabase { .. } | Statement::CreateTable(_)))
+        || matches!(statement(sql), Some(Statement::Drop { object_type: ObjectType::Table | ObjectType::Database, .. }))
+}
+
+fn statement(sql: &str) -> Option<Statement> {
+    super::parse_single(sql, "create").or_else(|| super::parse_single(sql, "drop"))
+}
+
+/// The unquoted last part of a name (`public.cpu` → `cpu`, `"my db"` → `my db`).
+fn last_name(name: &ObjectName) -> String {
+    name.0.last().and_then(|p| p.as_ident()).map(|i| i.value.clone()).unwrap_or_default()
 }
 
 /// Runs `sql` if it is a DDL statement handled here; returns the command tag.
 pub async fn execute(engine: &Engine, db: &str, sql: &str) -> Option<Result<&'static str, Error>> {
-    match super::parse_single(sql, "create")? {
+    match statement(sql)? {
         Statement::CreateDatabase { db_name, if_not_exists, .. } => {
-            let name = db_name.0.last().map(|p| p.to_string().trim_matches('"').to_string()).unwrap_or_default();
+            let name = last_name(&db_name);
             Some(match engine.create_database(&name).await {
-                Ok(false) if !if_not_exists => Err(Error::Invalid(format!("database \"{name}\" already exists"))),
+                Ok(false) if !if_not_exists => Err(Error::DatabaseExists(name)),
                 Ok(_) => Ok("CREATE DATABASE"),
                 Err(e) => Err(e.into()),
             })
         }
         Statement::CreateTable(create) => Some(create_table(engine, db, create).await.map(|()| "CREATE TABLE")),
+        Statement::Drop { object_type: ObjectType::Table, if_exists, names, .. } => Some(drop_tables(engine, db, &names, if_exists).await),
+        Statement::Drop { object_type: ObjectType::Database, if_exists, names, .. } => Some(drop_databases(engine, db, &names, if_exists).await),
         _ => None,
     }
+}
+
+/// `DROP TABLE a, b`: all named tables must exist (unless `IF EXISTS`) before any is dropped.
+async fn drop_tables(engine: &Engine, db: &str, names: &[ObjectName], if_exists: bool) -> Result<&'static str, Error> {
+    let tables: Vec<String> = names.iter().map(last_name).collect();
+    if !if_exists {
+        if let Some(missing) = tables.iter().find(|t| engine.catalog().table(db, t).is_none()) {
+            return Err(Error::NotFound { what: "table", name: missing.clone() });
+        }
+    }
+    for table in &tables {
+        engine.drop_table(db, table).await?;
+    }
+    Ok("DROP TABLE")
+}
+
+/// `DROP DATABASE`; like PostgreSQL, not the one the session is connected to.
+async fn drop_databases(engine: &Engine, current: &str, names: &[ObjectName], if_exists: bool) -> Result<&'static str, Error> {
+    for name in names.iter().map(last_name) {
+        if name == current {
+            return Err(Error::DropCurrentDatabase);
+        }
+        if !engine.drop_database(&name).await? && !if_exists {
+            return Err(Error::NotFound { what: "database", name });
+        }
+    }
+    Ok("DROP DATABASE")
 }
 
 fn field_type(sql_type: &str) -> Option<FieldType> {
@@ -60,7 +108,7 @@ fn field_type(sql_type: &str) -> Option<FieldType> {
 }
 
 async fn create_table(engine: &Engine, db: &str, create: CreateTable) -> Result<(), Error> {
-    let table = create.name.0.last().map(|p| p.to_string().trim_matches('"').to_string()).unwrap_or_default();
+    let table = last_name(&create.name);
     let ident = |e: &SqlExpr| match e {
         SqlExpr::Identifier(i) => Some(i.value.clone()),
         _ => None,

@@ -1,6 +1,7 @@
 //! Runs `sql-tests/**/*.slt` against the real server through the Postgres protocol, each file
 //! on a fresh database. A statement whose first line is `-- line protocol` (optionally followed
 //! by `precision=s`, …) writes the rest of its text over HTTP line protocol instead.
+//! After `control substitution on`, `$__DATABASE__` is the file's database.
 //! `SUNDIAL_SLT=pattern` runs only files whose path contains the pattern.
 
 use std::path::{Path, PathBuf};
@@ -115,6 +116,7 @@ async fn sql_logic_tests() {
                 Ok(Sundial { pg, http, db })
             }
         });
+        runner.set_var("__DATABASE__".into(), format!("slt_{i}"));
         if let Err(e) = runner.run_file_async(file).await {
             failures.push(format!("{}: {e}", file.strip_prefix(&root).unwrap_or(file).display()));
         }

@@ -105,6 +105,13 @@ async fn ping_health_and_telegraf_create_database() {
     let server = server.restart();
     let (status, body) = server.query_raw("telegraf", "SHOW TABLES", "json").await;
     assert_eq!(status, 200, "{body}");
+    // And InfluxQL's DROP DATABASE removes it (answering success when it is already gone).
+    for _ in 0..2 {
+        let dropped = client().post(server.url("/query?q=DROP%20DATABASE%20telegraf")).send().await.expect("drop");
+        assert_eq!(dropped.status(), 200);
+    }
+    let (status, _) = server.query_raw("telegraf", "SHOW TABLES", "json").await;
+    assert_eq!(status, 404);
 
     let (status, body) = server.write("/write", "m v=1").await;
     assert_eq!(status, 400);
