@@ -20,7 +20,9 @@ use datafusion::error::DataFusionError;
 use datafusion::prelude::SessionContext;
 use datafusion_postgres::pgwire;
 use datafusion_postgres::{DfSessionService, Parser};
-use futures::Sink;
+use futures::{Sink, SinkExt};
+use pgwire::api::copy::CopyHandler;
+use pgwire::messages::copy::{CopyData, CopyDone, CopyFail};
 use pgwire::api::auth::noop::NoopStartupHandler;
 use pgwire::api::auth::StartupHandler;
 use pgwire::api::cancel::DefaultCancelHandler;
@@ -235,7 +237,81 @@ impl QueryParser for DatabaseParser {
 
 /// Whether `sql` is a statement this module answers itself (see [`Handler::answer_here`]).
 fn answered_here(sql: &str) -> bool {
-    session_command(sql).is_some() || crate::query::ddl::is_ddl(sql)
+    session_command(sql).is_some() || crate::query::ddl::is_ddl(sql) || copy::parse(sql).is_some()
+}
+
+/// COPY FROM data is rendered this many rows at a time…
+const COPY_ROWS_PER_RENDER: usize = 8192;
+/// …and written in WAL records of about this many bytes of line protocol.
+const COPY_RECORD_BYTES: usize = 8 << 20;
+
+/// A connection's `COPY … FROM STDIN` in progress (a session extension).
+#[derive(Default)]
+struct CopyInProgress(Mutex<Option<CopyInState>>);
+
+struct CopyInState {
+    db: String,
+    copy: copy::CopyIn,
+    data: Vec<u8>,
+    /// The first error; later data is ignored and the error is reported at CopyDone, since the
+    /// client keeps sending until then.
+    error: Option<copy::InputError>,
+}
+
+#[async_trait]
+impl CopyHandler for Handler {
+    async fn on_copy_data<C>(&self, client: &mut C, copy_data: CopyData) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let bytes_max = self.databases.query.engine().config().wal_record_bytes_max;
+        let progress = client.session_extensions().get_or_insert_with(CopyInProgress::default);
+        let mut guard = progress.0.lock().expect("copy state lock");
+        if let Some(state) = guard.as_mut() {
+            if state.error.is_none() {
+                if state.data.len() + copy_data.data.len() > bytes_max {
+                    state.error = Some(copy::InputError {
+                        sqlstate: "54000",
+                        message: format!("COPY data exceeds {bytes_max} bytes; split it into several COPY statements"),
+                    });
+                    state.data = Vec::new();
+                } else {
+                    state.data.extend_from_slice(&copy_data.data);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_copy_done<C>(&self, client: &mut C, _done: CopyDone) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let progress = client.session_extensions().get_or_insert_with(CopyInProgress::default);
+        let state = progress.0.lock().expect("copy state lock").take();
+        let Some(state) = state else {
+            return Err(user_error("08P01", "CopyDone without a COPY FROM STDIN in progress".into()));
+        };
+        let rows = self.finish_copy_in(state).await?;
+        let tag = pgwire::api::results::Tag::new("COPY").with_rows(rows);
+        client.send(PgWireBackendMessage::CommandComplete(tag.into())).await?;
+        Ok(())
+    }
+
+    async fn on_copy_fail<C>(&self, client: &mut C, fail: CopyFail) -> PgWireError
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let progress = client.session_extensions().get_or_insert_with(CopyInProgress::default);
+        progress.0.lock().expect("copy state lock").take();
+        user_error("57014", format!("COPY from stdin failed: {}", fail.message))
+    }
 }
 
 impl Handler {
@@ -253,19 +329,82 @@ impl Handler {
         )
     }
 
+    /// Answers a `COPY` statement on either protocol.
+    async fn copy<C: ClientInfo>(&self, client: &C, copy: Result<copy::Copy, String>) -> PgWireResult<Response> {
+        match copy.map_err(|message| user_error("0A000", message))? {
+            copy::Copy::Out(out) => self.copy_out(client, out).await,
+            copy::Copy::In(copy_in) => self.copy_in(client, copy_in),
+        }
+    }
+
+    /// Starts a `COPY … FROM STDIN`: the data arrives through [`CopyHandler`].
+    fn copy_in<C: ClientInfo>(&self, client: &C, copy: copy::CopyIn) -> PgWireResult<Response> {
+        let db = client.metadata().get(METADATA_DATABASE).cloned().unwrap_or_default();
+        let Some(table) = self.databases.query.engine().catalog().table(&db, &copy.table).cloned() else {
+            return Err(user_error("42P01", format!("relation \"{}\" does not exist", copy.table)));
+        };
+        let columns = if copy.columns.is_empty() { table.arrow_schema().fields().len() } else { copy.columns.len() };
+        let progress = client.session_extensions().get_or_insert_with(CopyInProgress::default);
+        *progress.0.lock().expect("copy state lock") = Some(CopyInState { db, copy, data: Vec::new(), error: None });
+        Ok(Response::CopyIn(pgwire::api::results::CopyResponse::new(0, columns, futures::stream::empty())))
+    }
+
+    /// Checks and stores the rows of a finished `COPY … FROM STDIN`; returns how many.
+    async fn finish_copy_in(&self, state: CopyInState) -> PgWireResult<usize> {
+        if let Some(error) = state.error {
+            return Err(user_error(error.sqlstate, error.message));
+        }
+        let engine = self.databases.query.engine();
+        let Some(table) = engine.catalog().table(&state.db, &state.copy.table).cloned() else {
+            return Err(user_error("42P01", format!("relation \"{}\" does not exist", state.copy.table)));
+        };
+        let batch = copy::to_batch(&state.copy, &table, &state.data).map_err(|e| user_error(e.sqlstate, e.message))?;
+        drop(state.data);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let default_time_ns = i64::try_from(now.as_nanos()).unwrap_or(i64::MAX);
+        // Render everything first, so a bad row stores nothing; then write in bounded records.
+        let mut chunks = Vec::new();
+        let mut text = String::new();
+        for offset in (0..batch.num_rows()).step_by(COPY_ROWS_PER_RENDER) {
+            let rows = batch.slice(offset, COPY_ROWS_PER_RENDER.min(batch.num_rows() - offset));
+            crate::query::insert::render(&table, &rows, default_time_ns, &mut text).map_err(|e| user_error("22023", e.to_string()))?;
+            if text.len() >= COPY_RECORD_BYTES {
+                chunks.push(std::mem::take(&mut text));
+            }
+        }
+        chunks.push(text);
+        let mut stored = 0;
+        let options = crate::engine::WriteOptions {
+            precision: crate::line_protocol::Precision::Nanosecond,
+            accept_partial: false,
+            no_sync: false,
+            default_time_ns,
+        };
+        for chunk in chunks.iter().filter(|c| !c.is_empty()) {
+            let outcome = engine.write_lp(&state.db, chunk.as_bytes(), options).await.map_err(|e| match e {
+                crate::engine::Error::Rejected(lines) => {
+                    let reasons: Vec<_> = lines.iter().map(|l| l.error_message.clone()).collect();
+                    user_error("22023", format!("COPY rejected: {}", reasons.join("; ")))
+                }
+                other => user_error(sqlstate_of_kind(other.kind()), other.to_string()),
+            })?;
+            stored += outcome.lines_stored;
+        }
+        Ok(stored)
+    }
+
     /// Runs the query of a `COPY … TO STDOUT` and streams its rows, one `CopyData` per line.
-    async fn copy_out<C: ClientInfo>(&self, client: &C, copy: Result<copy::CopyOut, String>) -> PgWireResult<Response> {
-        let copy = copy.map_err(|message| user_error("0A000", message))?;
+    async fn copy_out<C: ClientInfo>(&self, client: &C, copy: copy::CopyOut) -> PgWireResult<Response> {
         let db = client.metadata().get(METADATA_DATABASE).cloned().unwrap_or_default();
         let ctx = self.databases.query.context(&db).map_err(|e| user_error(sqlstate_of_query(&e), e.to_string()))?;
         let df = ctx.sql(&copy.query).await.map_err(|e| user_error(sqlstate_of(&e), e.to_string()))?;
         let schema = df.schema().inner().clone();
         let batches = df.collect().await.map_err(|e| user_error(sqlstate_of(&e), e.to_string()))?;
-        let text = copy::render(&copy, &schema, &batches).map_err(|e| user_error("XX000", e.to_string()))?;
+        let text = copy::render(&copy.format, &schema, &batches).map_err(|e| user_error("XX000", e.to_string()))?;
         // The completion tag counts CopyData messages, so a header line rides with the first row.
         let mut lines: Vec<&[u8]> = text.split_inclusive(|&b| b == b'\n').collect();
         let header_and_first: Vec<u8>;
-        if copy.header && lines.len() >= 2 {
+        if copy.format.header && lines.len() >= 2 {
             header_and_first = [lines[0], lines[1]].concat();
             lines.splice(0..2, [header_and_first.as_slice()]);
         }
@@ -285,7 +424,7 @@ impl SimpleQueryHandler for Handler {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         if let Some(copy) = copy::parse(query) {
-            return Ok(vec![self.copy_out(client, copy).await?]);
+            return Ok(vec![self.copy(client, copy).await?]);
         }
         if let Some(response) = self.answer_here(client, query).await {
             return Ok(vec![response?]);
@@ -313,6 +452,9 @@ impl ExtendedQueryHandler for Handler {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         if let (sql, None) = &portal.statement.statement {
+            if let Some(copy) = copy::parse(sql) {
+                return self.copy(client, copy).await;
+            }
             if let Some(response) = self.answer_here(client, sql).await {
                 return response;
             }
@@ -383,6 +525,10 @@ impl PgWireServerHandlers for Handlers {
 
     fn startup_handler(&self) -> Arc<impl StartupHandler> {
         self.startup.clone()
+    }
+
+    fn copy_handler(&self) -> Arc<impl CopyHandler> {
+        self.handler.clone()
     }
 
     fn cancel_handler(&self) -> Arc<impl pgwire::api::cancel::CancelHandler> {

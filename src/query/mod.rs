@@ -11,7 +11,7 @@
 
 pub mod ddl;
 pub mod functions;
-mod insert;
+pub mod insert;
 #[cfg(test)]
 mod tests;
 

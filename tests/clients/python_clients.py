@@ -49,6 +49,13 @@ with psycopg.connect(f"host={host} port={port} dbname={db} user=sundial") as con
     conn.commit()
     cur.execute("SELECT source, level, time FROM py_events")
     check("psycopg insert", cur.fetchall(), [("pytest", 3, T0)])
+    # COPY FROM STDIN, rows written one by one as psycopg's copy API does.
+    with cur.copy("COPY py_events (source, level, time) FROM STDIN") as copy:
+        copy.write_row(("copy-a", 1, T0))
+        copy.write_row(("copy-b", 2, T0 + datetime.timedelta(seconds=1)))
+    conn.commit()
+    cur.execute("SELECT source, level FROM py_events WHERE source LIKE 'copy-%' ORDER BY source")
+    check("psycopg copy", cur.fetchall(), [("copy-a", 1), ("copy-b", 2)])
 
 
 # asyncpg: $1 parameters, binary types throughout.

@@ -70,6 +70,46 @@ async fn psql_queries_and_lists_tables() {
 }
 
 #[tokio::test]
+async fn copy_from_stdin_in_text_and_csv() {
+    let (_dir, server) = server_with_cpu().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // psql's \copy from, text format: tab separated, \N for NULL.
+    let text = dir.path().join("rows.tsv");
+    std::fs::write(&text, "c\tasia\t7.5\t\\N\t2023-11-14 22:13:40+00\nd\tasia\t8.5\t9\t2023-11-14T22:13:50Z\n").expect("write");
+    let (ok, out) = psql(&server, "pgdb", &[&format!("\\copy cpu (host, region, usage, n, time) from '{}'", text.display())]);
+    assert!(ok && out.contains("COPY 2"), "{out}");
+    // CSV with a header, through COPY … FROM STDIN fed on psql's standard input.
+    let csv = dir.path().join("rows.csv");
+    std::fs::write(&csv, "host,usage,time\ne,\"10.5\",2023-11-14 22:14:00+00\n").expect("write");
+    let (ok, out) = psql(&server, "pgdb", &[&format!("\\copy cpu (host, usage, time) from '{}' csv header", csv.display())]);
+    assert!(ok && out.contains("COPY 1"), "{out}");
+    let (ok, out) = psql(&server, "pgdb", &["SELECT host, usage, n FROM cpu WHERE host >= 'c' ORDER BY host"]);
+    assert!(ok, "{out}");
+    assert!(out.contains(" c    |   7.5 |  \n") && out.contains(" d    |   8.5 | 9") && out.contains(" e    |  10.5 |"), "{out}");
+    // A bad row stores nothing and names its line; the connection goes on.
+    std::fs::write(&text, "f\t1\ng\tlots\n").expect("write");
+    let (ok, out) = psql(&server, "pgdb", &[&format!("\\copy cpu (host, usage) from '{}'", text.display())]);
+    assert!(!ok && out.contains("line 2, column usage"), "{out}");
+    // tokio-postgres sends COPY over the extended protocol.
+    let client = connect(&server, "pgdb").await.expect("connect");
+    let sink = client.copy_in("COPY cpu (host, usage, time) FROM STDIN (FORMAT csv)").await.expect("copy in");
+    futures::pin_mut!(sink);
+    use futures::SinkExt;
+    sink.send(bytes::Bytes::from_static(b"h,1.25,2023-11-14 22:15:00+00\n")).await.expect("data");
+    assert_eq!(sink.finish().await.expect("finish"), 1);
+    let count: i64 = client.query_one("SELECT count(*) FROM cpu WHERE host IN ('f', 'g', 'h')", &[]).await.expect("count").get(0);
+    assert_eq!(count, 1, "only the good COPY stored rows");
+    // …and COPY TO STDOUT too; a text-format value with a tab comes out escaped.
+    client.batch_execute("INSERT INTO cpu (host, usage, time) VALUES ('tab\there', 1, '2023-11-14T22:16:00Z')").await.expect("insert");
+    let stream = client.copy_out("COPY (SELECT host FROM cpu WHERE host >= 'h' ORDER BY host) TO STDOUT").await.expect("copy out");
+    use futures::TryStreamExt;
+    let chunks: Vec<bytes::Bytes> = stream.try_collect().await.expect("rows");
+    assert_eq!(chunks.concat(), b"h\ntab\\there\n");
+    let error = client.copy_in::<_, bytes::Bytes>("COPY nosuch FROM STDIN").await.err().expect("no table");
+    assert_eq!(error.code(), Some(&SqlState::UNDEFINED_TABLE));
+}
+
+#[tokio::test]
 async fn unknown_database_is_refused_with_3d000() {
     let (_dir, server) = server_with_cpu().await;
     let error = connect(&server, "nope").await.err().expect("no such database");
