@@ -143,6 +143,7 @@ fn sqlstate_of_query(error: &crate::query::Error) -> &'static str {
     match error {
         crate::query::Error::DatabaseNotFound(_) => "3D000",
         crate::query::Error::DataFusion(e) => sqlstate_of(e),
+        crate::query::Error::Unsupported(_) => "0A000",
     }
 }
 
@@ -223,7 +224,8 @@ impl QueryParser for DatabaseParser {
             return Ok(Some((sql.to_string(), None)));
         }
         let service = self.databases.for_client(client)?;
-        service.query_parser().parse_sql(client, sql, types).await.map_err(with_sqlstate)
+        let sql = crate::query::rewrite(sql).map_err(|e| user_error(sqlstate_of_query(&e), e.to_string()))?;
+        service.query_parser().parse_sql(client, &sql, types).await.map_err(with_sqlstate)
     }
 
     fn get_parameter_types(&self, stmt: &Self::Statement) -> PgWireResult<Vec<Type>> {
@@ -430,7 +432,8 @@ impl SimpleQueryHandler for Handler {
             return Ok(vec![response?]);
         }
         let service = self.databases.for_client(client)?;
-        let responses = SimpleQueryHandler::do_query(service.as_ref(), client, query).await.map_err(with_sqlstate)?;
+        let query = crate::query::rewrite(query).map_err(|e| user_error(sqlstate_of_query(&e), e.to_string()))?;
+        let responses = SimpleQueryHandler::do_query(service.as_ref(), client, &query).await.map_err(with_sqlstate)?;
         Ok(responses.into_iter().map(with_sqlstate_in_rows).collect())
     }
 }

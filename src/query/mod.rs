@@ -11,6 +11,7 @@
 
 pub mod ddl;
 pub mod functions;
+pub mod gapfill;
 pub mod insert;
 #[cfg(test)]
 mod tests;
@@ -62,6 +63,8 @@ pub enum Error {
     DatabaseNotFound(String),
     #[error(transparent)]
     DataFusion(#[from] DataFusionError),
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl Error {
@@ -70,6 +73,7 @@ impl Error {
         use crate::ErrorKind;
         match self {
             Error::DatabaseNotFound(_) => ErrorKind::NotFound,
+            Error::Unsupported(_) => ErrorKind::Unsupported,
             Error::DataFusion(e) => match e.find_root() {
                 DataFusionError::SQL(..) | DataFusionError::Plan(_) | DataFusionError::SchemaError(..) => ErrorKind::InvalidInput,
                 DataFusionError::NotImplemented(_) => ErrorKind::Unsupported,
@@ -129,10 +133,20 @@ impl QueryEngine {
     /// Plans and runs `sql`, returning every result batch and the result schema.
     pub async fn sql(&self, db: &str, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>), Error> {
         let ctx = self.context(db)?;
-        let df = ctx.sql(sql).await?;
+        let sql = rewrite(sql)?;
+        let df = ctx.sql(&sql).await?;
         let schema: SchemaRef = df.schema().inner().clone();
         let batches = df.collect().await?;
         Ok((schema, batches))
+    }
+}
+
+/// What Sundial does to a query before DataFusion plans it: gap filling.
+pub fn rewrite(sql: &str) -> Result<std::borrow::Cow<'_, str>, Error> {
+    match gapfill::rewrite(sql) {
+        None => Ok(std::borrow::Cow::Borrowed(sql)),
+        Some(Ok(rewritten)) => Ok(std::borrow::Cow::Owned(rewritten)),
+        Some(Err(message)) => Err(Error::Unsupported(message)),
     }
 }
 
