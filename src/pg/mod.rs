@@ -8,6 +8,7 @@
 //! exhaustively; [`sqlstate_of`] refines DataFusion errors).
 
 mod copy;
+mod session;
 #[cfg(test)]
 mod tests;
 
@@ -23,9 +24,7 @@ use datafusion_postgres::{DfSessionService, Parser};
 use futures::{Sink, SinkExt};
 use pgwire::api::copy::CopyHandler;
 use pgwire::messages::copy::{CopyData, CopyDone, CopyFail};
-use pgwire::api::auth::noop::NoopStartupHandler;
 use pgwire::api::auth::StartupHandler;
-use pgwire::api::cancel::DefaultCancelHandler;
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::results::{FieldInfo, Response};
@@ -33,7 +32,7 @@ use pgwire::api::stmt::QueryParser;
 use pgwire::api::store::PortalStore;
 use pgwire::api::{ClientInfo, ClientPortalStore, ConnectionManager, PgWireServerHandlers, Type, METADATA_DATABASE};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
-use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
+use pgwire::messages::PgWireBackendMessage;
 use tokio_util::sync::CancellationToken;
 
 use crate::query::QueryEngine;
@@ -205,6 +204,7 @@ type Statement = <DfSessionService as ExtendedQueryHandler>::Statement;
 pub struct Handler {
     databases: Arc<Databases>,
     parser: Arc<DatabaseParser>,
+    running: Arc<session::RunningQueries>,
 }
 
 pub struct DatabaseParser {
@@ -431,10 +431,14 @@ impl SimpleQueryHandler for Handler {
         if let Some(response) = self.answer_here(client, query).await {
             return Ok(vec![response?]);
         }
+        if let Some(response) = session::show(client, query) {
+            return Ok(vec![response?]);
+        }
         let service = self.databases.for_client(client)?;
         let query = crate::query::rewrite(query).map_err(|e| user_error(sqlstate_of_query(&e), e.to_string()))?;
-        let responses = SimpleQueryHandler::do_query(service.as_ref(), client, &query).await.map_err(with_sqlstate)?;
-        Ok(responses.into_iter().map(with_sqlstate_in_rows).collect())
+        let running = self.running.start(client);
+        let responses = running.guard(SimpleQueryHandler::do_query(service.as_ref(), client, &query)).await.map_err(with_sqlstate)?;
+        Ok(responses.into_iter().map(|r| running.guard_rows(with_sqlstate_in_rows(r))).collect())
     }
 }
 
@@ -463,45 +467,16 @@ impl ExtendedQueryHandler for Handler {
             }
         }
         let service = self.databases.for_client(client)?;
-        ExtendedQueryHandler::do_query(service.as_ref(), client, portal, max_rows).await.map(with_sqlstate_in_rows).map_err(with_sqlstate)
-    }
-}
-
-/// Startup without authentication (auth comes with the security work); refuses databases
-/// that do not exist, as PostgreSQL does.
-pub struct Startup {
-    connections: Arc<ConnectionManager>,
-    query: Arc<QueryEngine>,
-}
-
-#[async_trait]
-impl NoopStartupHandler for Startup {
-    fn connection_manager(&self) -> Option<Arc<ConnectionManager>> {
-        Some(self.connections.clone())
-    }
-
-    async fn post_startup<C>(&self, client: &mut C, _message: PgWireFrontendMessage) -> PgWireResult<()>
-    where
-        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
-        C::Error: Debug,
-        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
-    {
-        let db = client.metadata().get(METADATA_DATABASE).cloned().unwrap_or_default();
-        if !self.query.engine().catalog().has_database(&db) {
-            return Err(PgWireError::UserError(Box::new(ErrorInfo::new(
-                "FATAL".to_string(),
-                "3D000".to_string(),
-                format!("database \"{db}\" does not exist"),
-            ))));
-        }
-        Ok(())
+        let running = self.running.start(client);
+        let response = running.guard(ExtendedQueryHandler::do_query(service.as_ref(), client, portal, max_rows)).await.map_err(with_sqlstate)?;
+        Ok(running.guard_rows(with_sqlstate_in_rows(response)))
     }
 }
 
 pub struct Handlers {
     handler: Arc<Handler>,
-    startup: Arc<Startup>,
-    cancel: Arc<DefaultCancelHandler>,
+    startup: Arc<session::Startup>,
+    cancel: Arc<session::Cancel>,
 }
 
 impl Handlers {
@@ -509,10 +484,11 @@ impl Handlers {
         let describer = DfSessionService::new(Arc::new(SessionContext::new())).query_parser();
         let databases = Arc::new(Databases { query: query.clone(), services: Mutex::new(HashMap::new()), describer });
         let connections = Arc::new(ConnectionManager::new());
+        let running = Arc::new(session::RunningQueries::default());
         Handlers {
-            handler: Arc::new(Handler { databases: databases.clone(), parser: Arc::new(DatabaseParser { databases }) }),
-            startup: Arc::new(Startup { connections: connections.clone(), query }),
-            cancel: Arc::new(DefaultCancelHandler::new(connections)),
+            handler: Arc::new(Handler { databases: databases.clone(), parser: Arc::new(DatabaseParser { databases }), running: running.clone() }),
+            startup: Arc::new(session::Startup { connections: connections.clone(), query, pids: Default::default() }),
+            cancel: Arc::new(session::Cancel { connections, running }),
         }
     }
 }

@@ -23,13 +23,17 @@ pub async fn connect_addr(pg_addr: &str, db: &str) -> Result<tokio_postgres::Cli
 }
 
 fn psql(server: &Server, db: &str, commands: &[&str]) -> (bool, String) {
+    psql_env(server, db, commands, &[])
+}
+
+fn psql_env(server: &Server, db: &str, commands: &[&str], envs: &[(&str, &str)]) -> (bool, String) {
     let (host, port) = server.pg_addr.rsplit_once(':').expect("host:port");
     let mut command = Command::new("psql");
     command.args(["-X", "-h", host, "-p", port, "-U", "sundial", "-d", db, "-v", "ON_ERROR_STOP=1"]);
     for c in commands {
         command.arg("-c").arg(c);
     }
-    let output = command.env("PGCONNECT_TIMEOUT", "10").output().expect("psql is installed");
+    let output = command.env("PGCONNECT_TIMEOUT", "10").envs(envs.iter().copied()).output().expect("psql is installed");
     let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     (output.status.success(), text)
 }
@@ -107,6 +111,51 @@ async fn copy_from_stdin_in_text_and_csv() {
     assert_eq!(chunks.concat(), b"h\ntab\\there\n");
     let error = client.copy_in::<_, bytes::Bytes>("COPY nosuch FROM STDIN").await.err().expect("no table");
     assert_eq!(error.code(), Some(&SqlState::UNDEFINED_TABLE));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_cancels_memory_limits_and_ssl_refusal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data"), &["--query-memory-max", "16MiB"]);
+    assert_eq!(server.write("/api/v3/write_lp?db=pgdb", "m v=1 1").await.0, 204);
+    let client = connect(&server, "pgdb").await.expect("connect");
+    // A scan that would take minutes: far longer than any timeout below.
+    let endless = "SELECT count(*) FROM range(100000000000)";
+
+    // statement_timeout stops the query while it computes, on both protocols.
+    client.batch_execute("SET statement_timeout = 300").await.expect("set");
+    let started = std::time::Instant::now();
+    let error = client.simple_query(endless).await.err().expect("times out");
+    assert_eq!(error.code(), Some(&SqlState::QUERY_CANCELED), "{error:?}");
+    let error = client.query(endless, &[]).await.err().expect("times out (extended)");
+    assert_eq!(error.code(), Some(&SqlState::QUERY_CANCELED), "{error:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "{:?}", started.elapsed());
+    client.batch_execute("SET statement_timeout = 0").await.expect("reset");
+
+    // A CancelRequest from another connection stops it too; the session goes on.
+    let token = client.cancel_token();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        token.cancel_query(NoTls).await
+    });
+    let started = std::time::Instant::now();
+    let error = client.simple_query(endless).await.err().expect("canceled");
+    assert_eq!(error.code(), Some(&SqlState::QUERY_CANCELED), "{error:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    canceller.await.expect("task").expect("cancel request sent");
+    let row = client.query_one("SELECT count(*) FROM m", &[]).await.expect("usable after cancel");
+    assert_eq!(row.get::<_, i64>(0), 1);
+
+    // A query that needs more than the memory pool fails with 53200; the server stays up.
+    let error = client.simple_query("SELECT cardinality(array_agg(value)) FROM range(20000000)").await.err().expect("out of memory");
+    assert_eq!(error.code(), Some(&SqlState::OUT_OF_MEMORY), "{error:?}");
+    assert_eq!(client.query_one("SELECT 1::BIGINT", &[]).await.expect("still serving").get::<_, i64>(0), 1);
+
+    // SSL is refused cleanly: a client that requires it is told so, one that prefers it goes on.
+    let (ok, out) = psql_env(&server, "pgdb", &["SELECT 1"], &[("PGSSLMODE", "require")]);
+    assert!(!ok && out.contains("does not support SSL"), "{out}");
+    let (ok, out) = psql_env(&server, "pgdb", &["SHOW server_version"], &[("PGSSLMODE", "prefer")]);
+    assert!(ok && out.contains("16.6"), "{out}");
 }
 
 #[tokio::test]

@@ -1,0 +1,215 @@
+//! A connection's life around its queries: startup (the parameters PostgreSQL reports, the
+//! database check), the settings `SHOW` answers here, and stopping a query that runs too long
+//! (`statement_timeout`) or that the client cancels (CancelRequest) — also while its rows are
+//! being computed and sent, which is where DataFusion does the work.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use datafusion_postgres::pgwire;
+use futures::{Sink, SinkExt, StreamExt};
+use pgwire::api::auth::{DefaultServerParameterProvider, StartupHandler};
+use pgwire::api::cancel::CancelHandler;
+use pgwire::api::results::{DataRowEncoder, FieldFormat, FieldInfo, QueryResponse, Response};
+use pgwire::api::{
+    ClientInfo, ConnectionGuard, ConnectionHandle, ConnectionManager, PgWireConnectionState, PidSecretKeyGenerator, RandomPidSecretKeyGenerator, Type,
+    METADATA_DATABASE,
+};
+use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::cancel::CancelRequest;
+use pgwire::messages::startup::SecretKey;
+use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
+use tokio_util::sync::CancellationToken;
+
+use crate::query::functions::{PG_VERSION, PG_VERSION_NUM};
+use crate::query::QueryEngine;
+
+/// Where datafusion-postgres keeps a session's `SET statement_timeout` (milliseconds).
+const METADATA_STATEMENT_TIMEOUT: &str = "statement_timeout_ms";
+
+fn query_canceled(reason: &str) -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new("ERROR".into(), "57014".into(), format!("canceling statement due to {reason}"))))
+}
+
+/// Startup without authentication (auth comes with the security work): the parameters
+/// PostgreSQL 16 reports, and a database that does not exist refused with 3D000.
+pub struct Startup {
+    pub connections: Arc<ConnectionManager>,
+    pub query: Arc<QueryEngine>,
+    pub pids: RandomPidSecretKeyGenerator,
+}
+
+fn server_parameters() -> DefaultServerParameterProvider {
+    let mut parameters = DefaultServerParameterProvider::default();
+    parameters.server_version = PG_VERSION.to_string();
+    parameters.time_zone = "UTC".to_string();
+    parameters.date_style = "ISO, MDY".to_string();
+    parameters.search_path = "\"$user\", public".to_string();
+    parameters
+}
+
+#[async_trait]
+impl StartupHandler for Startup {
+    async fn on_startup<C>(&self, client: &mut C, message: PgWireFrontendMessage) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let PgWireFrontendMessage::Startup(startup) = message else { return Ok(()) };
+        pgwire::api::auth::protocol_negotiation(client, &startup).await?;
+        pgwire::api::auth::save_startup_parameters_to_metadata(client, &startup);
+        let db = client.metadata().get(METADATA_DATABASE).cloned().unwrap_or_default();
+        if !self.query.engine().catalog().has_database(&db) {
+            let error = ErrorInfo::new("FATAL".into(), "3D000".into(), format!("database \"{db}\" does not exist"));
+            client.send(PgWireBackendMessage::ErrorResponse(error.into())).await?;
+            client.close().await?;
+            return Ok(());
+        }
+        let (pid, secret_key) = self.pids.generate(&*client);
+        client.set_pid_and_secret_key(pid, secret_key.clone());
+        let (handle, guard) = self.connections.register(pid, secret_key);
+        client.session_extensions().insert::<Arc<ConnectionHandle>>(handle);
+        client.session_extensions().insert::<ConnectionGuard>(guard);
+        pgwire::api::auth::finish_authentication(client, &server_parameters()).await?;
+        debug_assert!(matches!(client.state(), PgWireConnectionState::ReadyForQuery));
+        Ok(())
+    }
+}
+
+/// A one-row, one-column text result, as `SHOW name` gives.
+pub fn show_response(name: &str, value: &str) -> PgWireResult<Response> {
+    let fields = Arc::new(vec![FieldInfo::new(name.to_string(), None, None, Type::TEXT, FieldFormat::Text)]);
+    let mut encoder = DataRowEncoder::new(fields.clone());
+    encoder.encode_field(&Some(value))?;
+    let row = encoder.take_row();
+    Ok(Response::Query(QueryResponse::new(fields, futures::stream::iter([Ok(row)]))))
+}
+
+/// `SHOW` for the settings whose value is Sundial's rather than datafusion-postgres's.
+pub fn show<C: ClientInfo>(client: &C, sql: &str) -> Option<PgWireResult<Response>> {
+    let statement = sql.trim().trim_end_matches(';').trim();
+    let (keyword, rest) = statement.split_once(char::is_whitespace)?;
+    if !keyword.eq_ignore_ascii_case("show") {
+        return None;
+    }
+    let name = rest.trim().trim_matches('"').to_ascii_lowercase();
+    let metadata = |key: &str, default: &str| client.metadata().get(key).cloned().unwrap_or_else(|| default.to_string());
+    let value = match name.as_str() {
+        "server_version" => PG_VERSION.to_string(),
+        "server_version_num" => PG_VERSION_NUM.to_string(),
+        "server_encoding" => "UTF8".to_string(),
+        "client_encoding" => metadata("client_encoding", "UTF8"),
+        "timezone" | "time zone" => metadata("timezone", "UTC"),
+        "standard_conforming_strings" => "on".to_string(),
+        "integer_datetimes" => "on".to_string(),
+        "max_identifier_length" => "63".to_string(),
+        "transaction_isolation" | "transaction isolation level" | "default_transaction_isolation" => "read committed".to_string(),
+        "is_superuser" => "on".to_string(),
+        _ => return None,
+    };
+    let column = if name.starts_with("time") && name.ends_with("zone") { "TimeZone".to_string() } else { name };
+    Some(show_response(&column, &value))
+}
+
+/// Queries running now, by connection, so a CancelRequest (which arrives on a connection of
+/// its own) can stop one.
+#[derive(Default)]
+pub struct RunningQueries {
+    /// By backend pid: the connection's secret key, the query's number, its token.
+    queries: Mutex<HashMap<i32, (SecretKey, u64, CancellationToken)>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+/// Removes its query from [`RunningQueries`] when the query's rows are done or dropped.
+pub struct Running {
+    queries: Arc<RunningQueries>,
+    pid: i32,
+    id: u64,
+    token: CancellationToken,
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let mut queries = self.queries.queries.lock().expect("running queries lock");
+        if queries.get(&self.pid).is_some_and(|(_, id, _)| *id == self.id) {
+            queries.remove(&self.pid);
+        }
+    }
+}
+
+impl RunningQueries {
+    /// Registers a query starting on `client`'s connection, with the session's statement
+    /// timeout measured from now.
+    pub fn start<C: ClientInfo>(self: &Arc<Self>, client: &C) -> Arc<Running> {
+        let (pid, secret_key) = client.pid_and_secret_key();
+        let token = CancellationToken::new();
+        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.queries.lock().expect("running queries lock").insert(pid, (secret_key, id, token.clone()));
+        let timeout = client.metadata().get(METADATA_STATEMENT_TIMEOUT).and_then(|ms| ms.parse::<u64>().ok()).filter(|&ms| ms > 0);
+        let deadline = timeout.map(|ms| tokio::time::Instant::now() + std::time::Duration::from_millis(ms));
+        Arc::new(Running { queries: self.clone(), pid, id, token, deadline })
+    }
+
+    fn cancel(&self, pid: i32, secret_key: &SecretKey) {
+        if let Some((key, _, token)) = self.queries.lock().expect("running queries lock").get(&pid) {
+            if key.to_bytes() == secret_key.to_bytes() {
+                token.cancel();
+            }
+        }
+    }
+}
+
+impl Running {
+    /// Runs `work` (planning) unless the query is canceled or times out first.
+    pub async fn guard<T>(&self, work: impl std::future::Future<Output = PgWireResult<T>>) -> PgWireResult<T> {
+        let deadline = self.deadline;
+        tokio::select! {
+            result = work => result,
+            _ = self.token.cancelled() => Err(query_canceled("user request")),
+            _ = sleep_until(deadline) => Err(query_canceled("statement timeout")),
+        }
+    }
+
+    /// Makes `response`'s rows stop with 57014 when the query is canceled or times out.
+    pub fn guard_rows(self: &Arc<Self>, response: Response) -> Response {
+        let Response::Query(mut query) = response else { return response };
+        let rows = std::mem::replace(&mut query.data_rows, Box::pin(futures::stream::empty()));
+        let guarded = futures::stream::unfold(Some((rows, self.clone())), |state| async move {
+            let (mut rows, running) = state?;
+            let deadline = running.deadline;
+            tokio::select! {
+                item = rows.next() => item.map(|item| (item, Some((rows, running)))),
+                _ = running.token.cancelled() => Some((Err(query_canceled("user request")), None)),
+                _ = sleep_until(deadline) => Some((Err(query_canceled("statement timeout")), None)),
+            }
+        });
+        query.data_rows = Box::pin(guarded);
+        Response::Query(query)
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Cancels planning through pgwire's connection manager, and running rows through
+/// [`RunningQueries`].
+pub struct Cancel {
+    pub connections: Arc<ConnectionManager>,
+    pub running: Arc<RunningQueries>,
+}
+
+#[async_trait]
+impl CancelHandler for Cancel {
+    async fn on_cancel_request(&self, request: CancelRequest) {
+        self.running.cancel(request.pid, &request.secret_key);
+        self.connections.cancel(request.pid, &request.secret_key).await;
+    }
+}
