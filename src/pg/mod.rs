@@ -8,6 +8,8 @@
 //! exhaustively; [`sqlstate_of`] refines DataFusion errors).
 
 mod copy;
+mod functions;
+mod rewrite;
 mod session;
 #[cfg(test)]
 mod tests;
@@ -187,6 +189,7 @@ impl Databases {
             datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider,
         )
         .map_err(|e| user_error("XX000", format!("setting up pg_catalog: {e}")))?;
+        functions::register(&ctx);
         let service = Arc::new(DfSessionService::new(Arc::new(ctx)));
         self.services.lock().expect("pg services lock").entry(db.to_string()).or_insert(service.clone());
         Ok(service)
@@ -224,7 +227,7 @@ impl QueryParser for DatabaseParser {
             return Ok(Some((sql.to_string(), None)));
         }
         let service = self.databases.for_client(client)?;
-        let sql = crate::query::rewrite(sql).map_err(|e| user_error(sqlstate_of_query(&e), e.to_string()))?;
+        let sql = rewritten(sql)?;
         service.query_parser().parse_sql(client, &sql, types).await.map_err(with_sqlstate)
     }
 
@@ -235,6 +238,15 @@ impl QueryParser for DatabaseParser {
     fn get_result_schema(&self, stmt: &Self::Statement, column_format: Option<&Format>) -> PgWireResult<Vec<FieldInfo>> {
         self.databases.describer.get_result_schema(stmt, column_format).map_err(with_sqlstate)
     }
+}
+
+/// The SQL to plan: Sundial's own rewrites (gap filling), then client catalog queries.
+fn rewritten(sql: &str) -> PgWireResult<std::borrow::Cow<'_, str>> {
+    let sql = crate::query::rewrite(sql).map_err(|e| user_error(sqlstate_of_query(&e), e.to_string()))?;
+    Ok(match rewrite::catalog_query(&sql) {
+        Some(catalog) => std::borrow::Cow::Owned(catalog),
+        None => sql,
+    })
 }
 
 /// Whether `sql` is a statement this module answers itself (see [`Handler::answer_here`]).
@@ -435,7 +447,7 @@ impl SimpleQueryHandler for Handler {
             return Ok(vec![response?]);
         }
         let service = self.databases.for_client(client)?;
-        let query = crate::query::rewrite(query).map_err(|e| user_error(sqlstate_of_query(&e), e.to_string()))?;
+        let query = rewritten(query)?;
         let running = self.running.start(client);
         let responses = running.guard(SimpleQueryHandler::do_query(service.as_ref(), client, &query)).await.map_err(with_sqlstate)?;
         Ok(responses.into_iter().map(|r| running.guard_rows(with_sqlstate_in_rows(r))).collect())

@@ -73,6 +73,12 @@ asyncio.run(run_asyncpg())
 # SQLAlchemy's inspector and pandas.read_sql.
 engine = sa.create_engine(f"postgresql+psycopg://sundial@{host}:{port}/{db}")
 check("sqlalchemy tables", sorted(sa.inspect(engine).get_table_names()), ["cpu", "py_events"])
+columns = {c["name"]: (type(c["type"]).__name__, c["nullable"]) for c in sa.inspect(engine).get_columns("cpu")}
+check("sqlalchemy columns", columns, {
+    "host": ("TEXT", True), "region": ("TEXT", True), "usage": ("DOUBLE_PRECISION", True),
+    "n": ("BIGINT", True), "ok": ("BOOLEAN", True), "time": ("TIMESTAMP", False),
+})
+check("sqlalchemy time zone", [c["type"].timezone for c in sa.inspect(engine).get_columns("cpu") if c["name"] == "time"], [True])
 df = pd.read_sql("SELECT host, usage, time FROM cpu ORDER BY host", engine)
 check("pandas rows", len(df), 2)
 check("pandas time dtype", str(df["time"].dtype).startswith("datetime64") and "UTC" in str(df["time"].dtype), True)

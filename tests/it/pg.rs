@@ -56,6 +56,16 @@ async fn psql_queries_and_lists_tables() {
     let (ok, out) = psql(&server, "pgdb", &["\\dt"]);
     assert!(ok, "{out}");
     assert!(out.contains("cpu"), "{out}");
+    // psql's describe commands read pg_catalog.
+    let (ok, out) = psql(&server, "pgdb", &["\\d cpu"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("Table \"public.cpu\"") && out.contains(" time   | timestamp with time zone |"), "{out}");
+    assert!(out.contains(" usage  | double precision") && out.contains(" ok     | boolean"), "{out}");
+    let (ok, out) = psql(&server, "pgdb", &["\\l", "\\dn", "\\df", "\\d"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("List of databases") && out.contains(" pgdb "), "{out}");
+    assert!(out.contains("List of schemas") && out.contains(" public "), "{out}");
+    assert!(out.contains("List of functions") && out.contains("List of relations"), "{out}");
     // psql's \copy out, CSV with a header.
     let csv = std::env::temp_dir().join(format!("sundial-copy-{}.csv", std::process::id()));
     let (ok, out) = psql(&server, "pgdb", &[&format!("\\copy (SELECT host, usage, n FROM cpu ORDER BY host) to '{}' csv header", csv.display())]);
