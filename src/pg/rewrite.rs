@@ -10,14 +10,20 @@
 //! look up column defaults (`pg_attrdef`), identity sequences (`pg_sequence`) and collations by
 //! `attcollation`: Sundial has no defaults or sequences, and every column's `attcollation` is 0,
 //! which names no collation, so each of these lookups is NULL, and a `CASE` left with only NULL
-//! results is NULL. Only queries that name `pg_catalog` are touched.
+//! results is NULL.
+//!
+//! pgjdbc's `getPrimaryKeys` expands `pg_index.indkey` with `information_schema._pg_expandarray`
+//! and reads fields with `(row).x`. Sundial declares no indexes on its tables, so the expansion
+//! is a row of NULLs (the key matches no column: no rows, which is the answer), and `(row).x`
+//! becomes `get_field(row, 'x')`, which DataFusion plans. Only queries that name `pg_catalog`
+//! are touched.
 
 use std::ops::ControlFlow;
 
 use std::collections::BTreeMap;
 
 use datafusion::sql::sqlparser::ast::{
-    visit_expressions, visit_expressions_mut, BinaryOperator, Expr, GroupByExpr, Query, SelectItem, SetExpr, Statement, TableFactor, Value,
+    visit_expressions, visit_expressions_mut, AccessExpr, BinaryOperator, Expr, GroupByExpr, Query, SelectItem, SetExpr, Statement, TableFactor, Value,
 };
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::parser::Parser;
@@ -120,6 +126,37 @@ pub fn catalog_query(sql: &str) -> Option<String> {
                     return ControlFlow::<()>::Continue(());
                 }
             }
+            if matches!(expr, Expr::Function(f) if f.name.to_string().to_ascii_lowercase().ends_with("_pg_expandarray")) {
+                if let Ok(row) = Parser::new(&dialect)
+                    .try_with_sql("named_struct('x', CAST(NULL AS SMALLINT), 'n', CAST(NULL AS INTEGER))")
+                    .and_then(|mut p| p.parse_expr())
+                {
+                    *expr = row;
+                    changed = true;
+                }
+                return ControlFlow::Continue(());
+            }
+            if let Expr::CompoundFieldAccess { root, access_chain } = expr {
+                let fields: Option<Vec<String>> = access_chain
+                    .iter()
+                    .map(|a| match a {
+                        AccessExpr::Dot(Expr::Identifier(field)) => Some(field.value.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                if let Some(fields) = fields {
+                    let root = match root.as_ref() {
+                        Expr::Nested(inner) => inner.to_string(),
+                        other => other.to_string(),
+                    };
+                    let text = fields.iter().fold(root, |inner, field| format!("get_field({inner}, '{}')", field.replace('\'', "''")));
+                    if let Ok(access) = Parser::new(&dialect).try_with_sql(&text).and_then(|mut p| p.parse_expr()) {
+                        *expr = access;
+                        changed = true;
+                    }
+                }
+                return ControlFlow::Continue(());
+            }
             if let Expr::Case { conditions, else_result, .. } = expr {
                 if conditions.iter().all(|c| is_null(&c.result)) && else_result.as_deref().is_none_or(is_null) {
                     *expr = Expr::value(Value::Null);
@@ -163,6 +200,15 @@ mod tests {
         assert!(catalog_query("SELECT (SELECT v FROM t WHERE t.k = u.k) FROM u").is_none(), "user tables are left alone");
         let counted = "SELECT (SELECT count(*) FROM pg_catalog.pg_class c WHERE c.oid = a.attrelid) FROM pg_catalog.pg_attribute a";
         assert!(catalog_query(counted).is_none());
+    }
+
+    #[test]
+    fn pgjdbc_primary_keys_plan() {
+        let sql = "SELECT result.COLUMN_NAME FROM (SELECT a.attname AS COLUMN_NAME, (information_schema._pg_expandarray(i.indkey)).n AS KEY_SEQ, \
+                   information_schema._pg_expandarray(i.indkey) AS KEYS, a.attnum AS A_ATTNUM FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_index i ON a.attrelid = i.indrelid) result \
+                   WHERE result.A_ATTNUM = (result.KEYS).x";
+        let rewritten = catalog_query(sql).expect("rewritten");
+        assert!(!rewritten.contains("_pg_expandarray") && rewritten.contains("get_field(result.KEYS, 'x')"), "{rewritten}");
     }
 
     #[test]

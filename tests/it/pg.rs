@@ -169,6 +169,19 @@ async fn timeouts_cancels_memory_limits_and_ssl_refusal() {
 }
 
 #[tokio::test]
+async fn pgjdbc_metadata_and_prepared_statements() {
+    let (_dir, server) = server_with_cpu().await;
+    let (host, port) = server.pg_addr.rsplit_once(':').expect("host:port");
+    let program = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/JdbcClient.java");
+    let output = Command::new("java")
+        .args(["-cp", "/usr/share/java/postgresql.jar", program, host, port, "pgdb"])
+        .output()
+        .expect("java is installed");
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success() && text.contains("jdbc client ok"), "{text}");
+}
+
+#[tokio::test]
 async fn unknown_database_is_refused_with_3d000() {
     let (_dir, server) = server_with_cpu().await;
     let error = connect(&server, "nope").await.err().expect("no such database");
