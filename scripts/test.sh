@@ -3,7 +3,11 @@
 # unit tests, the integration-test binary (real server, real clients) and the SQL logic tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Real Postgres clients the integration tests drive (psql comes with the machine image).
+# Real Postgres clients the integration tests drive.
 python3 -m pip install --quiet --disable-pip-version-check "psycopg[binary]" asyncpg sqlalchemy pandas
-command -v psql >/dev/null || { apt-get update -qq && apt-get install -y -qq postgresql-client; }
+apt_install() { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"; }
+command -v psql >/dev/null || apt_install postgresql-client
+# pgjdbc, driven by tests/clients/JdbcClient.java.
+command -v java >/dev/null || apt_install default-jre-headless
+[ -f /usr/share/java/postgresql.jar ] || apt_install libpostgresql-jdbc-java
 cargo test --locked --all-targets "$@"
