@@ -446,6 +446,9 @@ impl SimpleQueryHandler for Handler {
         if let Some(response) = session::show(client, query) {
             return Ok(vec![response?]);
         }
+        if let Some(response) = session::reset(client, query) {
+            return Ok(vec![response]);
+        }
         let service = self.databases.for_client(client)?;
         let query = rewritten(query)?;
         let running = self.running.start(client);

@@ -114,6 +114,29 @@ pub fn show<C: ClientInfo>(client: &C, sql: &str) -> Option<PgWireResult<Respons
     Some(show_response(&column, &value))
 }
 
+/// `RESET name` and `RESET ALL`: the session's own value goes, the default is back.
+pub fn reset<C: ClientInfo>(client: &mut C, sql: &str) -> Option<Response> {
+    let statement = sql.trim().trim_end_matches(';').trim();
+    let (keyword, rest) = statement.split_once(char::is_whitespace)?;
+    if !keyword.eq_ignore_ascii_case("reset") {
+        return None;
+    }
+    let name = rest.trim().trim_matches('"').to_ascii_lowercase();
+    let keys: &[&str] = match name.as_str() {
+        "all" => &[METADATA_STATEMENT_TIMEOUT, "timezone", "datestyle", "intervalstyle", "bytea_output", "extra_float_digits", "search_path"],
+        "statement_timeout" => &[METADATA_STATEMENT_TIMEOUT],
+        "time zone" => &["timezone"],
+        other if other.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') => &[],
+        _ => return None,
+    };
+    let metadata = client.metadata_mut();
+    for key in keys {
+        metadata.remove(*key);
+    }
+    metadata.remove(&name);
+    Some(Response::Execution(pgwire::api::results::Tag::new("RESET")))
+}
+
 /// Queries running now, by connection, so a CancelRequest (which arrives on a connection of
 /// its own) can stop one.
 #[derive(Default)]

@@ -140,7 +140,9 @@ async fn timeouts_cancels_memory_limits_and_ssl_refusal() {
     let error = client.query(endless, &[]).await.err().expect("times out (extended)");
     assert_eq!(error.code(), Some(&SqlState::QUERY_CANCELED), "{error:?}");
     assert!(started.elapsed() < std::time::Duration::from_secs(20), "{:?}", started.elapsed());
-    client.batch_execute("SET statement_timeout = 0").await.expect("reset");
+    client.batch_execute("RESET statement_timeout").await.expect("reset");
+    let shown = client.simple_query("SHOW statement_timeout").await.expect("show");
+    assert!(matches!(&shown[1], tokio_postgres::SimpleQueryMessage::Row(row) if row.get(0) == Some("0")), "{shown:?}");
 
     // A CancelRequest from another connection stops it too; the session goes on.
     let token = client.cancel_token();
@@ -151,6 +153,7 @@ async fn timeouts_cancels_memory_limits_and_ssl_refusal() {
     let started = std::time::Instant::now();
     let error = client.simple_query(endless).await.err().expect("canceled");
     assert_eq!(error.code(), Some(&SqlState::QUERY_CANCELED), "{error:?}");
+    assert!(error.as_db_error().is_some_and(|e| e.message().contains("user request")), "{error:?}");
     assert!(started.elapsed() < std::time::Duration::from_secs(20));
     canceller.await.expect("task").expect("cancel request sent");
     let row = client.query_one("SELECT count(*) FROM m", &[]).await.expect("usable after cancel");
