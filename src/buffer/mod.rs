@@ -288,7 +288,7 @@ pub fn adapt(batch: &RecordBatch, target: &SchemaRef) -> RecordBatch {
 }
 
 /// One time window of one table.
-#[derive(Default, Clone)]
+#[derive(Clone)]
 pub struct Partition {
     /// Buffered rows, each batch with `_seq`.
     pub batches: Vec<RecordBatch>,
@@ -305,11 +305,24 @@ pub struct Partition {
     pub rows: usize,
 }
 
-impl Partition {
-    fn new() -> Partition {
-        Partition { min_seq: u64::MAX, persisting_min_seq: u64::MAX, ..Default::default() }
+impl Default for Partition {
+    /// Empty: no rows, so no smallest sequence number yet.
+    fn default() -> Partition {
+        Partition {
+            batches: Vec::new(),
+            persisting: Vec::new(),
+            overlap: false,
+            persisting_overlap: false,
+            bytes: 0,
+            persisting_bytes: 0,
+            min_seq: u64::MAX,
+            persisting_min_seq: u64::MAX,
+            rows: 0,
+        }
     }
+}
 
+impl Partition {
     pub fn is_empty(&self) -> bool {
         self.batches.is_empty() && self.persisting.is_empty()
     }
@@ -376,7 +389,7 @@ impl TableBuffer {
         }
         let batch = with_seq(&pending.batch, seq);
         let bytes = batch.get_array_memory_size();
-        let partition = self.partitions.entry(pending.partition).or_insert_with(Partition::new);
+        let partition = self.partitions.entry(pending.partition).or_default();
         partition.overlap |= overlap;
         partition.min_seq = partition.min_seq.min(seq);
         partition.rows += batch.num_rows();

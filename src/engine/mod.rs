@@ -806,7 +806,7 @@ impl Engine {
                 }
             }
         }
-        out.sort_by(|a, b| b.3.cmp(&a.3));
+        out.sort_by_key(|p| std::cmp::Reverse(p.3));
         out
     }
 

@@ -192,7 +192,7 @@ impl Manifest {
             self.state.apply(op);
         }
         self.state.commit = number;
-        if number % CHECKPOINT_EVERY == 0 {
+        if number.is_multiple_of(CHECKPOINT_EVERY) {
             let bytes = serde_json::to_vec(&self.state).expect("manifest types serialise");
             // A failed checkpoint only makes the next start read more commits.
             if let Err(error) = self.store.put(&checkpoint_path(number), Bytes::from(bytes)).await {

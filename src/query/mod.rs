@@ -304,7 +304,7 @@ fn timestamp_nanos(value: &ScalarValue) -> Option<i64> {
 
 /// Whether a filter only reads key columns (so it may run before the merge).
 fn only_keys(filter: &Expr, keys: &[String]) -> bool {
-    filter.column_refs().iter().all(|c| keys.iter().any(|k| *k == c.name))
+    filter.column_refs().iter().all(|c| keys.contains(&c.name))
 }
 
 #[async_trait]

@@ -135,9 +135,9 @@ async fn timeouts_cancels_memory_limits_and_ssl_refusal() {
     // statement_timeout stops the query while it computes, on both protocols.
     client.batch_execute("SET statement_timeout = 300").await.expect("set");
     let started = std::time::Instant::now();
-    let error = client.simple_query(endless).await.err().expect("times out");
+    let error = client.simple_query(endless).await.expect_err("times out");
     assert_eq!(error.code(), Some(&SqlState::QUERY_CANCELED), "{error:?}");
-    let error = client.query(endless, &[]).await.err().expect("times out (extended)");
+    let error = client.query(endless, &[]).await.expect_err("times out (extended)");
     assert_eq!(error.code(), Some(&SqlState::QUERY_CANCELED), "{error:?}");
     assert!(started.elapsed() < std::time::Duration::from_secs(20), "{:?}", started.elapsed());
     client.batch_execute("RESET statement_timeout").await.expect("reset");
@@ -151,7 +151,7 @@ async fn timeouts_cancels_memory_limits_and_ssl_refusal() {
         token.cancel_query(NoTls).await
     });
     let started = std::time::Instant::now();
-    let error = client.simple_query(endless).await.err().expect("canceled");
+    let error = client.simple_query(endless).await.expect_err("canceled");
     assert_eq!(error.code(), Some(&SqlState::QUERY_CANCELED), "{error:?}");
     assert!(error.as_db_error().is_some_and(|e| e.message().contains("user request")), "{error:?}");
     assert!(started.elapsed() < std::time::Duration::from_secs(20));
@@ -160,7 +160,7 @@ async fn timeouts_cancels_memory_limits_and_ssl_refusal() {
     assert_eq!(row.get::<_, i64>(0), 1);
 
     // A query that needs more than the memory pool fails with 53200; the server stays up.
-    let error = client.simple_query("SELECT cardinality(array_agg(value)) FROM range(20000000)").await.err().expect("out of memory");
+    let error = client.simple_query("SELECT cardinality(array_agg(value)) FROM range(20000000)").await.expect_err("out of memory");
     assert_eq!(error.code(), Some(&SqlState::OUT_OF_MEMORY), "{error:?}");
     assert_eq!(client.query_one("SELECT 1::BIGINT", &[]).await.expect("still serving").get::<_, i64>(0), 1);
 
@@ -187,7 +187,7 @@ async fn pgjdbc_metadata_and_prepared_statements() {
 #[tokio::test]
 async fn unknown_database_is_refused_with_3d000() {
     let (_dir, server) = server_with_cpu().await;
-    let error = connect(&server, "nope").await.err().expect("no such database");
+    let error = connect(&server, "nope").await.expect_err("no such database");
     assert_eq!(error.code(), Some(&SqlState::INVALID_CATALOG_NAME), "{error:?}");
     let (ok, out) = psql(&server, "nope", &["SELECT 1"]);
     assert!(!ok);
