@@ -3,8 +3,11 @@
 //! `cargo bench --bench tsbs -- ingest` posts the cpu-only data set over HTTP line protocol in
 //! batches of 5,000 lines with 1, 2 and 4 concurrent writers (100 hosts × 1 day), then 1,000 hosts
 //! × 1 day with default settings, and reports rows/s, MB/s, the server's peak RSS and Parquet
-//! bytes per row. Under `cargo test` (no `--bench`) it runs a small smoke version instead, so CI
-//! keeps the benchmark working.
+//! bytes per row. `cargo bench --bench tsbs -- queries` runs the 15 TSBS query types over the
+//! Postgres protocol on 1000 hosts × 13 hours, side by side with DuckDB on the same rows in
+//! Parquet (`queries.py`), right after ingest and after a restart. Under `cargo test` (no
+//! `--bench`) it runs a small smoke version of both instead, so CI keeps the benchmark working
+//! and checks every query type's answers against DuckDB.
 
 mod generate;
 
@@ -22,6 +25,7 @@ const BATCH_LINES: usize = 5_000;
 struct Server {
     child: Child,
     addr: String,
+    pg_addr: String,
     dir: PathBuf,
 }
 
@@ -38,13 +42,17 @@ impl Server {
             .expect("spawn sundial");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
+        let mut pg_addr = String::new();
         let addr = loop {
             let line = lines.next().expect("server exited before listening").expect("stdout line");
+            if let Some(addr) = line.strip_prefix("sundial postgres listening on ") {
+                pg_addr = addr.to_string();
+            }
             if let Some(addr) = line.strip_prefix("sundial http listening on ") {
                 break addr.to_string();
             }
         };
-        Server { child, addr, dir: dir.to_path_buf() }
+        Server { child, addr, pg_addr, dir: dir.to_path_buf() }
     }
 
     fn peak_rss_bytes(&self) -> u64 {
@@ -91,12 +99,22 @@ struct Outcome {
     parquet_bytes: u64,
 }
 
-/// Ingests `hosts` × `duration_s` with `writers` concurrent clients. Pre-generated batches keep
-/// the client's CPU out of the measurement; `on_the_fly` generates while sending (large sets).
+/// Ingests `hosts` × `duration_s` with `writers` concurrent clients into a fresh server, and
+/// stops it (which persists everything).
 fn ingest(hosts: usize, duration_s: i64, writers: usize, on_the_fly: bool, extra: &[&str]) -> Outcome {
     let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
-    let server = Server::start(&data, extra);
+    let server = Server::start(&dir.path().join("data"), extra);
+    let (rows, seconds, body_bytes) = send(&server, hosts, duration_s, writers, on_the_fly);
+    let peak_rss = server.peak_rss_bytes();
+    let data_dir = server.dir.clone();
+    server.stop();
+    Outcome { rows, seconds, body_bytes, peak_rss, parquet_bytes: parquet_bytes(&data_dir) }
+}
+
+/// Sends `hosts` × `duration_s` with `writers` concurrent clients and checks every row landed:
+/// (rows, seconds, body bytes). Pre-generated batches keep the client's CPU out of the
+/// measurement; `on_the_fly` generates while sending (large sets).
+fn send(server: &Server, hosts: usize, duration_s: i64, writers: usize, on_the_fly: bool) -> (u64, f64, u64) {
     let expected = Generator::total_rows(hosts, duration_s);
     let generator = Arc::new(Mutex::new(Generator::new(hosts, duration_s, 42)));
     let pregenerated: Arc<Vec<(String, usize)>> = Arc::new(if on_the_fly {
@@ -152,15 +170,52 @@ fn ingest(hosts: usize, duration_s: i64, writers: usize, on_the_fly: bool, extra
         }
     });
     let seconds = started.elapsed().as_secs_f64();
-    let peak_rss = server.peak_rss_bytes();
     let counted: serde_json::Value = runtime.block_on(async {
         let url = format!("http://{}/api/v3/query_sql?db=benchmark&q=SELECT%20count(*)%20AS%20n%20FROM%20cpu", server.addr);
         reqwest::get(url).await.expect("count").json().await.expect("json")
     });
     assert_eq!(counted[0]["n"].as_u64(), Some(expected), "every row landed");
-    let data_dir = server.dir.clone();
+    (rows.load(Ordering::Relaxed), seconds, body_bytes.load(Ordering::Relaxed))
+}
+
+/// The TSBS query suite side by side with DuckDB (`queries.py`), right after ingest (rows in
+/// buffers) and after a restart (rows in Parquet, nothing cached).
+fn queries(hosts: usize, hours: i64, runs: usize) {
+    let pip = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "duckdb", "psycopg[binary]"])
+        .status()
+        .expect("python3");
+    assert!(pip.success(), "installing duckdb and psycopg failed");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    // A buffer large enough that the data set stays in memory until the restart.
+    let extra = ["--buffer-memory-max", "4GiB", "--persist-interval", "1h"];
+    let server = Server::start(&data, &extra);
+    let (rows, seconds, _) = send(&server, hosts, hours * 3600, 4, true);
+    println!("
+ingested {rows} rows ({hosts} hosts × {hours} h) in {seconds:.1} s");
+    let parquet = dir.path().join("cpu.parquet");
+    let export = format!("http://{}/api/v3/query_sql?db=benchmark&format=parquet&q=SELECT%20*%20FROM%20cpu", server.addr);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let bytes = runtime.block_on(async { reqwest::get(export).await.expect("export").bytes().await.expect("parquet body") });
+    std::fs::write(&parquet, &bytes).expect("write parquet");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/tsbs/queries.py");
+    let run = |server: &Server, state: &str| {
+        let (host, port) = server.pg_addr.rsplit_once(':').expect("host:port");
+        let status = Command::new("python3")
+            .arg(script)
+            .args([host, port, "benchmark"])
+            .arg(&parquet)
+            .args([state, &generate::START_NS.to_string(), &hosts.to_string(), &hours.to_string(), &runs.to_string()])
+            .status()
+            .expect("python3");
+        assert!(status.success(), "the query suite failed ({state})");
+    };
+    run(&server, "right after ingest");
     server.stop();
-    Outcome { rows: rows.load(Ordering::Relaxed), seconds, body_bytes: body_bytes.load(Ordering::Relaxed), peak_rss, parquet_bytes: parquet_bytes(&data_dir) }
+    let server = Server::start(&data, &extra);
+    run(&server, "persisted, after a restart");
+    server.stop();
 }
 
 fn report(label: &str, o: &Outcome) {
@@ -190,6 +245,8 @@ fn main() {
         assert_eq!(o.rows, 600);
         assert!(o.parquet_bytes > 0, "shutdown persisted the buffer");
         println!("tsbs smoke: {} rows ingested and persisted", o.rows);
+        // Every query type, checked against DuckDB, on 20 hosts × 13 h.
+        queries(20, 13, 1);
         return;
     }
     // `ingest` runs both parts; `ingest-small` / `ingest-large` one of them.
@@ -203,5 +260,8 @@ fn main() {
         if filter != "ingest-small" {
             report("1000 hosts × 1 day, 4 writers, generated while sending", &ingest(1_000, 86_400, 4, true, &[]));
         }
+    }
+    if filter.is_empty() || filter == "queries" {
+        queries(1_000, 13, 5);
     }
 }
