@@ -15,6 +15,7 @@
 #[cfg(test)]
 mod tests;
 pub mod dedup;
+pub mod last;
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hasher;

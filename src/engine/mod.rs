@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use arrow::record_batch::RecordBatch;
 use tokio_util::sync::CancellationToken;
 
+use crate::buffer::last::LastValues;
 use crate::buffer::{PendingBatch, RowsBuilder, TableBuffer};
 use crate::catalog::{self, Catalog, Column, ParquetFile, TableSchema};
 use crate::line_protocol::{self, Line, Precision};
@@ -149,6 +150,15 @@ pub struct TableData {
     /// Set by a drop: the buffer's bytes are no longer counted and a persist still running
     /// must delete what it wrote.
     pub dropped: bool,
+    /// The table's last-value cache, once a query asked for it: every applied write is folded
+    /// in; `ready` once a build from a snapshot of everything before has been merged in.
+    pub last: Option<LastCache>,
+}
+
+#[derive(Default)]
+pub struct LastCache {
+    pub values: LastValues,
+    pub ready: bool,
 }
 
 /// One partition's buffered rows as a query sees them.
@@ -358,7 +368,7 @@ impl Engine {
                 }
                 tables.insert(
                     (db.clone(), name.clone()),
-                    TableData { buffer: TableBuffer::new(floor), files: table.files.iter().cloned().map(Arc::new).collect(), dropped: false },
+                    TableData { buffer: TableBuffer::new(floor), files: table.files.iter().cloned().map(Arc::new).collect(), dropped: false, last: None },
                 );
             }
         }
@@ -397,7 +407,7 @@ impl Engine {
                     continue;
                 }
                 let schema = catalog.table(&db, &pending.table).expect("grown above").arrow_schema_with_seq().clone();
-                let data = tables.entry((db, pending.table.clone())).or_insert_with(|| TableData { buffer: TableBuffer::new(i64::MIN), files: Vec::new(), dropped: false });
+                let data = tables.entry((db, pending.table.clone())).or_insert_with(|| TableData { buffer: TableBuffer::new(i64::MIN), files: Vec::new(), dropped: false, last: None });
                 data.buffer.append(&pending, seq, &schema);
                 replayed_rows += pending.batch.num_rows();
             }
@@ -644,10 +654,14 @@ impl Engine {
                 tracing::error!(db, table = %p.table, "table vanished before its rows were applied");
                 continue;
             };
-            let schema = catalog.table(db, &p.table).expect("tables are in the catalog before their rows").arrow_schema_with_seq().clone();
+            let table_schema = catalog.table(db, &p.table).expect("tables are in the catalog before their rows");
+            let schema = table_schema.arrow_schema_with_seq().clone();
             let mut data = table.write().expect("table lock");
             let before = data.buffer.bytes();
             let stored = data.buffer.append(p, seq, &schema);
+            if let Some(cache) = data.last.as_mut() {
+                cache.values.fold(table_schema, &stored);
+            }
             let after = data.buffer.bytes();
             drop(data);
             if after >= before {
@@ -690,6 +704,51 @@ impl Engine {
             .collect();
         let files = data.files.iter().filter(|f| f.max_time_ns >= min_time_ns && f.min_time_ns <= max_time_ns).cloned().collect();
         Some(TableSnapshot { schema, files, partitions })
+    }
+
+    /// The latest point of every series of a table (see `buffer::last`), exactly as a query
+    /// over all its rows would find it. The first call builds the cache from a snapshot of the
+    /// buffer and the files while new writes fold into it; later calls answer from memory.
+    pub async fn last_values(&self, db: &str, table: &str) -> Result<Option<RecordBatch>, Error> {
+        let Some(data) = self.table_data(db, table) else { return Ok(None) };
+        let Some(schema) = self.catalog().table(db, table).cloned() else { return Ok(None) };
+        let (batches, files) = {
+            let mut guard = data.write().expect("table lock");
+            let cache = guard.last.get_or_insert_with(LastCache::default);
+            if cache.ready {
+                return cache.values.to_batch(&schema).map(Some).map_err(|e| Error::Internal(e.to_string()));
+            }
+            let batches: Vec<RecordBatch> =
+                guard.buffer.partitions.values().flat_map(|p| p.persisting.iter().chain(p.batches.iter()).cloned()).collect();
+            (batches, guard.files.clone())
+        };
+        // Built concurrently by more than one query, each merge is still exact: folding is
+        // order-independent and idempotent.
+        let mut built = LastValues::default();
+        for batch in &batches {
+            built.fold(&schema, batch);
+        }
+        for file in files {
+            let bytes = self.store.get(&object_store::path::Path::from(file.path.as_str())).await.map_err(crate::persist::Error::from)?;
+            let fold_schema = schema.clone();
+            let partial = tokio::task::spawn_blocking(move || -> Result<LastValues, parquet::errors::ParquetError> {
+                let mut partial = LastValues::default();
+                for batch in parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()? {
+                    partial.fold(&fold_schema, &batch?);
+                }
+                Ok(partial)
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("last-value cache task failed: {e}")))?
+            .map_err(|e| Error::Internal(format!("reading {} for the last-value cache: {e}", file.path)))?;
+            built.merge(partial);
+        }
+        let mut guard = data.write().expect("table lock");
+        let cache = guard.last.get_or_insert_with(LastCache::default);
+        cache.values.merge(built);
+        cache.ready = true;
+        let schema = self.catalog().table(db, table).cloned().unwrap_or(schema);
+        cache.values.to_batch(&schema).map(Some).map_err(|e| Error::Internal(e.to_string()))
     }
 
     /// Smallest sequence number whose rows are not all in Parquet yet.

@@ -227,7 +227,7 @@ impl QueryParser for DatabaseParser {
             return Ok(Some((sql.to_string(), None)));
         }
         let service = self.databases.for_client(client)?;
-        let sql = rewritten(sql)?;
+        let sql = rewritten(&self.databases.query, client, sql)?;
         service.query_parser().parse_sql(client, &sql, types).await.map_err(with_sqlstate)
     }
 
@@ -240,9 +240,11 @@ impl QueryParser for DatabaseParser {
     }
 }
 
-/// The SQL to plan: Sundial's own rewrites (gap filling), then client catalog queries.
-fn rewritten(sql: &str) -> PgWireResult<std::borrow::Cow<'_, str>> {
-    let sql = crate::query::rewrite(sql).map_err(|e| user_error(sqlstate_of_query(&e), e.to_string()))?;
+/// The SQL to plan: Sundial's own rewrites (gap filling, last values), then client catalog
+/// queries.
+fn rewritten<'a, C: ClientInfo>(query: &QueryEngine, client: &C, sql: &'a str) -> PgWireResult<std::borrow::Cow<'a, str>> {
+    let db = client.metadata().get(METADATA_DATABASE).cloned().unwrap_or_default();
+    let sql = query.rewrite(&db, sql).map_err(|e| user_error(sqlstate_of_query(&e), e.to_string()))?;
     Ok(match rewrite::catalog_query(&sql) {
         Some(catalog) => std::borrow::Cow::Owned(catalog),
         None => sql,
@@ -450,7 +452,7 @@ impl SimpleQueryHandler for Handler {
             return Ok(vec![response]);
         }
         let service = self.databases.for_client(client)?;
-        let query = rewritten(query)?;
+        let query = rewritten(&self.databases.query, client, query)?;
         let running = self.running.start(client);
         let responses = running.guard(SimpleQueryHandler::do_query(service.as_ref(), client, &query)).await.map_err(with_sqlstate)?;
         Ok(responses.into_iter().map(|r| running.guard_rows(with_sqlstate_in_rows(r))).collect())

@@ -12,6 +12,7 @@
 pub mod ddl;
 pub mod functions;
 pub mod gapfill;
+pub mod last_cache;
 pub mod insert;
 #[cfg(test)]
 mod tests;
@@ -123,6 +124,7 @@ impl QueryEngine {
         config.options_mut().execution.parquet.reorder_filters = true;
         let ctx = SessionContext::new_with_config_rt(config, self.runtime.clone());
         functions::register(&ctx);
+        ctx.register_udtf("last_cache", Arc::new(last_cache::LastCacheFunction { engine: self.engine.clone(), db: db.to_string() }));
         let catalog = MemoryCatalogProvider::new();
         catalog.register_schema("public", Arc::new(DatabaseSchema { engine: self.engine.clone(), db: db.to_string() }))?;
         ctx.register_catalog(db, Arc::new(catalog));
@@ -130,10 +132,24 @@ impl QueryEngine {
         Ok(ctx)
     }
 
+    /// What Sundial does to a query of `db` before DataFusion plans it: gap filling, and the
+    /// last-value cache for "last point per series" queries.
+    pub fn rewrite<'a>(&self, db: &str, sql: &'a str) -> Result<std::borrow::Cow<'a, str>, Error> {
+        let sql = match gapfill::rewrite(sql) {
+            None => std::borrow::Cow::Borrowed(sql),
+            Some(Ok(rewritten)) => std::borrow::Cow::Owned(rewritten),
+            Some(Err(message)) => return Err(Error::Unsupported(message)),
+        };
+        Ok(match last_cache::rewrite(&sql, &self.engine.catalog(), db) {
+            Some(rewritten) => std::borrow::Cow::Owned(rewritten),
+            None => sql,
+        })
+    }
+
     /// Plans and runs `sql`, returning every result batch and the result schema.
     pub async fn sql(&self, db: &str, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>), Error> {
         let ctx = self.context(db)?;
-        let sql = rewrite(sql)?;
+        let sql = self.rewrite(db, sql)?;
         let df = ctx.sql(&sql).await?;
         let schema: SchemaRef = df.schema().inner().clone();
         let batches = df.collect().await?;
@@ -141,14 +157,6 @@ impl QueryEngine {
     }
 }
 
-/// What Sundial does to a query before DataFusion plans it: gap filling.
-pub fn rewrite(sql: &str) -> Result<std::borrow::Cow<'_, str>, Error> {
-    match gapfill::rewrite(sql) {
-        None => Ok(std::borrow::Cow::Borrowed(sql)),
-        Some(Ok(rewritten)) => Ok(std::borrow::Cow::Owned(rewritten)),
-        Some(Err(message)) => Err(Error::Unsupported(message)),
-    }
-}
 
 /// A database's tables, read live from the engine's catalog.
 #[derive(Debug)]

@@ -157,3 +157,47 @@ async fn full_buffer_answers_503_and_loses_nothing() {
     assert_eq!(server.count("full", "SELECT count(*) FROM m").await, accepted);
     assert!(!parquet_files(&data).is_empty());
 }
+
+/// The "last point per series" query answers from the last-value cache, and its answer equals
+/// the same question asked without it, through late, out-of-order and same-instant writes, a
+/// restart (rows then in Parquet) and writes after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lastpoint_answers_from_the_cache_exactly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::start(&dir.path().join("data"), &[]);
+    async fn write(server: &Server, body: &'static str) {
+        assert_eq!(server.write("/api/v3/write_lp?db=lv&precision=s", body).await.0, 204);
+    }
+    const CACHED: &str = "SELECT DISTINCT ON (host) host, region, u, v, time FROM cpu ORDER BY host, time DESC";
+    const REFERENCE: &str =
+        "SELECT host, region, u, v, time FROM (SELECT *, row_number() OVER (PARTITION BY host ORDER BY time DESC) AS rn FROM cpu) WHERE rn = 1 ORDER BY host";
+    async fn check(server: &Server, label: &str) -> Vec<serde_json::Value> {
+        let cached = server.query("lv", CACHED).await;
+        assert_eq!(cached, server.query("lv", REFERENCE).await, "{label}");
+        cached
+    }
+    let cached = CACHED;
+    write(&server, "cpu,host=a,region=eu u=1,v=10 100\ncpu,host=b,region=us u=5 100\ncpu,host=a,region=eu u=2 110").await;
+    let first = check(&server, "first build").await;
+    assert_eq!(first[0]["u"], 2.0);
+    // An older row changes nothing; a same-instant write merges its fields (later wins); a new
+    // series appears; a newer point replaces b's.
+    write(&server, "cpu,host=a,region=eu u=100 50\ncpu,host=a,region=eu v=20 110\ncpu,host=c,region=eu u=7 90\ncpu,host=b,region=us v=1 120").await;
+    let second = check(&server, "after late and merging writes").await;
+    assert_eq!((second[0]["u"].clone(), second[0]["v"].clone()), (json!(2.0), json!(20.0)));
+    assert_eq!((second[1]["u"].clone(), second[1]["v"].clone()), (json!(null), json!(1.0)));
+    assert_eq!(second.len(), 3);
+    // The plan reads the cache.
+    let plan = server.query("lv", &format!("EXPLAIN {cached}")).await;
+    assert!(serde_json::to_string(&plan).expect("json").contains("last_cache"), "{plan:?}");
+    // After a restart the rows are in Parquet: the cache is built from the files.
+    assert_eq!(server.terminate(), Some(0));
+    server = server.restart();
+    assert!(!parquet_files(&dir.path().join("data")).is_empty());
+    assert_eq!(check(&server, "after restart").await, second);
+    write(&server, "cpu,host=c,region=eu u=8 130").await;
+    let third = check(&server, "after a write following the restart").await;
+    assert_eq!(third[2]["u"], 8.0);
+    // `last_cache('cpu')` is a table of its own, as in InfluxDB 3.
+    assert_eq!(server.count("lv", "SELECT count(*) AS n FROM last_cache('cpu')").await, 3);
+}
