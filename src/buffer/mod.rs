@@ -269,6 +269,31 @@ pub fn with_seq(batch: &RecordBatch, seq: u64) -> RecordBatch {
     RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays).expect("same row count")
 }
 
+const MIN_TIME_KEY: &str = "sundial.min_time_ns";
+const MAX_TIME_KEY: &str = "sundial.max_time_ns";
+
+/// `batch` with its time range recorded in its schema's metadata, so a query can skip a
+/// buffered batch without reading it (see [`time_range`]).
+pub fn with_time_range(batch: RecordBatch) -> RecordBatch {
+    let Some(times) = batch.column_by_name(TIME_COLUMN).and_then(|c| c.as_any().downcast_ref::<TimestampNanosecondArray>()) else {
+        return batch;
+    };
+    let (Some(min), Some(max)) = (arrow::compute::min(times), arrow::compute::max(times)) else { return batch };
+    let mut metadata = batch.schema().metadata().clone();
+    metadata.insert(MIN_TIME_KEY.into(), min.to_string());
+    metadata.insert(MAX_TIME_KEY.into(), max.to_string());
+    let schema = Arc::new(batch.schema().as_ref().clone().with_metadata(metadata));
+    batch.with_schema(schema).expect("only the metadata changed")
+}
+
+/// The time range of a buffered batch, when recorded.
+pub fn time_range(batch: &RecordBatch) -> Option<(i64, i64)> {
+    let schema = batch.schema_ref();
+    let min = schema.metadata().get(MIN_TIME_KEY)?.parse().ok()?;
+    let max = schema.metadata().get(MAX_TIME_KEY)?.parse().ok()?;
+    Some((min, max))
+}
+
 /// Reshapes `batch` to `target` by column name: missing columns become nulls, extra columns
 /// are dropped. Types match by construction (the catalog never changes a column's type).
 pub fn adapt(batch: &RecordBatch, target: &SchemaRef) -> RecordBatch {
@@ -388,7 +413,7 @@ impl TableBuffer {
             }
             *last = (*last).max(time);
         }
-        let batch = with_seq(&pending.batch, seq);
+        let batch = with_time_range(with_seq(&pending.batch, seq));
         let bytes = batch.get_array_memory_size();
         let partition = self.partitions.entry(pending.partition).or_default();
         partition.overlap |= overlap;
@@ -404,7 +429,7 @@ impl TableBuffer {
             if run >= BATCHES_BEFORE_MERGE / 2 {
                 let start = partition.batches.len() - run;
                 let adapted: Vec<_> = partition.batches[start..].iter().map(|b| adapt(b, schema)).collect();
-                let merged = arrow::compute::concat_batches(schema, &adapted).expect("adapted batches share the schema");
+                let merged = with_time_range(arrow::compute::concat_batches(schema, &adapted).expect("adapted batches share the schema"));
                 partition.batches.truncate(start);
                 partition.batches.push(merged);
                 let before = partition.bytes;

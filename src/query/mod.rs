@@ -40,7 +40,7 @@ use datafusion::physical_plan::union::UnionExec;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
-use crate::buffer::{adapt, dedup};
+use crate::buffer::{adapt, dedup, time_range};
 use crate::catalog::{ParquetFile, SEQ_COLUMN, TIME_COLUMN};
 use crate::engine::{Engine, PartitionSnapshot};
 
@@ -383,7 +383,9 @@ impl TableProvider for Table {
             if overlapping.contains(&partition_ns) {
                 by_partition.insert(partition_ns, batches);
             } else {
-                plain_batches.extend(batches.iter().map(|b| adapt(b, &self.schema)));
+                // A buffered batch outside the query's time range is skipped unread.
+                let in_range = |b: &&RecordBatch| time_range(b).is_none_or(|(min, max)| max >= lo && min <= hi);
+                plain_batches.extend(batches.iter().filter(in_range).map(|b| adapt(b, &self.schema)));
             }
         }
         for &partition_ns in &overlapping {
