@@ -183,7 +183,44 @@ impl Hasher for PassThroughHasher {
     }
 }
 
-type SeriesMap = HashMap<u64, i64, std::hash::BuildHasherDefault<PassThroughHasher>>;
+type SeriesMap = HashMap<u64, SeriesTimes, std::hash::BuildHasherDefault<PassThroughHasher>>;
+
+/// How many of a series' latest times are remembered exactly: rows that arrive a little out
+/// of order (concurrent writers) at a new time do not mark their partition as overlapping.
+const RECENT_TIMES: usize = 16;
+
+/// The times a series has been written at, as far as overlap detection needs: every time is
+/// at or below `floor`, or in `recent` (sorted, all above `floor`).
+#[derive(Debug, Clone)]
+struct SeriesTimes {
+    floor: i64,
+    recent: Vec<i64>,
+}
+
+impl Default for SeriesTimes {
+    fn default() -> SeriesTimes {
+        SeriesTimes { floor: i64::MIN, recent: Vec::new() }
+    }
+}
+
+impl SeriesTimes {
+    /// Records `time`; `true` if the series may already have a row at it.
+    fn record(&mut self, time: i64) -> bool {
+        if time <= self.floor {
+            return true;
+        }
+        match self.recent.binary_search(&time) {
+            Ok(_) => true,
+            Err(at) => {
+                self.recent.insert(at, time);
+                if self.recent.len() > RECENT_TIMES {
+                    self.floor = self.recent.remove(0);
+                }
+                false
+            }
+        }
+    }
+}
 
 /// Builds Arrow batches from one request's accepted lines, grouped by table and partition.
 pub struct RowsBuilder {
@@ -358,7 +395,8 @@ impl Partition {
 #[derive(Default)]
 pub struct TableBuffer {
     pub partitions: BTreeMap<i64, Partition>,
-    /// Latest time written per series hash.
+    /// Times written per series hash (see [`SeriesTimes`]); series that share a hash share an
+    /// entry, which can only mark more overlap, never less.
     series_last: SeriesMap,
     /// Rows at or before this time may repeat keys of files written before this process
     /// started, whose series are not in `series_last`.
@@ -407,11 +445,10 @@ impl TableBuffer {
         let times = times.as_any().downcast_ref::<TimestampNanosecondArray>().expect("last column is time");
         let mut overlap = false;
         for (&series, &time) in pending.series.iter().zip(times.values().iter()) {
-            let last = self.series_last.entry(series).or_insert(i64::MIN);
-            if time <= *last || time <= self.floor_ns {
+            let seen = self.series_last.entry(series).or_default().record(time);
+            if seen || time <= self.floor_ns {
                 overlap = true;
             }
-            *last = (*last).max(time);
         }
         let batch = with_time_range(with_seq(&pending.batch, seq));
         let bytes = batch.get_array_memory_size();

@@ -126,3 +126,18 @@ fn persist_takes_a_bounded_prefix_in_sequence_order() {
     assert_eq!(buffer.min_unpersisted_seq(), 3);
     assert_eq!(buffer.partitions[&0].batches.len(), 2);
 }
+
+#[test]
+fn a_little_out_of_order_is_not_overlap_but_a_repeat_is() {
+    let mut times = SeriesTimes::default();
+    for t in [10, 30, 20, 40] {
+        assert!(!times.record(t), "new time {t}");
+    }
+    assert!(times.record(20), "a time seen before");
+    for t in 100..100 + RECENT_TIMES as i64 {
+        assert!(!times.record(t));
+    }
+    // 10..40 have fallen below the remembered window: anything there may repeat.
+    assert!(times.record(25), "below the floor is treated as a possible repeat");
+    assert!(!times.record(99 + RECENT_TIMES as i64 + 1));
+}
