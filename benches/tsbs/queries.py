@@ -148,7 +148,8 @@ def main():
         timings = {"sundial": [], "duckdb": []}
         for i, sql in enumerate(instances):
             t0 = time.perf_counter()
-            with sundial.cursor() as cur:
+            # Binary results, as asyncpg and pgjdbc read them.
+            with sundial.cursor(binary=True) as cur:
                 cur.execute(sql)
                 ours = cur.fetchall()
             t1 = time.perf_counter()

@@ -375,7 +375,15 @@ fn prefilter(batch: &RecordBatch, tag_filters: &[(String, Vec<String>)]) -> Opti
             return None;
         }
         let keys = dictionary.keys();
-        let this: BooleanArray = (0..keys.len()).map(|i| Some(keys.is_valid(i) && wanted[keys.value(i) as usize])).collect();
+        let this: BooleanArray = match wanted.iter().filter(|w| **w).count() {
+            // One value (one host, say): a vectorised comparison of the keys.
+            1 => {
+                let index = wanted.iter().position(|w| *w).expect("one wanted") as i32;
+                let index = arrow::array::Int32Array::new_scalar(index);
+                arrow::compute::kernels::cmp::eq(keys, &index).ok()?
+            }
+            _ => (0..keys.len()).map(|i| Some(keys.is_valid(i) && wanted[keys.value(i) as usize])).collect(),
+        };
         mask = Some(match mask {
             Some(m) => arrow::compute::and(&m, &this).ok()?,
             None => this,
