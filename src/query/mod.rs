@@ -219,7 +219,16 @@ impl Table {
         filters: &[Expr],
         projection: Option<Vec<usize>>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let mut source = ParquetSource::new(schema.clone()).with_table_parquet_options(state.table_options().parquet.clone());
+        // Files never change once written: their footers and page indexes are read once and
+        // kept in the runtime's metadata cache, not read again for every query.
+        let url = ObjectStoreUrl::parse(&self.engine.store().datafusion_url)?;
+        let readers = datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory::new(
+            state.runtime_env().object_store(&url)?,
+            state.runtime_env().cache_manager.get_file_metadata_cache(),
+        );
+        let mut source = ParquetSource::new(schema.clone())
+            .with_table_parquet_options(state.table_options().parquet.clone())
+            .with_parquet_file_reader_factory(Arc::new(readers));
         if let Some(predicate) = filters.iter().cloned().map(unnormalize_col).reduce(Expr::and) {
             let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
             source = source.with_predicate(state.create_physical_expr(predicate, &df_schema)?);
@@ -486,7 +495,12 @@ impl TableProvider for Table {
         let mut inputs: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
         let in_memory: Vec<RecordBatch> = plain_batches.into_iter().chain(merged_batches).filter(|b| b.num_rows() > 0).collect();
         if !in_memory.is_empty() {
-            let groups = split(in_memory, state.config().target_partitions());
+            let mut groups = split(in_memory, state.config().target_partitions());
+            if !tag_filters.is_empty() {
+                // Tag filters leave a few rows of many batches: one batch per group spares
+                // every operator above a per-batch cost for each of them.
+                groups = groups.into_iter().map(|g| arrow::compute::concat_batches(&self.schema, &g).map(|b| vec![b])).collect::<Result<_, _>>()?;
+            }
             inputs.push(MemorySourceConfig::try_new_exec(&groups, self.schema.clone(), projection.cloned())?);
         }
         if !plain_files.is_empty() {

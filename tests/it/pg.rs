@@ -172,6 +172,33 @@ async fn timeouts_cancels_memory_limits_and_ssl_refusal() {
 }
 
 #[tokio::test]
+async fn explain_analyze_shows_pruning_over_postgres() {
+    let (_dir, mut server) = server_with_cpu().await;
+    assert_eq!(server.terminate(), Some(0), "shutdown persists the rows to Parquet");
+    let server = server.restart();
+    let client = connect(&server, "pgdb").await.expect("connect");
+    let plan = |messages: Vec<tokio_postgres::SimpleQueryMessage>| -> String {
+        messages
+            .into_iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => Some((0..row.len()).filter_map(|i| row.get(i).map(String::from)).collect::<Vec<_>>().join(" ")),
+                _ => None,
+            })
+            .collect()
+    };
+    let sql = "SELECT usage FROM cpu WHERE host = 'a' AND time >= '2023-11-14T22:13:20Z'";
+    let explained = plan(client.simple_query(&format!("EXPLAIN {sql}")).await.expect("explain"));
+    assert!(explained.contains("DataSourceExec") && explained.contains(".parquet") && explained.contains("pruning_predicate"), "{explained}");
+    let analyzed = plan(client.simple_query(&format!("EXPLAIN ANALYZE {sql}")).await.expect("explain analyze"));
+    for metric in ["files_ranges_pruned_statistics", "row_groups_pruned_statistics", "page_index_rows_pruned", "output_rows"] {
+        assert!(analyzed.contains(metric), "{metric} missing from {analyzed}");
+    }
+    // The extended protocol answers EXPLAIN ANALYZE as well.
+    let rows = client.query(&format!("EXPLAIN ANALYZE {sql}"), &[]).await.expect("extended explain analyze");
+    assert!(rows.iter().any(|r| r.get::<_, String>(1).contains("row_groups_pruned_statistics")));
+}
+
+#[tokio::test]
 async fn pgjdbc_metadata_and_prepared_statements() {
     let (_dir, server) = server_with_cpu().await;
     let (host, port) = server.pg_addr.rsplit_once(':').expect("host:port");
