@@ -104,17 +104,16 @@ struct Outcome {
 fn ingest(hosts: usize, duration_s: i64, writers: usize, on_the_fly: bool, extra: &[&str]) -> Outcome {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(&dir.path().join("data"), extra);
-    let (rows, seconds, body_bytes) = send(&server, hosts, duration_s, writers, on_the_fly);
-    let peak_rss = server.peak_rss_bytes();
+    let (rows, seconds, body_bytes, peak_rss) = send(&server, hosts, duration_s, writers, on_the_fly);
     let data_dir = server.dir.clone();
     server.stop();
     Outcome { rows, seconds, body_bytes, peak_rss, parquet_bytes: parquet_bytes(&data_dir) }
 }
 
 /// Sends `hosts` × `duration_s` with `writers` concurrent clients and checks every row landed:
-/// (rows, seconds, body bytes). Pre-generated batches keep the client's CPU out of the
+/// (rows, seconds, body bytes, the server's peak RSS during ingest, before the check's query). Pre-generated batches keep the client's CPU out of the
 /// measurement; `on_the_fly` generates while sending (large sets).
-fn send(server: &Server, hosts: usize, duration_s: i64, writers: usize, on_the_fly: bool) -> (u64, f64, u64) {
+fn send(server: &Server, hosts: usize, duration_s: i64, writers: usize, on_the_fly: bool) -> (u64, f64, u64, u64) {
     let expected = Generator::total_rows(hosts, duration_s);
     let generator = Arc::new(Mutex::new(Generator::new(hosts, duration_s, 42)));
     let pregenerated: Arc<Vec<(String, usize)>> = Arc::new(if on_the_fly {
@@ -170,12 +169,13 @@ fn send(server: &Server, hosts: usize, duration_s: i64, writers: usize, on_the_f
         }
     });
     let seconds = started.elapsed().as_secs_f64();
+    let peak_rss = server.peak_rss_bytes();
     let counted: serde_json::Value = runtime.block_on(async {
         let url = format!("http://{}/api/v3/query_sql?db=benchmark&q=SELECT%20count(*)%20AS%20n%20FROM%20cpu", server.addr);
         reqwest::get(url).await.expect("count").json().await.expect("json")
     });
     assert_eq!(counted[0]["n"].as_u64(), Some(expected), "every row landed");
-    (rows.load(Ordering::Relaxed), seconds, body_bytes.load(Ordering::Relaxed))
+    (rows.load(Ordering::Relaxed), seconds, body_bytes.load(Ordering::Relaxed), peak_rss)
 }
 
 /// The TSBS query suite side by side with DuckDB (`queries.py`), right after ingest (rows in
@@ -191,7 +191,7 @@ fn queries(hosts: usize, hours: i64, runs: usize) {
     // A buffer large enough that the data set stays in memory until the restart.
     let extra = ["--buffer-memory-max", "4GiB", "--persist-interval", "1h"];
     let server = Server::start(&data, &extra);
-    let (rows, seconds, _) = send(&server, hosts, hours * 3600, 4, true);
+    let (rows, seconds, _, _) = send(&server, hosts, hours * 3600, 4, true);
     println!("
 ingested {rows} rows ({hosts} hosts × {hours} h) in {seconds:.1} s");
     let parquet = dir.path().join("cpu.parquet");
