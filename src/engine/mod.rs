@@ -712,6 +712,14 @@ impl Engine {
     pub async fn last_values(&self, db: &str, table: &str) -> Result<Option<RecordBatch>, Error> {
         let Some(data) = self.table_data(db, table) else { return Ok(None) };
         let Some(schema) = self.catalog().table(db, table).cloned() else { return Ok(None) };
+        {
+            // The common case, once built: answer under the read lock, so the WAL thread's
+            // applies to this table wait for no query.
+            let guard = data.read().expect("table lock");
+            if let Some(cache) = guard.last.as_ref().filter(|c| c.ready) {
+                return cache.values.to_batch(&schema).map(Some).map_err(|e| Error::Internal(e.to_string()));
+            }
+        }
         let (batches, files) = {
             let mut guard = data.write().expect("table lock");
             let cache = guard.last.get_or_insert_with(LastCache::default);
