@@ -186,19 +186,14 @@ fn queries(hosts: usize, hours: i64, runs: usize) {
         .status()
         .expect("python3");
     assert!(pip.success(), "installing duckdb and psycopg failed");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
+    // TSBS_DATA_DIR keeps the data set for later runs, which then only measure the persisted
+    // state (for working on the query path without re-ingesting).
+    let temp = tempfile::tempdir().expect("tempdir");
+    let dir = std::env::var_os("TSBS_DATA_DIR").map(PathBuf::from).unwrap_or_else(|| temp.path().to_path_buf());
+    let data = dir.join("data");
+    let parquet = dir.join("cpu.parquet");
     // A buffer large enough that the data set stays in memory until the restart.
     let extra = ["--buffer-memory-max", "4GiB", "--persist-interval", "1h"];
-    let server = Server::start(&data, &extra);
-    let (rows, seconds, _, _) = send(&server, hosts, hours * 3600, 4, true);
-    println!("
-ingested {rows} rows ({hosts} hosts × {hours} h) in {seconds:.1} s");
-    let parquet = dir.path().join("cpu.parquet");
-    let export = format!("http://{}/api/v3/query_sql?db=benchmark&format=parquet&q=SELECT%20*%20FROM%20cpu", server.addr);
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let bytes = runtime.block_on(async { reqwest::get(export).await.expect("export").bytes().await.expect("parquet body") });
-    std::fs::write(&parquet, &bytes).expect("write parquet");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/tsbs/queries.py");
     let run = |server: &Server, state: &str| {
         let (host, port) = server.pg_addr.rsplit_once(':').expect("host:port");
@@ -211,6 +206,20 @@ ingested {rows} rows ({hosts} hosts × {hours} h) in {seconds:.1} s");
             .expect("python3");
         assert!(status.success(), "the query suite failed ({state})");
     };
+    if parquet.exists() {
+        println!("\nreusing the data set in {}", dir.display());
+        let server = Server::start(&data, &extra);
+        run(&server, "persisted, after a restart");
+        server.stop();
+        return;
+    }
+    let server = Server::start(&data, &extra);
+    let (rows, seconds, _, _) = send(&server, hosts, hours * 3600, 4, true);
+    println!("\ningested {rows} rows ({hosts} hosts × {hours} h) in {seconds:.1} s");
+    let export = format!("http://{}/api/v3/query_sql?db=benchmark&format=parquet&q=SELECT%20*%20FROM%20cpu", server.addr);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let bytes = runtime.block_on(async { reqwest::get(export).await.expect("export").bytes().await.expect("parquet body") });
+    std::fs::write(&parquet, &bytes).expect("write parquet");
     run(&server, "right after ingest");
     server.stop();
     let server = Server::start(&data, &extra);

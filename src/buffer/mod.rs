@@ -16,6 +16,7 @@
 mod tests;
 pub mod dedup;
 pub mod last;
+pub mod sort;
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hasher;
@@ -422,6 +423,9 @@ fn min_seq(batches: &[RecordBatch]) -> u64 {
 /// Merges small batches once a partition holds this many, so tiny writes do not pile up.
 const BATCHES_BEFORE_MERGE: usize = 64;
 const SMALL_BATCH_ROWS: usize = 8_192;
+/// Unsorted rows a partition gathers before they are sorted by series into one batch (the
+/// default of `--buffer-sort-rows`).
+pub const SORT_ROWS_MIN: usize = 256 * 1024;
 
 impl TableBuffer {
     pub fn new(floor_ns: i64) -> TableBuffer {
@@ -536,6 +540,45 @@ impl TableBuffer {
             p.min_seq = p.min_seq.min(std::mem::replace(&mut p.persisting_min_seq, u64::MAX));
             p.rows = p.batches.iter().map(|b| b.num_rows()).sum();
         }
+    }
+
+    /// The next run of buffered batches to sort by series (see [`sort`]): consecutive
+    /// unsorted batches of one partition, at least `rows_min` rows, as (partition, index of
+    /// the first batch, the batches).
+    pub fn unsorted_run(&self, rows_min: usize) -> Option<(i64, usize, Vec<RecordBatch>)> {
+        for (&partition, p) in &self.partitions {
+            let mut start = 0;
+            let mut rows = 0;
+            for (i, batch) in p.batches.iter().enumerate() {
+                if sort::is_sorted(batch) {
+                    start = i + 1;
+                    rows = 0;
+                    continue;
+                }
+                rows += batch.num_rows();
+                if rows >= rows_min.max(1) {
+                    return Some((partition, start, p.batches[start..=i].to_vec()));
+                }
+            }
+        }
+        None
+    }
+
+    /// Puts `sorted` in place of `run` (from [`Self::unsorted_run`]) unless those batches
+    /// have changed place meanwhile (persisted, merged); returns whether it did.
+    pub fn replace_run(&mut self, partition: i64, start: usize, run: &[RecordBatch], sorted: RecordBatch) -> bool {
+        let Some(p) = self.partitions.get_mut(&partition) else { return false };
+        let same = |a: &RecordBatch, b: &RecordBatch| a.num_rows() == b.num_rows() && Arc::ptr_eq(a.column(0), b.column(0));
+        let unchanged = p.batches.get(start..start + run.len()).is_some_and(|now| now.iter().zip(run).all(|(a, b)| same(a, b)));
+        if !unchanged || sorted.num_rows() != run.iter().map(|b| b.num_rows()).sum::<usize>() {
+            return false;
+        }
+        let before: usize = run.iter().map(|b| b.get_array_memory_size()).sum();
+        let after = sorted.get_array_memory_size();
+        p.batches.splice(start..start + run.len(), std::iter::once(sorted));
+        p.bytes = p.bytes - before.min(p.bytes) + after;
+        self.bytes = self.bytes - before.min(self.bytes) + after;
+        true
     }
 
     /// Smallest sequence number still only in memory (u64::MAX when none).

@@ -46,6 +46,8 @@ pub struct Config {
     pub wal_sync: bool,
     pub wal_segment_bytes_max: u64,
     pub wal_record_bytes_max: usize,
+    /// Unsorted buffered rows a partition gathers before they are sorted by series.
+    pub sort_rows_min: usize,
 }
 
 impl Config {
@@ -59,6 +61,7 @@ impl Config {
             wal_sync: true,
             wal_segment_bytes_max: 1 << 20,
             wal_record_bytes_max: 64 << 20,
+            sort_rows_min: crate::buffer::SORT_ROWS_MIN,
         }
     }
 }
@@ -862,6 +865,42 @@ impl Engine {
         Ok(Some(file))
     }
 
+    /// Sorts runs of buffered batches by series (see `buffer::sort`), one run at a time on a
+    /// blocking thread, so queries for a few series find their rows by binary search. A run
+    /// that a persist or a merge moved meanwhile is left as it was. Returns the runs sorted.
+    pub async fn sort_buffers(&self) -> Result<usize, Error> {
+        let tables: Vec<_> = self.tables.read().expect("tables lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut sorted_runs = 0;
+        for ((db, table), data) in tables {
+            loop {
+                let Some((partition, start, run)) = data.read().expect("table lock").buffer.unsorted_run(self.config.sort_rows_min) else { break };
+                let Some(schema) = self.catalog().table(&db, &table).map(|t| t.arrow_schema_with_seq().clone()) else { break };
+                let inputs = run.clone();
+                let sorted = tokio::task::spawn_blocking(move || crate::buffer::sort::sort_by_series(&inputs, &schema))
+                    .await
+                    .map_err(|e| Error::Internal(format!("sorting task: {e}")))?
+                    .map_err(|e| Error::Internal(format!("sorting buffered rows: {e}")))?;
+                let mut guard = data.write().expect("table lock");
+                if guard.dropped {
+                    break;
+                }
+                let before = guard.buffer.bytes();
+                if !guard.buffer.replace_run(partition, start, &run, sorted) {
+                    break;
+                }
+                let after = guard.buffer.bytes();
+                drop(guard);
+                if after >= before {
+                    self.buffered_bytes.fetch_add(after - before, Ordering::Relaxed);
+                } else {
+                    self.buffered_bytes.fetch_sub(before - after, Ordering::Relaxed);
+                }
+                sorted_runs += 1;
+            }
+        }
+        Ok(sorted_runs)
+    }
+
     /// Buffered partitions, largest first: (db, table, partition, bytes).
     fn buffered_partitions(&self) -> Vec<(String, String, i64, usize)> {
         let tables: Vec<_> = self.tables.read().expect("tables lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -934,6 +973,9 @@ impl Engine {
             if let Err(error) = result {
                 tracing::error!(%error, "persist failed; rows stay buffered and in the WAL");
                 tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            if let Err(error) = self.sort_buffers().await {
+                tracing::error!(%error, "sorting buffered rows failed; they stay as they were");
             }
         }
     }

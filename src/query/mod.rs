@@ -13,6 +13,7 @@ pub mod ddl;
 pub mod functions;
 pub mod gapfill;
 pub mod last_cache;
+pub mod prefilter;
 pub mod insert;
 #[cfg(test)]
 mod tests;
@@ -319,92 +320,6 @@ fn timestamp_nanos(value: &ScalarValue) -> Option<i64> {
     }
 }
 
-/// Tag filters a buffered batch can apply through its dictionary: `tag = 'v'` and
-/// `tag IN ('v', …)`, as (tag, accepted values).
-fn tag_filters(filters: &[Expr], table: &crate::catalog::TableSchema) -> Vec<(String, Vec<String>)> {
-    let is_tag = |name: &str| table.column(name).is_some_and(|c| c.kind == crate::catalog::ColumnKind::Tag);
-    let text = |e: &Expr| match e {
-        Expr::Literal(ScalarValue::Utf8(Some(s)) | ScalarValue::Utf8View(Some(s)) | ScalarValue::LargeUtf8(Some(s)), _) => Some(s.clone()),
-        Expr::Literal(ScalarValue::Dictionary(_, inner), _) => match inner.as_ref() {
-            ScalarValue::Utf8(Some(s)) => Some(s.clone()),
-            _ => None,
-        },
-        Expr::Cast(cast) => match cast.expr.as_ref() {
-            Expr::Literal(ScalarValue::Utf8(Some(s)), _) => Some(s.clone()),
-            _ => None,
-        },
-        _ => None,
-    };
-    let column = |e: &Expr| match e {
-        Expr::Column(c) if is_tag(&c.name) => Some(c.name.clone()),
-        Expr::Cast(cast) => match cast.expr.as_ref() {
-            Expr::Column(c) if is_tag(&c.name) => Some(c.name.clone()),
-            _ => None,
-        },
-        _ => None,
-    };
-    let mut out = Vec::new();
-    for filter in filters {
-        match filter {
-            Expr::BinaryExpr(BinaryExpr { left, op: Operator::Eq, right }) => {
-                let pair = match (column(left), text(right)) {
-                    (Some(c), Some(v)) => Some((c, v)),
-                    _ => column(right).zip(text(left)),
-                };
-                if let Some((c, v)) = pair {
-                    out.push((c, vec![v]));
-                }
-            }
-            Expr::InList(list) if !list.negated => {
-                let values: Option<Vec<String>> = list.list.iter().map(text).collect();
-                if let (Some(c), Some(values)) = (column(&list.expr), values) {
-                    out.push((c, values));
-                }
-            }
-            _ => {}
-        }
-    }
-    out
-}
-
-/// The rows of a buffered batch that can pass `tag_filters`, found through the tags'
-/// dictionaries (an integer comparison per row); `None` when no row can.
-fn prefilter(batch: &RecordBatch, tag_filters: &[(String, Vec<String>)]) -> Option<RecordBatch> {
-    use arrow::array::{Array, AsArray, BooleanArray};
-    if tag_filters.is_empty() {
-        return Some(batch.clone());
-    }
-    let mut mask: Option<BooleanArray> = None;
-    for (tag, values) in tag_filters {
-        let Some(column) = batch.column_by_name(tag) else { return None };
-        let Some(dictionary) = column.as_dictionary_opt::<arrow::datatypes::Int32Type>() else { return Some(batch.clone()) };
-        let Some(strings) = dictionary.values().as_string_opt::<i32>() else { return Some(batch.clone()) };
-        let wanted: Vec<bool> = (0..strings.len()).map(|i| strings.is_valid(i) && values.iter().any(|v| v == strings.value(i))).collect();
-        if !wanted.iter().any(|w| *w) {
-            return None;
-        }
-        let keys = dictionary.keys();
-        let this: BooleanArray = match wanted.iter().filter(|w| **w).count() {
-            // One value (one host, say): a vectorised comparison of the keys.
-            1 => {
-                let index = wanted.iter().position(|w| *w).expect("one wanted") as i32;
-                let index = arrow::array::Int32Array::new_scalar(index);
-                arrow::compute::kernels::cmp::eq(keys, &index).ok()?
-            }
-            _ => (0..keys.len()).map(|i| Some(keys.is_valid(i) && wanted[keys.value(i) as usize])).collect(),
-        };
-        mask = Some(match mask {
-            Some(m) => arrow::compute::and(&m, &this).ok()?,
-            None => this,
-        });
-    }
-    let mask = mask?;
-    if mask.true_count() == 0 {
-        return None;
-    }
-    arrow::compute::filter_record_batch(batch, &mask).ok()
-}
-
 /// Whether a filter only reads key columns (so it may run before the merge).
 fn only_keys(filter: &Expr, keys: &[String]) -> bool {
     filter.column_refs().iter().all(|c| keys.contains(&c.name))
@@ -470,19 +385,18 @@ impl TableProvider for Table {
             .chain(snapshot.files.iter().filter(|f| f.overlap).map(|f| f.partition_ns))
             .collect();
 
-        let mut plain_batches = Vec::new();
+        let mut plain_batches: Vec<RecordBatch> = Vec::new();
         let mut merged_batches = Vec::new();
         let key_filters: Vec<Expr> = filters.iter().filter(|f| only_keys(f, &self.keys)).cloned().collect();
         let mut by_partition: HashMap<i64, Vec<RecordBatch>> = HashMap::new();
-        let tag_filters = tag_filters(filters, &self.table_schema);
+        let tag_filters = prefilter::tag_filters(filters, &self.table_schema);
         for PartitionSnapshot { partition_ns, batches, .. } in snapshot.partitions {
             if overlapping.contains(&partition_ns) {
                 by_partition.insert(partition_ns, batches);
             } else {
-                // A buffered batch outside the query's time range is skipped unread, and tag
-                // filters keep only the rows that can pass them (DataFusion still filters).
-                let in_range = |b: &&RecordBatch| time_range(b).is_none_or(|(min, max)| max >= lo && min <= hi);
-                plain_batches.extend(batches.iter().filter(in_range).filter_map(|b| prefilter(b, &tag_filters)).map(|b| adapt(&b, &self.schema)));
+                // A buffered batch outside the query's time range is skipped unread.
+                let in_range = |b: &RecordBatch| time_range(b).is_none_or(|(min, max)| max >= lo && min <= hi);
+                plain_batches.extend(batches.into_iter().filter(|b| in_range(b) && b.num_rows() > 0));
             }
         }
         for &partition_ns in &overlapping {
@@ -493,14 +407,18 @@ impl TableProvider for Table {
         let plain_files: Vec<_> = snapshot.files.iter().filter(|f| !overlapping.contains(&f.partition_ns)).cloned().collect();
 
         let mut inputs: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
-        let in_memory: Vec<RecordBatch> = plain_batches.into_iter().chain(merged_batches).filter(|b| b.num_rows() > 0).collect();
-        if !in_memory.is_empty() {
-            let mut groups = split(in_memory, state.config().target_partitions());
-            if !tag_filters.is_empty() {
-                // Tag filters leave a few rows of many batches: one batch per group spares
-                // every operator above a per-batch cost for each of them.
-                groups = groups.into_iter().map(|g| arrow::compute::concat_batches(&self.schema, &g).map(|b| vec![b])).collect::<Result<_, _>>()?;
-            }
+        let partitions = state.config().target_partitions();
+        let mut groups = if tag_filters.is_empty() {
+            split(plain_batches.iter().map(|b| adapt(b, &self.schema)).collect(), partitions)
+        } else {
+            // Tag filters keep only the rows that can pass them (DataFusion still filters),
+            // gathered into one batch per group.
+            let refs: Vec<&RecordBatch> = plain_batches.iter().collect();
+            prefilter::select(&refs, &tag_filters, &self.schema, partitions)?.into_iter().map(|b| vec![b]).collect()
+        };
+        groups.extend(split(merged_batches.into_iter().filter(|b| b.num_rows() > 0).collect(), partitions));
+        groups.retain(|g| !g.is_empty());
+        if !groups.is_empty() {
             inputs.push(MemorySourceConfig::try_new_exec(&groups, self.schema.clone(), projection.cloned())?);
         }
         if !plain_files.is_empty() {
