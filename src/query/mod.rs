@@ -13,6 +13,7 @@ pub mod ddl;
 pub mod functions;
 pub mod gapfill;
 pub mod last_cache;
+pub mod files;
 pub mod prefilter;
 pub mod insert;
 #[cfg(test)]
@@ -123,6 +124,8 @@ impl QueryEngine {
             .with_target_partitions(self.config.target_partitions);
         config.options_mut().execution.parquet.pushdown_filters = true;
         config.options_mut().execution.parquet.reorder_filters = true;
+        // Sundial writes no bloom filters; looking for them costs every row group a probe.
+        config.options_mut().execution.parquet.bloom_filter_on_read = false;
         let ctx = SessionContext::new_with_config_rt(config, self.runtime.clone());
         functions::register(&ctx);
         ctx.register_udtf("last_cache", Arc::new(last_cache::LastCacheFunction { engine: self.engine.clone(), db: db.to_string() }));
@@ -221,12 +224,12 @@ impl Table {
         projection: Option<Vec<usize>>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
         // Files never change once written: their footers and page indexes are read once and
-        // kept in the runtime's metadata cache, not read again for every query.
+        // kept in the runtime's metadata cache, not read again for every query (`files`).
         let url = ObjectStoreUrl::parse(&self.engine.store().datafusion_url)?;
-        let readers = datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory::new(
+        let readers = files::Readers(datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory::new(
             state.runtime_env().object_store(&url)?,
             state.runtime_env().cache_manager.get_file_metadata_cache(),
-        );
+        ));
         let mut source = ParquetSource::new(schema.clone())
             .with_table_parquet_options(state.table_options().parquet.clone())
             .with_parquet_file_reader_factory(Arc::new(readers));
