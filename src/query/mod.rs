@@ -268,16 +268,15 @@ impl Table {
     }
 }
 
-/// Splits items into at most `n` groups of similar size, keeping order.
+/// Splits items into `n` groups (fewer when there are fewer items) whose sizes differ by at
+/// most one, keeping order.
 fn split<T>(items: Vec<T>, n: usize) -> Vec<Vec<T>> {
-    let n = n.max(1).min(items.len().max(1));
-    let per = items.len().div_ceil(n).max(1);
-    let mut groups: Vec<Vec<T>> = Vec::with_capacity(n);
-    for (i, item) in items.into_iter().enumerate() {
-        if i % per == 0 {
-            groups.push(Vec::with_capacity(per));
-        }
-        groups.last_mut().expect("pushed above").push(item);
+    let n = n.max(1).min(items.len());
+    let (per, extra) = (items.len() / n.max(1), items.len() % n.max(1));
+    let mut groups: Vec<Vec<T>> = (0..n).map(|g| Vec::with_capacity(per + usize::from(g < extra))).collect();
+    let mut items = items.into_iter();
+    for (g, group) in groups.iter_mut().enumerate() {
+        group.extend(items.by_ref().take(per + usize::from(g < extra)));
     }
     groups
 }

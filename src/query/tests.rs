@@ -33,6 +33,7 @@ fn key_only_filters() {
 #[test]
 fn split_keeps_order_and_count() {
     assert_eq!(split(vec![1, 2, 3, 4, 5], 2), vec![vec![1, 2, 3], vec![4, 5]]);
+    assert_eq!(split(vec![1, 2, 3, 4, 5], 4), vec![vec![1, 2], vec![3], vec![4], vec![5]]);
     assert_eq!(split(vec![1], 4), vec![vec![1]]);
     assert!(split(Vec::<i32>::new(), 2).is_empty());
 }

@@ -201,3 +201,60 @@ async fn lastpoint_answers_from_the_cache_exactly() {
     // `last_cache('cpu')` is a table of its own, as in InfluxDB 3.
     assert_eq!(server.count("lv", "SELECT count(*) AS n FROM last_cache('cpu')").await, 3);
 }
+
+/// Buffered runs get sorted by series in the background; tag-filtered queries answer the same
+/// before and after, after a late write and an overwrite, and from Parquet; a full scan of the
+/// buffer is split over the cores.
+#[tokio::test]
+async fn series_sorted_buffers_answer_the_same_and_scans_use_every_core() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::start(&dir.path().join("data"), &["--buffer-sort-rows", "500"]);
+    async fn answers(server: &Server) -> Vec<Vec<serde_json::Value>> {
+        let questions = [
+            ("host = 'h3'", "host || '' = 'h3'"),
+            ("host IN ('h4', 'h19', 'nope') AND dc = 'd1'", "host || '' IN ('h4', 'h19', 'nope') AND dc || '' = 'd1'"),
+            ("dc = 'd2' AND time >= '1970-01-01T00:20:00Z'", "dc || '' = 'd2' AND time >= '1970-01-01T00:20:00Z'"),
+        ];
+        let mut out = Vec::new();
+        for (filter, unfiltered) in questions {
+            let sql = |f: &str| format!("SELECT host, dc, count(*) AS n, sum(u) AS u, max(time) AS t FROM cpu WHERE {f} GROUP BY host, dc ORDER BY host, dc");
+            let answer = server.query("s", &sql(filter)).await;
+            assert_eq!(answer, server.query("s", &sql(unfiltered)).await, "{filter}");
+            out.push(answer);
+        }
+        out
+    }
+    async fn batches_in_plan(server: &Server) -> (usize, usize, String) {
+        let plan = serde_json::to_string(&server.query("s", "EXPLAIN SELECT sum(u) FROM cpu").await).expect("json");
+        let sizes = plan.split("partition_sizes=[").nth(1).and_then(|r| r.split(']').next()).unwrap_or_default();
+        let batches = sizes.split(", ").filter_map(|n| n.parse::<usize>().ok()).sum();
+        let partitions = plan.split("DataSourceExec: partitions=").nth(1).and_then(|r| r.split(',').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
+        (batches, partitions, plan)
+    }
+    // 20 hosts × 100 times in 10 requests of 200 rows, in order.
+    for request in 0..10 {
+        let body: String = (0..10)
+            .flat_map(|t| (0..20).map(move |h| format!("cpu,host=h{h},dc=d{} u={},n={}i {}\n", h % 3, request * 10 + t, h, 1000 + (request * 10 + t) * 10)))
+            .collect();
+        assert_eq!(server.write("/api/v3/write_lp?db=s&precision=s", body).await.0, 204);
+    }
+    let before = answers(&server).await;
+    assert_eq!(before[0], vec![json!({"host": "h3", "dc": "d0", "n": 100, "u": 4950.0, "t": "1970-01-01T00:33:10Z"})]);
+    // Runs of at least 500 rows: three sorted batches of three requests each and the last
+    // request as it came, four batches in place of ten.
+    let sorted = eventually(Duration::from_secs(10), || async { batches_in_plan(&server).await.0 == 4 }).await;
+    assert!(sorted, "buffered runs were not sorted: {}", batches_in_plan(&server).await.2);
+    assert_eq!(answers(&server).await, before);
+    // A scan of every buffered row is split over the cores.
+    let (_, partitions, plan) = batches_in_plan(&server).await;
+    assert_eq!(partitions, std::thread::available_parallelism().map_or(1, |n| n.get()).min(4), "{plan}");
+    // An overwritten point (the later write wins) and a late row.
+    assert_eq!(server.write("/api/v3/write_lp?db=s&precision=s", "cpu,host=h3,dc=d0 u=1000 1500\ncpu,host=h4,dc=d1 u=-1 5").await.0, 204);
+    let after = answers(&server).await;
+    assert_eq!(after[0], vec![json!({"host": "h3", "dc": "d0", "n": 100, "u": 4950.0 - 50.0 + 1000.0, "t": "1970-01-01T00:33:10Z"})]);
+    assert_eq!((after[1][1]["host"].clone(), after[1][1]["n"].clone()), (json!("h4"), json!(101)), "{:?}", after[1]);
+    // Persisted: the same answers from Parquet.
+    assert_eq!(server.terminate(), Some(0));
+    server = server.restart();
+    assert_eq!(answers(&server).await, after);
+}
