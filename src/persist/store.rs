@@ -57,6 +57,11 @@ impl Store {
         }
     }
 
+    /// The root directory, when the store is a local one.
+    pub fn local_root(&self) -> Option<&std::path::Path> {
+        self.local_root.as_deref()
+    }
+
     fn sync_local(&self, path: &Path) -> Result<(), Error> {
         let Some(root) = &self.local_root else { return Ok(()) };
         let file = root.join(path.as_ref());

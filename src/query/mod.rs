@@ -226,10 +226,13 @@ impl Table {
         // Files never change once written: their footers and page indexes are read once and
         // kept in the runtime's metadata cache, not read again for every query (`files`).
         let url = ObjectStoreUrl::parse(&self.engine.store().datafusion_url)?;
-        let readers = files::Readers(datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory::new(
-            state.runtime_env().object_store(&url)?,
-            state.runtime_env().cache_manager.get_file_metadata_cache(),
-        ));
+        let readers = files::Readers {
+            cached: datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory::new(
+                state.runtime_env().object_store(&url)?,
+                state.runtime_env().cache_manager.get_file_metadata_cache(),
+            ),
+            local_root: self.engine.store().local_root().map(|p| p.to_path_buf()),
+        };
         let mut source = ParquetSource::new(schema.clone())
             .with_table_parquet_options(state.table_options().parquet.clone())
             .with_parquet_file_reader_factory(Arc::new(readers));
