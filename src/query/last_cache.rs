@@ -100,7 +100,7 @@ impl TableProvider for LastCacheTable {
         let mut batches = Vec::new();
         if let Some(batch) = batch.filter(|b| b.num_rows() > 0) {
             let mut batch = crate::buffer::adapt(&batch, &self.schema);
-            if let Some(predicate) = filters.iter().cloned().reduce(Expr::and) {
+            if let Some(predicate) = filters.iter().cloned().map(datafusion::logical_expr::expr_rewriter::unnormalize_col).reduce(Expr::and) {
                 let df_schema = DFSchema::try_from(self.schema.as_ref().clone())?;
                 let mask = state.create_physical_expr(predicate, &df_schema)?.evaluate(&batch)?.into_array(batch.num_rows())?;
                 let mask = mask.as_boolean_opt().ok_or_else(|| DataFusionError::Internal("a filter that is not boolean".into()))?;
@@ -223,7 +223,9 @@ pub fn rewrite(sql: &str, catalog: &Catalog, db: &str) -> Option<String> {
     let SetExpr::Select(select) = query.body.as_mut() else { return None };
     // The table's own name (or alias) stays the alias, so `t.column` references keep working.
     let alias = match &select.from[0].relation {
-        TableFactor::Table { alias: Some(alias), .. } => alias.to_string(),
+        // The alias's name only: its Display carries the `AS`, and a column list is not kept.
+        TableFactor::Table { alias: Some(alias), .. } if alias.columns.is_empty() => alias.name.to_string(),
+        TableFactor::Table { alias: Some(_), .. } => return None,
         _ => datafusion::sql::sqlparser::ast::Ident::with_quote('"', table.clone()).to_string(),
     };
     let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
@@ -266,6 +268,8 @@ mod tests {
         assert_eq!(rewritten, "SELECT * FROM last_cache('cpu', 'hostname') AS \"cpu\" ORDER BY hostname, time DESC");
         let rewritten = rewrite("select distinct on (Region, hostname) * from CPU c where hostname <> 'x' order by region, hostname, time desc limit 3", &c, "db");
         assert_eq!(rewritten.as_deref(), Some("SELECT * FROM last_cache('cpu', 'region', 'hostname') AS c WHERE hostname <> 'x' ORDER BY region, hostname, time DESC LIMIT 3"));
+        let rewritten = rewrite("SELECT DISTINCT ON (hostname) region FROM cpu AS c WHERE region <> 'us' ORDER BY hostname, time DESC", &c, "db");
+        assert_eq!(rewritten.as_deref(), Some("SELECT region FROM last_cache('cpu', 'hostname') AS c WHERE region <> 'us' ORDER BY hostname, time DESC"));
         assert!(rewrite("SELECT DISTINCT ON (hostname) * FROM cpu WHERE region = 'eu' ORDER BY hostname, time DESC", &c, "db").is_some());
         for other in [
             "SELECT DISTINCT ON (hostname) * FROM cpu WHERE usage_user > 90 ORDER BY hostname, time DESC",
