@@ -648,6 +648,15 @@ impl Engine {
         Ok(WriteOutcome { lines_stored, rejected })
     }
 
+    /// A table's buffer went from `before` to `after` bytes.
+    fn buffer_resized(&self, before: usize, after: usize) {
+        if after >= before {
+            self.buffered_bytes.fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            self.buffered_bytes.fetch_sub(before - after, Ordering::Relaxed);
+        }
+    }
+
     /// Runs on the WAL writer thread, in sequence order, once the record is durable.
     fn apply(&self, db: &str, seq: u64, pending: Vec<PendingBatch>) {
         let catalog = self.catalog();
@@ -667,11 +676,7 @@ impl Engine {
             }
             let after = data.buffer.bytes();
             drop(data);
-            if after >= before {
-                self.buffered_bytes.fetch_add(after - before, Ordering::Relaxed);
-            } else {
-                self.buffered_bytes.fetch_sub(before - after, Ordering::Relaxed);
-            }
+            self.buffer_resized(before, after);
             appended.push((p.table.as_str(), stored));
         }
         self.applied_seq.store(seq, Ordering::Release);
@@ -890,11 +895,7 @@ impl Engine {
                 }
                 let after = guard.buffer.bytes();
                 drop(guard);
-                if after >= before {
-                    self.buffered_bytes.fetch_add(after - before, Ordering::Relaxed);
-                } else {
-                    self.buffered_bytes.fetch_sub(before - after, Ordering::Relaxed);
-                }
+                self.buffer_resized(before, after);
                 sorted_runs += 1;
             }
         }
