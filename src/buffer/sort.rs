@@ -113,6 +113,8 @@ pub(super) fn sort_with(batches: &[RecordBatch], schema: &SchemaRef, radix: bool
     let mut tuples: Vec<Vec<u32>> = Vec::new();
     // (series, time, seq, batch, row) per row, sorted.
     let mut order: Vec<(u64, i64, u64, u32, u32)> = Vec::with_capacity(rows);
+    // Per batch, per tag, each row's rank (0: null): the sort key, and then the output keys.
+    let mut ranks_of_batches: Vec<Vec<Vec<u32>>> = Vec::with_capacity(adapted.len());
     for (b, batch) in adapted.iter().enumerate() {
         let n = batch.num_rows();
         let rank_columns: Vec<Vec<u32>> = ranked
@@ -142,9 +144,10 @@ pub(super) fn sort_with(batches: &[RecordBatch], schema: &SchemaRef, radix: bool
         };
         let times = batch.column(time).as_primitive::<arrow::datatypes::TimestampNanosecondType>();
         let seqs = batch.column(seq).as_primitive::<arrow::datatypes::UInt64Type>();
-        for row in 0..n {
-            order.push((series[row], times.value(row), seqs.value(row), b as u32, row as u32));
+        for (row, &key) in series.iter().enumerate() {
+            order.push((key, times.value(row), seqs.value(row), b as u32, row as u32));
         }
+        ranks_of_batches.push(rank_columns);
     }
     if radix.is_none() {
         let mut by_tuple: Vec<u32> = (0..tuples.len() as u32).collect();
@@ -167,15 +170,11 @@ pub(super) fn sort_with(batches: &[RecordBatch], schema: &SchemaRef, radix: bool
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
     for (i, _) in schema.fields().iter().enumerate() {
         if let Some(position) = tags.iter().position(|&t| t == i) {
-            let r = &ranked[position];
             let keys: Int32Array = picks
                 .iter()
-                .map(|&(b, row)| {
-                    let keys = adapted[b].column(i).as_dictionary::<Int32Type>().keys();
-                    (!keys.is_null(row)).then(|| r.ranks[b][keys.value(row) as usize] as i32 - 1)
-                })
+                .map(|&(b, row)| Some(ranks_of_batches[b][position][row]).filter(|&rank| rank > 0).map(|rank| rank as i32 - 1))
                 .collect();
-            columns.push(Arc::new(DictionaryArray::<Int32Type>::try_new(keys, Arc::new(r.values.clone()))?));
+            columns.push(Arc::new(DictionaryArray::<Int32Type>::try_new(keys, Arc::new(ranked[position].values.clone()))?));
         } else {
             let parts: Vec<&dyn Array> = adapted.iter().map(|b| b.column(i).as_ref()).collect();
             columns.push(arrow::compute::interleave(&parts, &picks)?);
