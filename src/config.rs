@@ -88,7 +88,9 @@ pub struct ServeArgs {
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
-    s.parse::<bytesize::ByteSize>().map(|b| b.as_u64()).map_err(|e| format!("invalid size \"{s}\": {e}"))
+    s.parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("invalid size \"{s}\": {e}"))
 }
 
 impl ServeArgs {
@@ -101,7 +103,9 @@ impl ServeArgs {
             persist_interval: self.persist_interval,
             wal_sync: self.wal_sync == WalSync::Fsync,
             wal_segment_bytes_max: self.wal_segment_size,
-            wal_record_bytes_max: usize::try_from(self.request_max).unwrap_or(usize::MAX).saturating_add(1 << 16),
+            wal_record_bytes_max: usize::try_from(self.request_max)
+                .unwrap_or(usize::MAX)
+                .saturating_add(1 << 16),
             sort_rows_min: self.buffer_sort_rows,
         }
     }

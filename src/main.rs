@@ -11,7 +11,10 @@ fn main() -> std::process::ExitCode {
     match cli.command {
         Command::Serve(args) => {
             tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()))
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_new(&args.log)
+                        .unwrap_or_else(|_| "info".into()),
+                )
                 .with_writer(std::io::stderr)
                 .init();
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -45,21 +45,34 @@ pub async fn shutdown_signal() {
 }
 
 /// Runs the server until `shutdown` resolves.
-pub async fn run(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), Error> {
+pub async fn run(
+    args: ServeArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
     let engine = Engine::open(args.engine_config()).await?;
     let query = Arc::new(QueryEngine::new(engine.clone(), args.query_config())?);
     let stop_persist = CancellationToken::new();
     let persister = tokio::spawn(engine.clone().persist_loop(stop_persist.clone()));
 
-    let pg_listener = tokio::net::TcpListener::bind(args.pg_bind).await.map_err(|source| Error::Bind { addr: args.pg_bind, source })?;
-    let pg_addr = pg_listener.local_addr().map_err(|source| Error::Bind { addr: args.pg_bind, source })?;
+    let pg_listener = tokio::net::TcpListener::bind(args.pg_bind)
+        .await
+        .map_err(|source| Error::Bind { addr: args.pg_bind, source })?;
+    let pg_addr =
+        pg_listener.local_addr().map_err(|source| Error::Bind { addr: args.pg_bind, source })?;
     tracing::info!(addr = %pg_addr, "sundial postgres listening");
     println!("sundial postgres listening on {pg_addr}");
     let stop_pg = CancellationToken::new();
-    let pg = tokio::spawn(crate::pg::serve(pg_listener, Arc::new(crate::pg::Handlers::new(query.clone())), stop_pg.clone()));
+    let pg = tokio::spawn(crate::pg::serve(
+        pg_listener,
+        Arc::new(crate::pg::Handlers::new(query.clone())),
+        stop_pg.clone(),
+    ));
 
-    let listener = tokio::net::TcpListener::bind(args.http_bind).await.map_err(|source| Error::Bind { addr: args.http_bind, source })?;
-    let addr = listener.local_addr().map_err(|source| Error::Bind { addr: args.http_bind, source })?;
+    let listener = tokio::net::TcpListener::bind(args.http_bind)
+        .await
+        .map_err(|source| Error::Bind { addr: args.http_bind, source })?;
+    let addr =
+        listener.local_addr().map_err(|source| Error::Bind { addr: args.http_bind, source })?;
     tracing::info!(%addr, data_dir = %args.data_dir.display(), "sundial http listening");
     // Tests and scripts read the bound address from this line.
     println!("sundial http listening on {addr}");
@@ -74,7 +87,9 @@ pub async fn run(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 's
     // Persisting now makes the next start replay nothing; if it fails the WAL still has it all.
     match engine.persist_all().await {
         Ok(n) => tracing::info!(partitions = n, "buffer persisted"),
-        Err(error) => tracing::error!(%error, "persisting at shutdown failed; the wal keeps the rows"),
+        Err(error) => {
+            tracing::error!(%error, "persisting at shutdown failed; the wal keeps the rows")
+        }
     }
     let closing = engine.clone();
     let _ = tokio::task::spawn_blocking(move || closing.close()).await;

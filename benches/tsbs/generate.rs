@@ -6,14 +6,30 @@ pub const START_NS: i64 = 1_451_606_400_000_000_000;
 pub const INTERVAL_NS: i64 = 10_000_000_000;
 
 const REGIONS: [&str; 9] = [
-    "us-east-1", "us-west-1", "us-west-2", "eu-west-1", "eu-central-1", "ap-southeast-1", "ap-southeast-2", "ap-northeast-1", "sa-east-1",
+    "us-east-1",
+    "us-west-1",
+    "us-west-2",
+    "eu-west-1",
+    "eu-central-1",
+    "ap-southeast-1",
+    "ap-southeast-2",
+    "ap-northeast-1",
+    "sa-east-1",
 ];
 const OS: [&str; 3] = ["Ubuntu16.10", "Ubuntu16.04LTS", "Ubuntu15.10"];
 const ARCH: [&str; 2] = ["x64", "x86"];
 const TEAM: [&str; 4] = ["SF", "NYC", "LON", "CHI"];
 const ENVIRONMENT: [&str; 3] = ["production", "staging", "test"];
 pub const FIELDS: [&str; 10] = [
-    "usage_user", "usage_system", "usage_idle", "usage_nice", "usage_iowait", "usage_irq", "usage_softirq", "usage_steal", "usage_guest",
+    "usage_user",
+    "usage_system",
+    "usage_idle",
+    "usage_nice",
+    "usage_iowait",
+    "usage_irq",
+    "usage_softirq",
+    "usage_steal",
+    "usage_guest",
     "usage_guest_nice",
 ];
 
@@ -48,7 +64,14 @@ impl Generator {
             })
             .collect();
         let values = (0..hosts).map(|_| std::array::from_fn(|_| rng.i64(0..=100))).collect();
-        Generator { series, values, rng, time_ns: START_NS, end_ns: START_NS + duration_s * 1_000_000_000, host: 0 }
+        Generator {
+            series,
+            values,
+            rng,
+            time_ns: START_NS,
+            end_ns: START_NS + duration_s * 1_000_000_000,
+            host: 0,
+        }
     }
 
     pub fn total_rows(hosts: usize, duration_s: i64) -> u64 {

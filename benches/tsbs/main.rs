@@ -56,7 +56,8 @@ impl Server {
     }
 
     fn peak_rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmHWM:"))
@@ -101,10 +102,17 @@ struct Outcome {
 
 /// Ingests `hosts` × `duration_s` with `writers` concurrent clients into a fresh server, and
 /// stops it (which persists everything).
-fn ingest(hosts: usize, duration_s: i64, writers: usize, on_the_fly: bool, extra: &[&str]) -> Outcome {
+fn ingest(
+    hosts: usize,
+    duration_s: i64,
+    writers: usize,
+    on_the_fly: bool,
+    extra: &[&str],
+) -> Outcome {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(&dir.path().join("data"), extra);
-    let (rows, seconds, body_bytes, peak_rss) = send(&server, hosts, duration_s, writers, on_the_fly);
+    let (rows, seconds, body_bytes, peak_rss) =
+        send(&server, hosts, duration_s, writers, on_the_fly);
     let data_dir = server.dir.clone();
     server.stop();
     Outcome { rows, seconds, body_bytes, peak_rss, parquet_bytes: parquet_bytes(&data_dir) }
@@ -113,7 +121,13 @@ fn ingest(hosts: usize, duration_s: i64, writers: usize, on_the_fly: bool, extra
 /// Sends `hosts` × `duration_s` with `writers` concurrent clients and checks every row landed:
 /// (rows, seconds, body bytes, the server's peak RSS during ingest, before the check's query). Pre-generated batches keep the client's CPU out of the
 /// measurement; `on_the_fly` generates while sending (large sets).
-fn send(server: &Server, hosts: usize, duration_s: i64, writers: usize, on_the_fly: bool) -> (u64, f64, u64, u64) {
+fn send(
+    server: &Server,
+    hosts: usize,
+    duration_s: i64,
+    writers: usize,
+    on_the_fly: bool,
+) -> (u64, f64, u64, u64) {
     let expected = Generator::total_rows(hosts, duration_s);
     let generator = Arc::new(Mutex::new(Generator::new(hosts, duration_s, 42)));
     let pregenerated: Arc<Vec<(String, usize)>> = Arc::new(if on_the_fly {
@@ -122,7 +136,11 @@ fn send(server: &Server, hosts: usize, duration_s: i64, writers: usize, on_the_f
         let mut g = generator.lock().expect("generator");
         std::iter::from_fn(|| g.next_batch(BATCH_LINES)).collect()
     });
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     let url = format!("http://{}/api/v3/write_lp?db=benchmark&precision=ns", server.addr);
     let next = Arc::new(AtomicU64::new(0));
     let body_bytes = Arc::new(AtomicU64::new(0));
@@ -132,8 +150,15 @@ fn send(server: &Server, hosts: usize, duration_s: i64, writers: usize, on_the_f
         let client = reqwest::Client::new();
         let tasks: Vec<_> = (0..writers)
             .map(|_| {
-                let (client, url, next, body_bytes, rows, generator, pregenerated) =
-                    (client.clone(), url.clone(), next.clone(), body_bytes.clone(), rows.clone(), generator.clone(), pregenerated.clone());
+                let (client, url, next, body_bytes, rows, generator, pregenerated) = (
+                    client.clone(),
+                    url.clone(),
+                    next.clone(),
+                    body_bytes.clone(),
+                    rows.clone(),
+                    generator.clone(),
+                    pregenerated.clone(),
+                );
                 tokio::spawn(async move {
                     loop {
                         let batch = if on_the_fly {
@@ -151,11 +176,15 @@ fn send(server: &Server, hosts: usize, duration_s: i64, writers: usize, on_the_f
                         let (body, lines) = batch;
                         let len = body.len() as u64;
                         loop {
-                            let response = client.post(&url).body(body.clone()).send().await.expect("post");
+                            let response =
+                                client.post(&url).body(body.clone()).send().await.expect("post");
                             match response.status().as_u16() {
                                 204 => break,
                                 503 => tokio::time::sleep(Duration::from_millis(50)).await,
-                                other => panic!("write failed with {other}: {}", response.text().await.unwrap_or_default()),
+                                other => panic!(
+                                    "write failed with {other}: {}",
+                                    response.text().await.unwrap_or_default()
+                                ),
                             }
                         }
                         body_bytes.fetch_add(len, Ordering::Relaxed);
@@ -171,7 +200,10 @@ fn send(server: &Server, hosts: usize, duration_s: i64, writers: usize, on_the_f
     let seconds = started.elapsed().as_secs_f64();
     let peak_rss = server.peak_rss_bytes();
     let counted: serde_json::Value = runtime.block_on(async {
-        let url = format!("http://{}/api/v3/query_sql?db=benchmark&q=SELECT%20count(*)%20AS%20n%20FROM%20cpu", server.addr);
+        let url = format!(
+            "http://{}/api/v3/query_sql?db=benchmark&q=SELECT%20count(*)%20AS%20n%20FROM%20cpu",
+            server.addr
+        );
         reqwest::get(url).await.expect("count").json().await.expect("json")
     });
     assert_eq!(counted[0]["n"].as_u64(), Some(expected), "every row landed");
@@ -182,14 +214,24 @@ fn send(server: &Server, hosts: usize, duration_s: i64, writers: usize, on_the_f
 /// buffers) and after a restart (rows in Parquet, nothing cached).
 fn queries(hosts: usize, hours: i64, runs: usize) {
     let pip = Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "duckdb", "psycopg[binary]"])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "duckdb",
+            "psycopg[binary]",
+        ])
         .status()
         .expect("python3");
     assert!(pip.success(), "installing duckdb and psycopg failed");
     // TSBS_DATA_DIR keeps the data set for later runs, which then only measure the persisted
     // state (for working on the query path without re-ingesting).
     let temp = tempfile::tempdir().expect("tempdir");
-    let dir = std::env::var_os("TSBS_DATA_DIR").map(PathBuf::from).unwrap_or_else(|| temp.path().to_path_buf());
+    let dir = std::env::var_os("TSBS_DATA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| temp.path().to_path_buf());
     let data = dir.join("data");
     let parquet = dir.join("cpu.parquet");
     // A buffer large enough that the data set stays in memory until the restart.
@@ -201,7 +243,13 @@ fn queries(hosts: usize, hours: i64, runs: usize) {
             .arg(script)
             .args([host, port, "benchmark"])
             .arg(&parquet)
-            .args([state, &generate::START_NS.to_string(), &hosts.to_string(), &hours.to_string(), &runs.to_string()])
+            .args([
+                state,
+                &generate::START_NS.to_string(),
+                &hosts.to_string(),
+                &hours.to_string(),
+                &runs.to_string(),
+            ])
             .status()
             .expect("python3");
         assert!(status.success(), "the query suite failed ({state})");
@@ -216,9 +264,15 @@ fn queries(hosts: usize, hours: i64, runs: usize) {
     let server = Server::start(&data, &extra);
     let (rows, seconds, _, _) = send(&server, hosts, hours * 3600, 4, true);
     println!("\ningested {rows} rows ({hosts} hosts × {hours} h) in {seconds:.1} s");
-    let export = format!("http://{}/api/v3/query_sql?db=benchmark&format=parquet&q=SELECT%20*%20FROM%20cpu", server.addr);
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let bytes = runtime.block_on(async { reqwest::get(export).await.expect("export").bytes().await.expect("parquet body") });
+    let export = format!(
+        "http://{}/api/v3/query_sql?db=benchmark&format=parquet&q=SELECT%20*%20FROM%20cpu",
+        server.addr
+    );
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let bytes = runtime.block_on(async {
+        reqwest::get(export).await.expect("export").bytes().await.expect("parquet body")
+    });
     std::fs::write(&parquet, &bytes).expect("write parquet");
     run(&server, "right after ingest");
     server.stop();
@@ -263,11 +317,17 @@ fn main() {
         header();
         if filter != "ingest-large" {
             for writers in [1, 2, 4] {
-                report(&format!("100 hosts × 1 day, {writers} writer(s)"), &ingest(100, 86_400, writers, false, &[]));
+                report(
+                    &format!("100 hosts × 1 day, {writers} writer(s)"),
+                    &ingest(100, 86_400, writers, false, &[]),
+                );
             }
         }
         if filter != "ingest-small" {
-            report("1000 hosts × 1 day, 4 writers, generated while sending", &ingest(1_000, 86_400, 4, true, &[]));
+            report(
+                "1000 hosts × 1 day, 4 writers, generated while sending",
+                &ingest(1_000, 86_400, 4, true, &[]),
+            );
         }
     }
     if filter.is_empty() || filter == "queries" {

@@ -9,7 +9,12 @@ use arrow::record_batch::RecordBatch;
 
 /// Sorts `batch` by `keys` (column indices: tags then time) and then `_seq`; when `merge`,
 /// rows with equal keys become one. The batch must contain a `_seq` column.
-pub fn sort_and_merge(batch: &RecordBatch, keys: &[usize], seq: usize, merge: bool) -> Result<RecordBatch, ArrowError> {
+pub fn sort_and_merge(
+    batch: &RecordBatch,
+    keys: &[usize],
+    seq: usize,
+    merge: bool,
+) -> Result<RecordBatch, ArrowError> {
     if batch.num_rows() == 0 {
         return Ok(batch.clone());
     }
@@ -20,7 +25,8 @@ pub fn sort_and_merge(batch: &RecordBatch, keys: &[usize], seq: usize, merge: bo
         .map(|&i| SortColumn { values: batch.column(i).clone(), options: Some(ascending) })
         .collect();
     let order = lexsort_to_indices(&sort_columns, None)?;
-    let sorted: Vec<ArrayRef> = batch.columns().iter().map(|c| take(c, &order, None)).collect::<Result<_, _>>()?;
+    let sorted: Vec<ArrayRef> =
+        batch.columns().iter().map(|c| take(c, &order, None)).collect::<Result<_, _>>()?;
     let sorted = RecordBatch::try_new(batch.schema(), sorted)?;
     if !merge {
         return Ok(sorted);
@@ -41,7 +47,9 @@ pub fn sort_and_merge(batch: &RecordBatch, keys: &[usize], seq: usize, merge: bo
             // Within a range rows ascend by _seq: take the last non-null value, if any.
             ranges
                 .iter()
-                .map(|r| r.clone().rev().find(|&row| column.is_valid(row)).unwrap_or(r.end - 1) as u32)
+                .map(|r| {
+                    r.clone().rev().find(|&row| column.is_valid(row)).unwrap_or(r.end - 1) as u32
+                })
                 .collect()
         };
         columns.push(take(column, &indices, None)?);

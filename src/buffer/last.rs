@@ -71,7 +71,11 @@ impl LastValues {
         if batch.num_rows() == 0 {
             return;
         }
-        let (Some(times), Some(seqs)) = (batch.column_by_name(TIME_COLUMN), batch.column_by_name(SEQ_COLUMN)) else { return };
+        let (Some(times), Some(seqs)) =
+            (batch.column_by_name(TIME_COLUMN), batch.column_by_name(SEQ_COLUMN))
+        else {
+            return;
+        };
         let times = times.as_primitive::<arrow::datatypes::TimestampNanosecondType>();
         let seqs = seqs.as_primitive::<arrow::datatypes::UInt64Type>();
         let mut tags: Vec<(&str, StringArray)> = table
@@ -97,8 +101,12 @@ impl LastValues {
                 continue;
             }
             let time = times.value(row);
-            let key: Vec<Option<&str>> =
-                tags.iter().map(|(_, values)| Some(values.value(row)).filter(|v| values.is_valid(row) && !v.is_empty())).collect();
+            let key: Vec<Option<&str>> = tags
+                .iter()
+                .map(|(_, values)| {
+                    Some(values.value(row)).filter(|v| values.is_valid(row) && !v.is_empty())
+                })
+                .collect();
             let entry = latest.entry(key).or_insert((i64::MIN, Vec::new()));
             if time > entry.0 {
                 *entry = (time, vec![row]);
@@ -107,15 +115,21 @@ impl LastValues {
             }
         }
         for (values, (time_ns, rows)) in latest {
-            let key: SeriesKey =
-                tags.iter().zip(values).filter_map(|((name, _), value)| Some((name.to_string(), value?.to_string()))).collect();
+            let key: SeriesKey = tags
+                .iter()
+                .zip(values)
+                .filter_map(|((name, _), value)| Some((name.to_string(), value?.to_string())))
+                .collect();
             let mut point = Point { time_ns, fields: HashMap::new() };
             for row in rows {
                 let seq = seqs.value(row);
                 for (name, column) in &fields {
                     if column.is_valid(row) {
                         if let Ok(value) = ScalarValue::try_from_array(column, row) {
-                            let candidate = Point { time_ns, fields: HashMap::from([(name.to_string(), (value, seq))]) };
+                            let candidate = Point {
+                                time_ns,
+                                fields: HashMap::from([(name.to_string(), (value, seq))]),
+                            };
                             point.merge(candidate);
                         }
                     }
@@ -138,14 +152,28 @@ impl LastValues {
         for field in schema.fields() {
             let name = field.name();
             let column: ArrayRef = if name == TIME_COLUMN {
-                Arc::new(TimestampNanosecondArray::from_iter_values(points.iter().map(|(_, p)| p.time_ns)).with_timezone("UTC"))
+                Arc::new(
+                    TimestampNanosecondArray::from_iter_values(
+                        points.iter().map(|(_, p)| p.time_ns),
+                    )
+                    .with_timezone("UTC"),
+                )
             } else if table.column(name).map(|c| c.kind) == Some(ColumnKind::Tag) {
-                let values: StringArray = points.iter().map(|(key, _)| key.iter().find(|(tag, _)| tag == name).map(|(_, v)| v.as_str())).collect();
+                let values: StringArray = points
+                    .iter()
+                    .map(|(key, _)| {
+                        key.iter().find(|(tag, _)| tag == name).map(|(_, v)| v.as_str())
+                    })
+                    .collect();
                 arrow::compute::cast(&values, field.data_type())?
             } else {
-                let null = ScalarValue::try_from(field.data_type()).map_err(|e| arrow::error::ArrowError::ComputeError(e.to_string()))?;
-                let values = points.iter().map(|(_, p)| p.fields.get(name).map_or_else(|| null.clone(), |(v, _)| v.clone()));
-                ScalarValue::iter_to_array(values).map_err(|e| arrow::error::ArrowError::ComputeError(e.to_string()))?
+                let null = ScalarValue::try_from(field.data_type())
+                    .map_err(|e| arrow::error::ArrowError::ComputeError(e.to_string()))?;
+                let values = points.iter().map(|(_, p)| {
+                    p.fields.get(name).map_or_else(|| null.clone(), |(v, _)| v.clone())
+                });
+                ScalarValue::iter_to_array(values)
+                    .map_err(|e| arrow::error::ArrowError::ComputeError(e.to_string()))?
             };
             columns.push(column);
         }
@@ -158,7 +186,8 @@ impl LastValues {
 fn with_seqs(batch: &RecordBatch, seqs: &[u64]) -> RecordBatch {
     let mut columns = batch.columns().to_vec();
     columns.push(Arc::new(arrow::array::UInt64Array::from(seqs.to_vec())));
-    let mut fields: Vec<arrow::datatypes::FieldRef> = batch.schema().fields().iter().cloned().collect();
+    let mut fields: Vec<arrow::datatypes::FieldRef> =
+        batch.schema().fields().iter().cloned().collect();
     fields.push(Arc::new(arrow::datatypes::Field::new(SEQ_COLUMN, DataType::UInt64, false)));
     RecordBatch::try_new(Arc::new(arrow::datatypes::Schema::new(fields)), columns).expect("batch")
 }
@@ -179,9 +208,18 @@ mod tests {
         )
     }
 
-    fn rows(table: &TableSchema, hosts: &[&str], u: &[Option<f64>], v: &[Option<f64>], times: &[i64], seqs: &[u64]) -> RecordBatch {
+    fn rows(
+        table: &TableSchema,
+        hosts: &[&str],
+        u: &[Option<f64>],
+        v: &[Option<f64>],
+        times: &[i64],
+        seqs: &[u64],
+    ) -> RecordBatch {
         let schema = table.arrow_schema();
-        let host = arrow::compute::cast(&StringArray::from(hosts.to_vec()), schema.field(0).data_type()).expect("dict");
+        let host =
+            arrow::compute::cast(&StringArray::from(hosts.to_vec()), schema.field(0).data_type())
+                .expect("dict");
         let batch = RecordBatch::try_new(
             schema.clone(),
             vec![
@@ -197,8 +235,13 @@ mod tests {
 
     fn render(last: &LastValues, table: &TableSchema) -> Vec<String> {
         let batch = last.to_batch(table).expect("batch");
-        let text = arrow::util::pretty::pretty_format_batches(&[batch]).expect("pretty").to_string();
-        let mut lines: Vec<String> = text.lines().filter(|l| l.starts_with("| ") && !l.contains("host")).map(String::from).collect();
+        let text =
+            arrow::util::pretty::pretty_format_batches(&[batch]).expect("pretty").to_string();
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|l| l.starts_with("| ") && !l.contains("host"))
+            .map(String::from)
+            .collect();
         lines.sort();
         lines
     }
@@ -206,9 +249,17 @@ mod tests {
     #[test]
     fn latest_point_per_series_with_fields_merged_in_any_order() {
         let t = table();
-        let a = rows(&t, &["a", "a", "b"], &[Some(1.0), Some(2.0), Some(5.0)], &[Some(9.0), None, None], &[10, 20, 15], &[1, 1, 1]);
+        let a = rows(
+            &t,
+            &["a", "a", "b"],
+            &[Some(1.0), Some(2.0), Some(5.0)],
+            &[Some(9.0), None, None],
+            &[10, 20, 15],
+            &[1, 1, 1],
+        );
         // Same time as a's latest, a later write: sets v, keeps u. An older row changes nothing.
-        let b = rows(&t, &["a", "a"], &[None, Some(7.0)], &[Some(3.0), Some(4.0)], &[20, 5], &[2, 2]);
+        let b =
+            rows(&t, &["a", "a"], &[None, Some(7.0)], &[Some(3.0), Some(4.0)], &[20, 5], &[2, 2]);
         // A later write to the same point overrides u; b's newer row replaces its point.
         let c = rows(&t, &["a", "b"], &[Some(8.0), None], &[None, Some(6.0)], &[20, 16], &[3, 3]);
         let mut forward = LastValues::default();

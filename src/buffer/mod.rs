@@ -12,11 +12,11 @@
 //!
 //! No I/O here; `persist` takes snapshots of partitions and writes them out.
 
-#[cfg(test)]
-mod tests;
 pub mod dedup;
 pub mod last;
 pub mod sort;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hasher;
@@ -119,12 +119,23 @@ struct TableRows {
 
 impl TableRows {
     fn new() -> TableRows {
-        TableRows { names: Vec::new(), columns: Vec::new(), index: HashMap::new(), times: Vec::new(), series: Vec::new() }
+        TableRows {
+            names: Vec::new(),
+            columns: Vec::new(),
+            index: HashMap::new(),
+            times: Vec::new(),
+            series: Vec::new(),
+        }
     }
 
     /// The builder for column `name`. `guess` is where the previous line had the column at
     /// this position; checking it first avoids hashing when lines share a layout.
-    fn column(&mut self, name: &str, guess: usize, make: impl FnOnce() -> ColumnBuilder) -> &mut ColumnBuilder {
+    fn column(
+        &mut self,
+        name: &str,
+        guess: usize,
+        make: impl FnOnce() -> ColumnBuilder,
+    ) -> &mut ColumnBuilder {
         if self.names.get(guess).is_some_and(|n| n == name) {
             return &mut self.columns[guess];
         }
@@ -244,7 +255,8 @@ impl RowsBuilder {
     /// Adds a line whose schema the catalog accepted; `time_ns` is its timestamp in ns.
     pub fn push(&mut self, line: &Line<'_>, time_ns: i64) {
         let partition = partition_of(time_ns, self.partition_ns);
-        let same = |g: &(String, i64, TableRows)| g.1 == partition && g.0 == line.measurement.as_ref();
+        let same =
+            |g: &(String, i64, TableRows)| g.1 == partition && g.0 == line.measurement.as_ref();
         if !self.groups.get(self.last).is_some_and(same) {
             self.last = match self.groups.iter().position(same) {
                 Some(i) => i,
@@ -257,7 +269,8 @@ impl RowsBuilder {
         let rows = &mut self.groups[self.last].2;
         let row = rows.times.len();
         for (position, (key, value)) in line.tags.iter().enumerate() {
-            let column = rows.column(key, position, || ColumnBuilder::Tag(StringDictionaryBuilder::new()));
+            let column =
+                rows.column(key, position, || ColumnBuilder::Tag(StringDictionaryBuilder::new()));
             column.pad_to(row);
             if let ColumnBuilder::Tag(b) = column {
                 b.append_value(value);
@@ -267,7 +280,8 @@ impl RowsBuilder {
             if line.fields[index + 1..].iter().any(|(k, _)| k == key) {
                 continue; // a later occurrence of the same field wins
             }
-            let column = rows.column(key, line.tags.len() + index, || ColumnBuilder::for_value(value));
+            let column =
+                rows.column(key, line.tags.len() + index, || ColumnBuilder::for_value(value));
             column.pad_to(row);
             column.append_field(value);
         }
@@ -289,7 +303,10 @@ impl RowsBuilder {
                 arrays.push(array);
             }
             fields.push(Field::new(TIME_COLUMN, catalog::time_data_type(), false));
-            arrays.push(Arc::new(TimestampNanosecondArray::from(std::mem::take(&mut rows.times)).with_timezone("UTC")));
+            arrays.push(Arc::new(
+                TimestampNanosecondArray::from(std::mem::take(&mut rows.times))
+                    .with_timezone("UTC"),
+            ));
             let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
                 .expect("columns are built to the same length with matching types");
             out.push(PendingBatch { table, partition, batch, series: rows.series });
@@ -300,7 +317,8 @@ impl RowsBuilder {
 
 /// Adds the `_seq` column to a batch.
 pub fn with_seq(batch: &RecordBatch, seq: u64) -> RecordBatch {
-    let mut fields: Vec<Field> = batch.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut fields: Vec<Field> =
+        batch.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
     fields.push(Field::new(SEQ_COLUMN, arrow::datatypes::DataType::UInt64, false));
     let mut arrays = batch.columns().to_vec();
     arrays.push(Arc::new(UInt64Array::from_value(seq, batch.num_rows())));
@@ -313,10 +331,15 @@ const MAX_TIME_KEY: &str = "sundial.max_time_ns";
 /// `batch` with its time range recorded in its schema's metadata, so a query can skip a
 /// buffered batch without reading it (see [`time_range`]).
 pub fn with_time_range(batch: RecordBatch) -> RecordBatch {
-    let Some(times) = batch.column_by_name(TIME_COLUMN).and_then(|c| c.as_any().downcast_ref::<TimestampNanosecondArray>()) else {
+    let Some(times) = batch
+        .column_by_name(TIME_COLUMN)
+        .and_then(|c| c.as_any().downcast_ref::<TimestampNanosecondArray>())
+    else {
         return batch;
     };
-    let (Some(min), Some(max)) = (arrow::compute::min(times), arrow::compute::max(times)) else { return batch };
+    let (Some(min), Some(max)) = (arrow::compute::min(times), arrow::compute::max(times)) else {
+        return batch;
+    };
     let mut metadata = batch.schema().metadata().clone();
     metadata.insert(MIN_TIME_KEY.into(), min.to_string());
     metadata.insert(MAX_TIME_KEY.into(), max.to_string());
@@ -347,8 +370,12 @@ pub fn adapt(batch: &RecordBatch, target: &SchemaRef) -> RecordBatch {
             Err(_) => new_null_array(field.data_type(), batch.num_rows()),
         })
         .collect();
-    RecordBatch::try_new_with_options(target.clone(), arrays, &RecordBatchOptions::new().with_row_count(Some(batch.num_rows())))
-        .expect("catalog column types are stable, so adapted columns match the target schema")
+    RecordBatch::try_new_with_options(
+        target.clone(),
+        arrays,
+        &RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
+    )
+    .expect("catalog column types are stable, so adapted columns match the target schema")
 }
 
 /// One time window of one table.
@@ -446,7 +473,8 @@ impl TableBuffer {
     /// are merged.
     pub fn append(&mut self, pending: &PendingBatch, seq: u64, schema: &SchemaRef) -> RecordBatch {
         let times = pending.batch.column(pending.batch.num_columns() - 1);
-        let times = times.as_any().downcast_ref::<TimestampNanosecondArray>().expect("last column is time");
+        let times =
+            times.as_any().downcast_ref::<TimestampNanosecondArray>().expect("last column is time");
         let mut overlap = false;
         for (&series, &time) in pending.series.iter().zip(times.values().iter()) {
             let seen = self.series_last.entry(series).or_default().record(time);
@@ -466,11 +494,20 @@ impl TableBuffer {
         if partition.batches.len() >= BATCHES_BEFORE_MERGE {
             // Merge the trailing run of small batches only, so batches stay in sequence order
             // (a persisted prefix must hold every record up to its highest sequence number).
-            let run = partition.batches.iter().rev().take_while(|b| b.num_rows() < SMALL_BATCH_ROWS).count();
+            let run = partition
+                .batches
+                .iter()
+                .rev()
+                .take_while(|b| b.num_rows() < SMALL_BATCH_ROWS)
+                .count();
             if run >= BATCHES_BEFORE_MERGE / 2 {
                 let start = partition.batches.len() - run;
-                let adapted: Vec<_> = partition.batches[start..].iter().map(|b| adapt(b, schema)).collect();
-                let merged = with_time_range(arrow::compute::concat_batches(schema, &adapted).expect("adapted batches share the schema"));
+                let adapted: Vec<_> =
+                    partition.batches[start..].iter().map(|b| adapt(b, schema)).collect();
+                let merged = with_time_range(
+                    arrow::compute::concat_batches(schema, &adapted)
+                        .expect("adapted batches share the schema"),
+                );
                 partition.batches.truncate(start);
                 partition.batches.push(merged);
                 let before = partition.bytes;
@@ -485,7 +522,11 @@ impl TableBuffer {
     /// batch), to `persisting` and returns them with the overlap flag, unless a persist of it
     /// is already running or it holds nothing. Batches are in sequence order, so the moved
     /// prefix holds every buffered record of this partition up to its highest sequence number.
-    pub fn start_persist(&mut self, partition: i64, bytes_max: usize) -> Option<(Vec<RecordBatch>, bool)> {
+    pub fn start_persist(
+        &mut self,
+        partition: i64,
+        bytes_max: usize,
+    ) -> Option<(Vec<RecordBatch>, bool)> {
         let p = self.partitions.get_mut(&partition)?;
         if !p.persisting.is_empty() || p.batches.is_empty() {
             return None;
@@ -566,10 +607,21 @@ impl TableBuffer {
 
     /// Puts `sorted` in place of `run` (from [`Self::unsorted_run`]) unless those batches
     /// have changed place meanwhile (persisted, merged); returns whether it did.
-    pub fn replace_run(&mut self, partition: i64, start: usize, run: &[RecordBatch], sorted: RecordBatch) -> bool {
+    pub fn replace_run(
+        &mut self,
+        partition: i64,
+        start: usize,
+        run: &[RecordBatch],
+        sorted: RecordBatch,
+    ) -> bool {
         let Some(p) = self.partitions.get_mut(&partition) else { return false };
-        let same = |a: &RecordBatch, b: &RecordBatch| a.num_rows() == b.num_rows() && Arc::ptr_eq(a.column(0), b.column(0));
-        let unchanged = p.batches.get(start..start + run.len()).is_some_and(|now| now.iter().zip(run).all(|(a, b)| same(a, b)));
+        let same = |a: &RecordBatch, b: &RecordBatch| {
+            a.num_rows() == b.num_rows() && Arc::ptr_eq(a.column(0), b.column(0))
+        };
+        let unchanged = p
+            .batches
+            .get(start..start + run.len())
+            .is_some_and(|now| now.iter().zip(run).all(|(a, b)| same(a, b)));
         if !unchanged || sorted.num_rows() != run.iter().map(|b| b.num_rows()).sum::<usize>() {
             return false;
         }
@@ -583,6 +635,10 @@ impl TableBuffer {
 
     /// Smallest sequence number still only in memory (u64::MAX when none).
     pub fn min_unpersisted_seq(&self) -> u64 {
-        self.partitions.values().map(|p| p.min_seq.min(p.persisting_min_seq)).min().unwrap_or(u64::MAX)
+        self.partitions
+            .values()
+            .map(|p| p.min_seq.min(p.persisting_min_seq))
+            .min()
+            .unwrap_or(u64::MAX)
     }
 }

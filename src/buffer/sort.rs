@@ -45,12 +45,20 @@ fn tag_ranks(columns: &[&ArrayRef]) -> Result<TagRanks, ArrowError> {
     let mut local: Vec<Vec<u32>> = Vec::with_capacity(columns.len());
     let mut previous: Option<(&StringArray, usize)> = None;
     for column in columns {
-        let dictionary = column.as_dictionary_opt::<Int32Type>().ok_or_else(|| ArrowError::SchemaError("tag is not a dictionary".into()))?;
-        let values = dictionary.values().as_string_opt::<i32>().ok_or_else(|| ArrowError::SchemaError("tag values are not strings".into()))?;
+        let dictionary = column
+            .as_dictionary_opt::<Int32Type>()
+            .ok_or_else(|| ArrowError::SchemaError("tag is not a dictionary".into()))?;
+        let values = dictionary
+            .values()
+            .as_string_opt::<i32>()
+            .ok_or_else(|| ArrowError::SchemaError("tag values are not strings".into()))?;
         // Writers usually send the same series in the same order batch after batch: a
         // dictionary equal to the previous one maps the same way.
         if let Some((prev, index)) = previous {
-            if prev.len() == values.len() && prev.value_offsets() == values.value_offsets() && prev.value_data() == values.value_data() {
+            if prev.len() == values.len()
+                && prev.value_offsets() == values.value_offsets()
+                && prev.value_data() == values.value_data()
+            {
                 local.push(local[index].clone());
                 continue;
             }
@@ -73,22 +81,38 @@ fn tag_ranks(columns: &[&ArrayRef]) -> Result<TagRanks, ArrowError> {
     for (rank, &id) in order.iter().enumerate() {
         rank_of_id[id as usize] = rank as u32 + 1;
     }
-    let ranks = local.into_iter().map(|ids| ids.into_iter().map(|id| rank_of_id[id as usize]).collect()).collect();
+    let ranks = local
+        .into_iter()
+        .map(|ids| ids.into_iter().map(|id| rank_of_id[id as usize]).collect())
+        .collect();
     let values = StringArray::from_iter_values(order.iter().map(|&id| distinct[id as usize]));
     Ok(TagRanks { ranks, values })
 }
 
 /// The rows of `batches` as one batch of `schema` (the table's, with `_seq`) sorted by series
 /// (tags in schema order), time and `_seq`, marked sorted, with its time range recorded.
-pub fn sort_by_series(batches: &[RecordBatch], schema: &SchemaRef) -> Result<RecordBatch, ArrowError> {
+pub fn sort_by_series(
+    batches: &[RecordBatch],
+    schema: &SchemaRef,
+) -> Result<RecordBatch, ArrowError> {
     sort_with(batches, schema, true)
 }
 
 /// [`sort_by_series`]; `radix` false takes the path for tags too many to number with one
 /// integer (for tests).
-pub(super) fn sort_with(batches: &[RecordBatch], schema: &SchemaRef, radix: bool) -> Result<RecordBatch, ArrowError> {
+pub(super) fn sort_with(
+    batches: &[RecordBatch],
+    schema: &SchemaRef,
+    radix: bool,
+) -> Result<RecordBatch, ArrowError> {
     let adapted: Vec<RecordBatch> = batches.iter().map(|b| adapt(b, schema)).collect();
-    let tags: Vec<usize> = schema.fields().iter().enumerate().filter(|(_, f)| is_tag(f.data_type())).map(|(i, _)| i).collect();
+    let tags: Vec<usize> = schema
+        .fields()
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| is_tag(f.data_type()))
+        .map(|(i, _)| i)
+        .collect();
     let time = schema.index_of(TIME_COLUMN)?;
     let seq = schema.index_of(SEQ_COLUMN)?;
     let ranked: Vec<TagRanks> = tags
@@ -117,14 +141,23 @@ pub(super) fn sort_with(batches: &[RecordBatch], schema: &SchemaRef, radix: bool
     let mut ranks_of_batches: Vec<Vec<Vec<u32>>> = Vec::with_capacity(adapted.len());
     for (b, batch) in adapted.iter().enumerate() {
         let n = batch.num_rows();
-        let rank_columns: Vec<Vec<u32>> = ranked
-            .iter()
-            .zip(&tags)
-            .map(|(r, &t)| {
-                let keys = batch.column(t).as_dictionary::<Int32Type>().keys();
-                (0..n).map(|row| if keys.is_null(row) { 0 } else { r.ranks[b][keys.value(row) as usize] }).collect()
-            })
-            .collect();
+        let rank_columns: Vec<Vec<u32>> =
+            ranked
+                .iter()
+                .zip(&tags)
+                .map(|(r, &t)| {
+                    let keys = batch.column(t).as_dictionary::<Int32Type>().keys();
+                    (0..n)
+                        .map(|row| {
+                            if keys.is_null(row) {
+                                0
+                            } else {
+                                r.ranks[b][keys.value(row) as usize]
+                            }
+                        })
+                        .collect()
+                })
+                .collect();
         let series: Vec<u64> = match &radix {
             Some(weights) => {
                 let mut key = vec![0u64; n];
@@ -166,15 +199,23 @@ pub(super) fn sort_with(batches: &[RecordBatch], schema: &SchemaRef, radix: bool
     }
     order.sort_unstable();
 
-    let picks: Vec<(usize, usize)> = order.iter().map(|&(_, _, _, b, r)| (b as usize, r as usize)).collect();
+    let picks: Vec<(usize, usize)> =
+        order.iter().map(|&(_, _, _, b, r)| (b as usize, r as usize)).collect();
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
     for (i, _) in schema.fields().iter().enumerate() {
         if let Some(position) = tags.iter().position(|&t| t == i) {
             let keys: Int32Array = picks
                 .iter()
-                .map(|&(b, row)| Some(ranks_of_batches[b][position][row]).filter(|&rank| rank > 0).map(|rank| rank as i32 - 1))
+                .map(|&(b, row)| {
+                    Some(ranks_of_batches[b][position][row])
+                        .filter(|&rank| rank > 0)
+                        .map(|rank| rank as i32 - 1)
+                })
                 .collect();
-            columns.push(Arc::new(DictionaryArray::<Int32Type>::try_new(keys, Arc::new(ranked[position].values.clone()))?));
+            columns.push(Arc::new(DictionaryArray::<Int32Type>::try_new(
+                keys,
+                Arc::new(ranked[position].values.clone()),
+            )?));
         } else {
             let parts: Vec<&dyn Array> = adapted.iter().map(|b| b.column(i).as_ref()).collect();
             columns.push(arrow::compute::interleave(&parts, &picks)?);

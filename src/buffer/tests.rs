@@ -19,7 +19,10 @@ fn build(body: &str) -> Vec<PendingBatch> {
 }
 
 fn schema_of(batches: &[RecordBatch]) -> SchemaRef {
-    let all: Vec<Schema> = batches.iter().map(|b| b.schema().as_ref().clone().with_metadata(Default::default())).collect();
+    let all: Vec<Schema> = batches
+        .iter()
+        .map(|b| b.schema().as_ref().clone().with_metadata(Default::default()))
+        .collect();
     Arc::new(Schema::try_merge(all).expect("compatible"))
 }
 
@@ -28,7 +31,8 @@ fn merged(buffer: &TableBuffer, partition: i64) -> String {
     let schema = schema_of(&p.batches);
     let adapted: Vec<_> = p.batches.iter().map(|b| adapt(b, &schema)).collect();
     let all = arrow::compute::concat_batches(&schema, &adapted).expect("concat");
-    let keys: Vec<usize> = ["host", "time"].iter().map(|n| schema.index_of(n).expect("key")).collect();
+    let keys: Vec<usize> =
+        ["host", "time"].iter().map(|n| schema.index_of(n).expect("key")).collect();
     let seq = schema.index_of(SEQ_COLUMN).expect("seq");
     let out = dedup::sort_and_merge(&all, &keys, seq, p.overlap).expect("merge");
     pretty_format_batches(&[out]).expect("format").to_string()
@@ -37,7 +41,8 @@ fn merged(buffer: &TableBuffer, partition: i64) -> String {
 #[test]
 fn builds_one_batch_per_table_and_partition() {
     let batches = build("cpu,host=a u=1 10\nmem free=2i 20\ncpu,host=b u=3,x=\"s\" 30\ncpu,host=a u=4 86400000000001");
-    let summary: Vec<_> = batches.iter().map(|b| (b.table.as_str(), b.partition, b.batch.num_rows())).collect();
+    let summary: Vec<_> =
+        batches.iter().map(|b| (b.table.as_str(), b.partition, b.batch.num_rows())).collect();
     assert_eq!(summary, vec![("cpu", 0, 2), ("cpu", DAY, 1), ("mem", 0, 1)]);
     let cpu = &batches[0].batch;
     let names: Vec<_> = cpu.schema().fields().iter().map(|f| f.name().clone()).collect();
@@ -49,7 +54,11 @@ fn builds_one_batch_per_table_and_partition() {
 fn in_order_writes_never_overlap() {
     let mut buffer = TableBuffer::new(i64::MIN);
     let schema = Arc::new(Schema::empty());
-    for (seq, body) in ["cpu,host=a u=1 10\ncpu,host=b u=1 10", "cpu,host=a u=2 20\ncpu,host=b u=2 20"].iter().enumerate() {
+    for (seq, body) in
+        ["cpu,host=a u=1 10\ncpu,host=b u=1 10", "cpu,host=a u=2 20\ncpu,host=b u=2 20"]
+            .iter()
+            .enumerate()
+    {
         for p in build(body) {
             buffer.append(&p, seq as u64 + 1, &schema);
         }
@@ -62,7 +71,11 @@ fn in_order_writes_never_overlap() {
 fn later_write_wins_field_by_field() {
     let mut buffer = TableBuffer::new(i64::MIN);
     let schema = Arc::new(Schema::empty());
-    let writes = ["cpu,host=a u=1,s=10 100\ncpu,host=b u=5 100", "cpu,host=a u=2 100", "cpu,host=a s=30 100"];
+    let writes = [
+        "cpu,host=a u=1,s=10 100\ncpu,host=b u=5 100",
+        "cpu,host=a u=2 100",
+        "cpu,host=a s=30 100",
+    ];
     for (seq, body) in writes.iter().enumerate() {
         for p in build(body) {
             buffer.append(&p, seq as u64 + 1, &schema);
@@ -185,14 +198,27 @@ fn sorting_by_series_keeps_every_row_and_orders_by_tags_then_time() {
             "| b    | x  | 1.0 | 1970-01-01T00:00:00.000000030Z | 1    |      |",
             "| b    | x  | 6.0 | 1970-01-01T00:00:00.000000030Z | 2    |      |",
         ];
-        assert_eq!(sorted.schema().fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>(), ["host", "dc", "u", "time", "_seq", "rack"]);
+        assert_eq!(
+            sorted.schema().fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>(),
+            ["host", "dc", "u", "time", "_seq", "rack"]
+        );
         assert_eq!(lines, expected, "radix {radix}");
         // Rows of a value of the first tag by binary search; values absent find nothing.
-        let want = |values: &[&str]| sort::ranges_of(&sorted, "host", &values.iter().map(|v| v.to_string()).collect::<Vec<_>>());
+        let want = |values: &[&str]| {
+            sort::ranges_of(
+                &sorted,
+                "host",
+                &values.iter().map(|v| v.to_string()).collect::<Vec<_>>(),
+            )
+        };
         assert_eq!(want(&["a"]), Some(vec![1..6]));
         assert_eq!(want(&["b", "zz", "a", "b"]), Some(vec![1..6, 6..8]));
         assert_eq!(want(&["c"]), Some(vec![]));
-        assert_eq!(sort::ranges_of(&sorted, "dc", &["x".to_string()]), None, "dc is not the first tag");
+        assert_eq!(
+            sort::ranges_of(&sorted, "dc", &["x".to_string()]),
+            None,
+            "dc is not the first tag"
+        );
     }
     assert_eq!(sort::ranges_of(&batches[0], "host", &["a".to_string()]), None, "not sorted");
 }
@@ -205,7 +231,9 @@ fn a_sorted_run_replaces_its_batches_only_where_they_still_are() {
     let mut seq = 0;
     while buffer.unsorted_run(SORT_ROWS_MIN).is_none() {
         // Batches too large to be merged as small ones.
-        let body: String = (0..SMALL_BATCH_ROWS).map(|i| format!("cpu,host=h{} u={i} {}\n", i % 7, seq * SMALL_BATCH_ROWS + i)).collect();
+        let body: String = (0..SMALL_BATCH_ROWS)
+            .map(|i| format!("cpu,host=h{} u={i} {}\n", i % 7, seq * SMALL_BATCH_ROWS + i))
+            .collect();
         seq += 1;
         for p in build(&body) {
             let batch = buffer.append(&p, seq as u64, &empty);
@@ -214,7 +242,10 @@ fn a_sorted_run_replaces_its_batches_only_where_they_still_are() {
     }
     let (partition, start, run) = buffer.unsorted_run(SORT_ROWS_MIN).expect("a run");
     assert_eq!((partition, start), (0, 0));
-    assert_eq!(run.iter().map(|b| b.num_rows()).sum::<usize>(), SORT_ROWS_MIN.div_ceil(SMALL_BATCH_ROWS) * SMALL_BATCH_ROWS);
+    assert_eq!(
+        run.iter().map(|b| b.num_rows()).sum::<usize>(),
+        SORT_ROWS_MIN.div_ceil(SMALL_BATCH_ROWS) * SMALL_BATCH_ROWS
+    );
     let schema = Arc::new(Schema::new(schema.fields().clone()));
     let sorted = sort::sort_by_series(&run, &schema).expect("sort");
     // Once persisting took the batches away, the sorted copy is not put back.

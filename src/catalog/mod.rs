@@ -170,7 +170,9 @@ impl TableSchema {
     /// them, so a rejected line leaves no trace.
     pub fn check_line(&self, line: &Line<'_>, pending: &[Column]) -> Result<Vec<Column>, String> {
         let lookup = |name: &str| -> Option<ColumnKind> {
-            self.column(name).map(|c| c.kind).or_else(|| pending.iter().find(|c| c.name == name).map(|c| c.kind))
+            self.column(name)
+                .map(|c| c.kind)
+                .or_else(|| pending.iter().find(|c| c.name == name).map(|c| c.kind))
         };
         let mut added = Vec::new();
         for (key, _) in &line.tags {
@@ -178,7 +180,11 @@ impl TableSchema {
             match lookup(key) {
                 Some(ColumnKind::Tag) => {}
                 Some(ColumnKind::Field(t)) => {
-                    return Err(format!("\"{key}\" is a {} field in table \"{}\", not a tag", t.name(), self.name))
+                    return Err(format!(
+                        "\"{key}\" is a {} field in table \"{}\", not a tag",
+                        t.name(),
+                        self.name
+                    ))
                 }
                 None => added.push(Column { name: key.to_string(), kind: ColumnKind::Tag }),
             }
@@ -204,13 +210,21 @@ impl TableSchema {
                     ))
                 }
                 Some(ColumnKind::Tag) => {
-                    return Err(format!("\"{key}\" is a tag in table \"{}\", not a field", self.name))
+                    return Err(format!(
+                        "\"{key}\" is a tag in table \"{}\", not a field",
+                        self.name
+                    ))
                 }
-                None => added.push(Column { name: key.to_string(), kind: ColumnKind::Field(wanted) }),
+                None => {
+                    added.push(Column { name: key.to_string(), kind: ColumnKind::Field(wanted) })
+                }
             }
         }
         if self.columns.len() + pending.len() + added.len() > COLUMNS_PER_TABLE_MAX {
-            return Err(format!("table \"{}\" would exceed {COLUMNS_PER_TABLE_MAX} columns", self.name));
+            return Err(format!(
+                "table \"{}\" would exceed {COLUMNS_PER_TABLE_MAX} columns",
+                self.name
+            ));
         }
         Ok(added)
     }
@@ -308,7 +322,10 @@ impl Catalog {
     /// Installs `schema` (a new table, or a grown one), creating the database if needed.
     pub fn put_table(&mut self, db: &str, schema: TableSchema) -> Arc<TableSchema> {
         let schema = Arc::new(schema);
-        self.databases.entry(db.to_string()).or_default().insert(schema.name.clone(), schema.clone());
+        self.databases
+            .entry(db.to_string())
+            .or_default()
+            .insert(schema.name.clone(), schema.clone());
         schema
     }
 }

@@ -95,7 +95,9 @@ pub enum Error {
 impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::InvalidName { .. } | Error::Rejected(_) | Error::TooManyTables { .. } => ErrorKind::InvalidInput,
+            Error::InvalidName { .. } | Error::Rejected(_) | Error::TooManyTables { .. } => {
+                ErrorKind::InvalidInput
+            }
             Error::DatabaseNotFound(_) => ErrorKind::NotFound,
             Error::TableExists(_) => ErrorKind::AlreadyExists,
             Error::BufferFull { .. } => ErrorKind::ResourceExhausted,
@@ -219,7 +221,8 @@ impl<'a> LpRecord<'a> {
         let mut out = Vec::with_capacity(11 + self.database.len() + self.lines.len());
         out.push(self.precision.code());
         out.extend_from_slice(&self.default_time_ns.to_le_bytes());
-        let db_len = u16::try_from(self.database.len()).expect("database names are at most NAME_BYTES_MAX");
+        let db_len =
+            u16::try_from(self.database.len()).expect("database names are at most NAME_BYTES_MAX");
         out.extend_from_slice(&db_len.to_le_bytes());
         out.extend_from_slice(self.database.as_bytes());
         out.extend_from_slice(self.lines);
@@ -252,8 +255,21 @@ const ORIGINAL_LINE_BYTES_MAX: usize = 1024;
 
 /// Checks and builds the lines of `body`; lines of tables for which `skip` says so are left
 /// out silently (replay skips the rows of dropped tables that way).
-fn prepare(catalog: &Catalog, db: &str, body: &[u8], precision: Precision, default_time_ns: i64, partition_ns: i64, skip: &dyn Fn(&str) -> bool) -> Prepared {
-    let mut prepared = Prepared { wal_lines: Vec::with_capacity(body.len()), rejected: Vec::new(), additions: BTreeMap::new(), rows: RowsBuilder::new(partition_ns) };
+fn prepare(
+    catalog: &Catalog,
+    db: &str,
+    body: &[u8],
+    precision: Precision,
+    default_time_ns: i64,
+    partition_ns: i64,
+    skip: &dyn Fn(&str) -> bool,
+) -> Prepared {
+    let mut prepared = Prepared {
+        wal_lines: Vec::with_capacity(body.len()),
+        rejected: Vec::new(),
+        additions: BTreeMap::new(),
+        rows: RowsBuilder::new(partition_ns),
+    };
     let mut line = Line::default();
     let empty_tables: &mut HashMap<String, TableSchema> = &mut HashMap::new();
     let mut new_tables = 0usize;
@@ -267,19 +283,24 @@ fn prepare(catalog: &Catalog, db: &str, body: &[u8], precision: Precision, defau
             catalog::check_object_name("table", name)?;
             let schema = match catalog.table(db, name) {
                 Some(schema) => schema.as_ref(),
-                None => &*empty_tables.entry(name.to_string()).or_insert_with(|| TableSchema::new(name, Vec::new())),
+                None => &*empty_tables
+                    .entry(name.to_string())
+                    .or_insert_with(|| TableSchema::new(name, Vec::new())),
             };
             let pending = prepared.additions.get(name).map_or(&[][..], |v| v.as_slice());
             let added = schema.check_line(&line, pending)?;
             let time_ns = match line.timestamp {
                 None => default_time_ns,
-                Some(t) => precision
-                    .to_nanos(t)
-                    .ok_or_else(|| format!("timestamp {t} is out of range for precision {precision:?}"))?,
+                Some(t) => precision.to_nanos(t).ok_or_else(|| {
+                    format!("timestamp {t} is out of range for precision {precision:?}")
+                })?,
             };
             if catalog.table(db, name).is_none() && !prepared.additions.contains_key(name) {
                 if catalog.table_count(db) + new_tables >= catalog::TABLES_PER_DATABASE_MAX {
-                    return Err(format!("database would exceed {} tables", catalog::TABLES_PER_DATABASE_MAX));
+                    return Err(format!(
+                        "database would exceed {} tables",
+                        catalog::TABLES_PER_DATABASE_MAX
+                    ));
                 }
                 new_tables += 1;
             }
@@ -308,7 +329,11 @@ fn prepare(catalog: &Catalog, db: &str, body: &[u8], precision: Precision, defau
                     }
                     original.truncate(cut);
                 }
-                prepared.rejected.push(RejectedLine { line_number: number, original_line: original, error_message });
+                prepared.rejected.push(RejectedLine {
+                    line_number: number,
+                    original_line: original,
+                    error_message,
+                });
             }
         }
     }
@@ -316,7 +341,11 @@ fn prepare(catalog: &Catalog, db: &str, body: &[u8], precision: Precision, defau
 }
 
 /// Applies a batch's additions to `catalog`; `false` if one conflicts (another write won a race).
-fn grow_catalog(catalog: &mut Catalog, db: &str, additions: &BTreeMap<String, Vec<Column>>) -> bool {
+fn grow_catalog(
+    catalog: &mut Catalog,
+    db: &str,
+    additions: &BTreeMap<String, Vec<Column>>,
+) -> bool {
     for (table, columns) in additions {
         if let Some(existing) = catalog.table(db, table) {
             if existing.conflicts_with(columns) {
@@ -327,7 +356,9 @@ fn grow_catalog(catalog: &mut Catalog, db: &str, additions: &BTreeMap<String, Ve
     catalog.create_database(db);
     for (table, columns) in additions {
         let next = match catalog.table(db, table) {
-            Some(existing) if columns.iter().all(|c| existing.column(&c.name).is_some()) => continue,
+            Some(existing) if columns.iter().all(|c| existing.column(&c.name).is_some()) => {
+                continue
+            }
             Some(existing) => existing.with_columns(columns),
             None => TableSchema::new(table.clone(), columns.clone()),
         };
@@ -345,9 +376,12 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     /// Opens the data directory: loads the manifest, replays the WAL, starts the WAL writer.
     pub async fn open(config: Config) -> Result<Arc<Engine>, Error> {
-        let startup = |what: &str, e: &dyn std::fmt::Display| Error::Startup(format!("{what}: {e}"));
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| startup("creating the data directory", &e))?;
-        let data_dir = std::fs::canonicalize(&config.data_dir).map_err(|e| startup("resolving the data directory", &e))?;
+        let startup =
+            |what: &str, e: &dyn std::fmt::Display| Error::Startup(format!("{what}: {e}"));
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| startup("creating the data directory", &e))?;
+        let data_dir = std::fs::canonicalize(&config.data_dir)
+            .map_err(|e| startup("resolving the data directory", &e))?;
         let url = match &config.object_store_url {
             Some(url) => url.clone(),
             None => url::Url::from_directory_path(data_dir.join("objects"))
@@ -355,7 +389,8 @@ impl Engine {
                 .to_string(),
         };
         let store = Store::open(&url).map_err(|e| startup("opening the object store", &e))?;
-        let manifest = Manifest::load(store.clone()).await.map_err(|e| startup("loading the manifest", &e))?;
+        let manifest =
+            Manifest::load(store.clone()).await.map_err(|e| startup("loading the manifest", &e))?;
 
         let mut catalog = Catalog::default();
         let mut tables: HashMap<TableKey, TableData> = HashMap::new();
@@ -366,12 +401,18 @@ impl Engine {
                 catalog.put_table(db, TableSchema::new(name.clone(), table.columns.clone()));
                 let floor = table.files.iter().map(|f| f.max_time_ns).max().unwrap_or(i64::MIN);
                 for f in &table.files {
-                    let watermark = persisted.entry((db.clone(), name.clone(), f.partition_ns)).or_default();
+                    let watermark =
+                        persisted.entry((db.clone(), name.clone(), f.partition_ns)).or_default();
                     *watermark = (*watermark).max(f.max_seq);
                 }
                 tables.insert(
                     (db.clone(), name.clone()),
-                    TableData { buffer: TableBuffer::new(floor), files: table.files.iter().cloned().map(Arc::new).collect(), dropped: false, last: None },
+                    TableData {
+                        buffer: TableBuffer::new(floor),
+                        files: table.files.iter().cloned().map(Arc::new).collect(),
+                        dropped: false,
+                        last: None,
+                    },
                 );
             }
         }
@@ -391,26 +432,49 @@ impl Engine {
             }
             let record = LpRecord::decode(payload)?;
             let dropped = |table: &str| seq <= manifest.state().dropped_seq(record.database, table);
-            let prepared = prepare(&catalog, record.database, record.lines, record.precision, record.default_time_ns, partition_ns, &dropped);
+            let prepared = prepare(
+                &catalog,
+                record.database,
+                record.lines,
+                record.precision,
+                record.default_time_ns,
+                partition_ns,
+                &dropped,
+            );
             if prepared.wal_lines.is_empty() && prepared.rejected.is_empty() {
                 // Every line belonged to a table dropped since.
                 return Ok(());
             }
             if let Some(bad) = prepared.rejected.first() {
                 // Cannot happen for records this server wrote; refuse rather than drop data.
-                return Err(format!("record {seq} no longer fits the catalog: line {}: {}", bad.line_number, bad.error_message));
+                return Err(format!(
+                    "record {seq} no longer fits the catalog: line {}: {}",
+                    bad.line_number, bad.error_message
+                ));
             }
             if !grow_catalog(&mut catalog, record.database, &prepared.additions) {
                 return Err(format!("record {seq} conflicts with the catalog"));
             }
             for pending in prepared.rows.finish() {
                 let db = record.database.to_string();
-                let watermark = persisted.get(&(db.clone(), pending.table.clone(), pending.partition)).copied().unwrap_or(0);
+                let watermark = persisted
+                    .get(&(db.clone(), pending.table.clone(), pending.partition))
+                    .copied()
+                    .unwrap_or(0);
                 if seq <= watermark {
                     continue;
                 }
-                let schema = catalog.table(&db, &pending.table).expect("grown above").arrow_schema_with_seq().clone();
-                let data = tables.entry((db, pending.table.clone())).or_insert_with(|| TableData { buffer: TableBuffer::new(i64::MIN), files: Vec::new(), dropped: false, last: None });
+                let schema = catalog
+                    .table(&db, &pending.table)
+                    .expect("grown above")
+                    .arrow_schema_with_seq()
+                    .clone();
+                let data = tables.entry((db, pending.table.clone())).or_insert_with(|| TableData {
+                    buffer: TableBuffer::new(i64::MIN),
+                    files: Vec::new(),
+                    dropped: false,
+                    last: None,
+                });
                 data.buffer.append(&pending, seq, &schema);
                 replayed_rows += pending.batch.num_rows();
             }
@@ -418,8 +482,15 @@ impl Engine {
         })
         .map_err(|e| startup("replaying the WAL", &e))?;
         let next_seq = replayed.next_seq.max(manifest.state().wal_seq + 1);
-        tracing::info!(records = replayed.records, rows = replayed_rows, truncated_bytes = replayed.truncated_bytes, next_seq, "wal replayed");
-        let (wal, wal_thread) = Wal::start(wal_config, next_seq).map_err(|e| startup("starting the WAL", &e))?;
+        tracing::info!(
+            records = replayed.records,
+            rows = replayed_rows,
+            truncated_bytes = replayed.truncated_bytes,
+            next_seq,
+            "wal replayed"
+        );
+        let (wal, wal_thread) =
+            Wal::start(wal_config, next_seq).map_err(|e| startup("starting the WAL", &e))?;
 
         let buffered: usize = tables.values().map(|t| t.buffer.bytes()).sum();
         let file_counter = tables.values().map(|t| t.files.len() as u64).sum();
@@ -429,7 +500,9 @@ impl Engine {
             catalog: RwLock::new(Arc::new(catalog)),
             schema_lock: Mutex::new(()),
             write_gate: tokio::sync::RwLock::new(()),
-            tables: RwLock::new(tables.into_iter().map(|(k, v)| (k, Arc::new(RwLock::new(v)))).collect()),
+            tables: RwLock::new(
+                tables.into_iter().map(|(k, v)| (k, Arc::new(RwLock::new(v)))).collect(),
+            ),
             wal: Mutex::new(Some(wal)),
             wal_thread: Mutex::new(Some(wal_thread)),
             store,
@@ -479,8 +552,11 @@ impl Engine {
 
     /// Creates a database explicitly (a write creates it implicitly). `false` if it existed.
     pub async fn create_database(&self, db: &str) -> Result<bool, Error> {
-        catalog::check_object_name("database", db)
-            .map_err(|reason| Error::InvalidName { what: "database", name: db.into(), reason })?;
+        catalog::check_object_name("database", db).map_err(|reason| Error::InvalidName {
+            what: "database",
+            name: db.into(),
+            reason,
+        })?;
         if self.catalog().has_database(db) {
             return Ok(false);
         }
@@ -489,7 +565,10 @@ impl Engine {
         if self.catalog().has_database(db) {
             return Ok(false);
         }
-        manifest.commit(vec![Op::CreateDatabase { database: db.to_string() }]).await.map_err(crate::persist::Error::from)?;
+        manifest
+            .commit(vec![Op::CreateDatabase { database: db.to_string() }])
+            .await
+            .map_err(crate::persist::Error::from)?;
         let _guard = self.schema_lock.lock().expect("schema lock");
         let mut catalog = self.catalog().as_ref().clone();
         catalog.create_database(db);
@@ -499,8 +578,18 @@ impl Engine {
 
     /// Declares a table before any row is written (`CREATE TABLE`); `false` if it existed and
     /// `if_not_exists`. Its columns are recorded in the manifest, so they outlive the WAL.
-    pub async fn create_table(&self, db: &str, table: &str, columns: Vec<Column>, if_not_exists: bool) -> Result<bool, Error> {
-        let invalid = |what: &'static str, name: &str, reason: String| Error::InvalidName { what, name: name.into(), reason };
+    pub async fn create_table(
+        &self,
+        db: &str,
+        table: &str,
+        columns: Vec<Column>,
+        if_not_exists: bool,
+    ) -> Result<bool, Error> {
+        let invalid = |what: &'static str, name: &str, reason: String| Error::InvalidName {
+            what,
+            name: name.into(),
+            reason,
+        };
         catalog::check_object_name("database", db).map_err(|r| invalid("database", db, r))?;
         catalog::check_object_name("table", table).map_err(|r| invalid("table", table, r))?;
         let _gate = self.write_gate.read().await;
@@ -512,11 +601,19 @@ impl Engine {
         {
             let _guard = self.schema_lock.lock().expect("schema lock");
             if self.catalog().table(db, table).is_some() {
-                return if if_not_exists { Ok(false) } else { Err(Error::TableExists(table.into())) };
+                return if if_not_exists {
+                    Ok(false)
+                } else {
+                    Err(Error::TableExists(table.into()))
+                };
             }
             let mut catalog = self.catalog().as_ref().clone();
             catalog.put_table(db, TableSchema::new(table, columns.clone()));
-            self.tables.write().expect("tables lock").entry((db.to_string(), table.to_string())).or_default();
+            self.tables
+                .write()
+                .expect("tables lock")
+                .entry((db.to_string(), table.to_string()))
+                .or_default();
             *self.catalog.write().expect("catalog lock") = Arc::new(catalog);
         }
         // Then make it durable. Should this fail, the table lives until restart, and rows
@@ -549,7 +646,8 @@ impl Engine {
             return Ok(false);
         }
         let seq = self.applied_seq.load(Ordering::Acquire);
-        let removed = self.commit_drop(Op::DropDatabase { database: db.into(), seq }, db, None).await?;
+        let removed =
+            self.commit_drop(Op::DropDatabase { database: db.into(), seq }, db, None).await?;
         self.discard(removed).await;
         Ok(true)
     }
@@ -557,7 +655,12 @@ impl Engine {
     /// Records a drop in the manifest, then removes the table (or, with `None`, every table of
     /// the database) from the catalog and the live state, under the manifest lock: a persist
     /// racing the drop checks, under that lock, that its table is still the live one.
-    async fn commit_drop(&self, op: Op, db: &str, table: Option<&str>) -> Result<Vec<Arc<RwLock<TableData>>>, Error> {
+    async fn commit_drop(
+        &self,
+        op: Op,
+        db: &str,
+        table: Option<&str>,
+    ) -> Result<Vec<Arc<RwLock<TableData>>>, Error> {
         let mut manifest = self.manifest.lock().await;
         manifest.commit(vec![op]).await.map_err(crate::persist::Error::from)?;
         let _guard = self.schema_lock.lock().expect("schema lock");
@@ -567,7 +670,11 @@ impl Engine {
             None => catalog.drop_database(db),
         };
         let mut tables = self.tables.write().expect("tables lock");
-        let doomed: Vec<TableKey> = tables.keys().filter(|(d, t)| d == db && table.is_none_or(|name| name == t)).cloned().collect();
+        let doomed: Vec<TableKey> = tables
+            .keys()
+            .filter(|(d, t)| d == db && table.is_none_or(|name| name == t))
+            .cloned()
+            .collect();
         let removed = doomed.iter().filter_map(|key| tables.remove(key)).collect();
         *self.catalog.write().expect("catalog lock") = Arc::new(catalog);
         Ok(removed)
@@ -581,7 +688,8 @@ impl Engine {
             let mut data = data.write().expect("table lock");
             data.dropped = true;
             self.buffered_bytes.fetch_sub(data.buffer.bytes(), Ordering::Relaxed);
-            paths.extend(data.files.iter().map(|f| object_store::path::Path::from(f.path.as_str())));
+            paths
+                .extend(data.files.iter().map(|f| object_store::path::Path::from(f.path.as_str())));
         }
         for path in paths {
             if let Err(error) = self.store.delete(&path).await {
@@ -597,27 +705,55 @@ impl Engine {
 
     /// Stores the lines of a line-protocol body. Returns once they are durable (or written,
     /// with `no_sync`), and visible to queries.
-    pub async fn write_lp(self: &Arc<Self>, db: &str, body: &[u8], options: WriteOptions) -> Result<WriteOutcome, Error> {
-        catalog::check_object_name("database", db)
-            .map_err(|reason| Error::InvalidName { what: "database", name: db.into(), reason })?;
+    pub async fn write_lp(
+        self: &Arc<Self>,
+        db: &str,
+        body: &[u8],
+        options: WriteOptions,
+    ) -> Result<WriteOutcome, Error> {
+        catalog::check_object_name("database", db).map_err(|reason| Error::InvalidName {
+            what: "database",
+            name: db.into(),
+            reason,
+        })?;
         if self.buffered_bytes() > self.config.buffer_bytes_max {
             self.persist_wakeup.notify_one();
             return Err(Error::BufferFull { bytes_max: self.config.buffer_bytes_max });
         }
         // Waits while other writes hold the budget; a body larger than all of it takes all of it.
-        let kib = u32::try_from((body.len() >> 10) + 1).unwrap_or(u32::MAX).min(in_flight_kib_max(self.config.buffer_bytes_max) as u32);
-        let _permit = self.in_flight_kib.acquire_many(kib).await.map_err(|_| Error::ShuttingDown)?;
+        let kib = u32::try_from((body.len() >> 10) + 1)
+            .unwrap_or(u32::MAX)
+            .min(in_flight_kib_max(self.config.buffer_bytes_max) as u32);
+        let _permit =
+            self.in_flight_kib.acquire_many(kib).await.map_err(|_| Error::ShuttingDown)?;
         let partition_ns = self.partition_ns();
         let _gate = self.write_gate.read().await;
-        let mut prepared = prepare(&self.catalog(), db, body, options.precision, options.default_time_ns, partition_ns, &|_| false);
-        let needs_growth = !self.catalog().has_database(db) || prepared.additions.values().any(|c| !c.is_empty())
+        let mut prepared = prepare(
+            &self.catalog(),
+            db,
+            body,
+            options.precision,
+            options.default_time_ns,
+            partition_ns,
+            &|_| false,
+        );
+        let needs_growth = !self.catalog().has_database(db)
+            || prepared.additions.values().any(|c| !c.is_empty())
             || prepared.additions.keys().any(|t| self.catalog().table(db, t).is_none());
         if needs_growth && !prepared.wal_lines.is_empty() {
             let _guard = self.schema_lock.lock().expect("schema lock");
             let mut catalog = self.catalog().as_ref().clone();
             if !grow_catalog(&mut catalog, db, &prepared.additions) {
                 // Another write added a conflicting column meanwhile: check again, under the lock.
-                prepared = prepare(&catalog, db, body, options.precision, options.default_time_ns, partition_ns, &|_| false);
+                prepared = prepare(
+                    &catalog,
+                    db,
+                    body,
+                    options.precision,
+                    options.default_time_ns,
+                    partition_ns,
+                    &|_| false,
+                );
                 let grown = grow_catalog(&mut catalog, db, &prepared.additions);
                 debug_assert!(grown, "lines checked under the schema lock cannot conflict");
             }
@@ -635,16 +771,29 @@ impl Engine {
             return Err(Error::Rejected(rejected));
         }
         if wal_lines.is_empty() {
-            return if rejected.is_empty() { Ok(WriteOutcome::default()) } else { Err(Error::Rejected(rejected)) };
+            return if rejected.is_empty() {
+                Ok(WriteOutcome::default())
+            } else {
+                Err(Error::Rejected(rejected))
+            };
         }
         let lines_stored = rows.rows();
         let pending = rows.finish();
-        let payload = LpRecord { precision: options.precision, default_time_ns: options.default_time_ns, database: db, lines: &wal_lines }.encode();
+        let payload = LpRecord {
+            precision: options.precision,
+            default_time_ns: options.default_time_ns,
+            database: db,
+            lines: &wal_lines,
+        }
+        .encode();
         drop(wal_lines);
         let engine = self.clone();
         let database = db.to_string();
         let apply: wal::Apply = Box::new(move |seq| engine.apply(&database, seq, pending));
-        self.wal()?.append(wal::KIND_LINE_PROTOCOL, payload, !options.no_sync, Some(apply)).await.map_err(Error::Wal)?;
+        self.wal()?
+            .append(wal::KIND_LINE_PROTOCOL, payload, !options.no_sync, Some(apply))
+            .await
+            .map_err(Error::Wal)?;
         Ok(WriteOutcome { lines_stored, rejected })
     }
 
@@ -666,7 +815,8 @@ impl Engine {
                 tracing::error!(db, table = %p.table, "table vanished before its rows were applied");
                 continue;
             };
-            let table_schema = catalog.table(db, &p.table).expect("tables are in the catalog before their rows");
+            let table_schema =
+                catalog.table(db, &p.table).expect("tables are in the catalog before their rows");
             let schema = table_schema.arrow_schema_with_seq().clone();
             let mut data = table.write().expect("table lock");
             let before = data.buffer.bytes();
@@ -682,7 +832,11 @@ impl Engine {
         self.applied_seq.store(seq, Ordering::Release);
         let subscribers = self.subscribers.read().expect("subscribers lock");
         if !subscribers.is_empty() {
-            let committed = CommittedWrite { database: db, seq, tables: appended.iter().map(|(t, b)| (*t, b)).collect() };
+            let committed = CommittedWrite {
+                database: db,
+                seq,
+                tables: appended.iter().map(|(t, b)| (*t, b)).collect(),
+            };
             for subscriber in subscribers.iter() {
                 subscriber(&committed);
             }
@@ -694,7 +848,13 @@ impl Engine {
 
     /// A consistent view of one table, limited to partitions that may hold rows in
     /// `[min_time_ns, max_time_ns]`.
-    pub fn snapshot(&self, db: &str, table: &str, min_time_ns: i64, max_time_ns: i64) -> Option<TableSnapshot> {
+    pub fn snapshot(
+        &self,
+        db: &str,
+        table: &str,
+        min_time_ns: i64,
+        max_time_ns: i64,
+    ) -> Option<TableSnapshot> {
         let schema = self.catalog().table(db, table)?.clone();
         let data = self.table_data(db, table)?;
         let data = data.read().expect("table lock");
@@ -710,7 +870,12 @@ impl Engine {
                 overlap: p.overlap || p.persisting_overlap,
             })
             .collect();
-        let files = data.files.iter().filter(|f| f.max_time_ns >= min_time_ns && f.min_time_ns <= max_time_ns).cloned().collect();
+        let files = data
+            .files
+            .iter()
+            .filter(|f| f.max_time_ns >= min_time_ns && f.min_time_ns <= max_time_ns)
+            .cloned()
+            .collect();
         Some(TableSnapshot { schema, files, partitions })
     }
 
@@ -725,17 +890,29 @@ impl Engine {
             // applies to this table wait for no query.
             let guard = data.read().expect("table lock");
             if let Some(cache) = guard.last.as_ref().filter(|c| c.ready) {
-                return cache.values.to_batch(&schema).map(Some).map_err(|e| Error::Internal(e.to_string()));
+                return cache
+                    .values
+                    .to_batch(&schema)
+                    .map(Some)
+                    .map_err(|e| Error::Internal(e.to_string()));
             }
         }
         let (batches, files) = {
             let mut guard = data.write().expect("table lock");
             let cache = guard.last.get_or_insert_with(LastCache::default);
             if cache.ready {
-                return cache.values.to_batch(&schema).map(Some).map_err(|e| Error::Internal(e.to_string()));
+                return cache
+                    .values
+                    .to_batch(&schema)
+                    .map(Some)
+                    .map_err(|e| Error::Internal(e.to_string()));
             }
-            let batches: Vec<RecordBatch> =
-                guard.buffer.partitions.values().flat_map(|p| p.persisting.iter().chain(p.batches.iter()).cloned()).collect();
+            let batches: Vec<RecordBatch> = guard
+                .buffer
+                .partitions
+                .values()
+                .flat_map(|p| p.persisting.iter().chain(p.batches.iter()).cloned())
+                .collect();
             (batches, guard.files.clone())
         };
         // Built concurrently by more than one query, each merge is still exact: folding is
@@ -745,18 +922,31 @@ impl Engine {
             built.fold(&schema, batch);
         }
         for file in files {
-            let bytes = self.store.get(&object_store::path::Path::from(file.path.as_str())).await.map_err(crate::persist::Error::from)?;
+            let bytes = self
+                .store
+                .get(&object_store::path::Path::from(file.path.as_str()))
+                .await
+                .map_err(crate::persist::Error::from)?;
             let fold_schema = schema.clone();
-            let partial = tokio::task::spawn_blocking(move || -> Result<LastValues, parquet::errors::ParquetError> {
-                let mut partial = LastValues::default();
-                for batch in parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()? {
-                    partial.fold(&fold_schema, &batch?);
-                }
-                Ok(partial)
-            })
+            let partial = tokio::task::spawn_blocking(
+                move || -> Result<LastValues, parquet::errors::ParquetError> {
+                    let mut partial = LastValues::default();
+                    for batch in
+                        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+                            bytes,
+                        )?
+                        .build()?
+                    {
+                        partial.fold(&fold_schema, &batch?);
+                    }
+                    Ok(partial)
+                },
+            )
             .await
             .map_err(|e| Error::Internal(format!("last-value cache task failed: {e}")))?
-            .map_err(|e| Error::Internal(format!("reading {} for the last-value cache: {e}", file.path)))?;
+            .map_err(|e| {
+                Error::Internal(format!("reading {} for the last-value cache: {e}", file.path))
+            })?;
             built.merge(partial);
         }
         let mut guard = data.write().expect("table lock");
@@ -771,20 +961,33 @@ impl Engine {
     fn min_unpersisted_seq(&self) -> u64 {
         let in_flight = self.applied_seq.load(Ordering::Acquire) + 1;
         let tables: Vec<_> = self.tables.read().expect("tables lock").values().cloned().collect();
-        tables.iter().map(|t| t.read().expect("table lock").buffer.min_unpersisted_seq()).min().unwrap_or(u64::MAX).min(in_flight)
+        tables
+            .iter()
+            .map(|t| t.read().expect("table lock").buffer.min_unpersisted_seq())
+            .min()
+            .unwrap_or(u64::MAX)
+            .min(in_flight)
     }
 
     /// Writes the oldest buffered rows of a partition, at most an eighth of the buffer limit,
     /// to one Parquet file and commits it. `false` if there was nothing to write (or a persist
     /// of it is already running). Bounded chunks bound the memory a persist needs.
-    pub async fn persist_partition(&self, db: &str, table: &str, partition_ns: i64) -> Result<bool, Error> {
+    pub async fn persist_partition(
+        &self,
+        db: &str,
+        table: &str,
+        partition_ns: i64,
+    ) -> Result<bool, Error> {
         let Some(data) = self.table_data(db, table) else { return Ok(false) };
         let Some(schema) = self.catalog().table(db, table).cloned() else { return Ok(false) };
         let chunk_bytes = (self.config.buffer_bytes_max / 8).max(1 << 20);
-        let Some((batches, overlap)) = data.write().expect("table lock").buffer.start_persist(partition_ns, chunk_bytes) else {
+        let Some((batches, overlap)) =
+            data.write().expect("table lock").buffer.start_persist(partition_ns, chunk_bytes)
+        else {
             return Ok(false);
         };
-        let result = self.write_file(db, table, partition_ns, &schema, batches, overlap, &data).await;
+        let result =
+            self.write_file(db, table, partition_ns, &schema, batches, overlap, &data).await;
         let orphan = {
             let mut guard = data.write().expect("table lock");
             match result {
@@ -799,7 +1002,9 @@ impl Engine {
                         match wal.remove_segments_below(self.min_unpersisted_seq()) {
                             Ok(0) => {}
                             Ok(n) => tracing::debug!(segments = n, "wal segments removed"),
-                            Err(error) => tracing::warn!(%error, "removing persisted wal segments failed"),
+                            Err(error) => {
+                                tracing::warn!(%error, "removing persisted wal segments failed")
+                            }
                         }
                     }
                     return Ok(true);
@@ -816,7 +1021,9 @@ impl Engine {
             }
         };
         // Committed just before a drop, which removed it from the manifest again.
-        if let Err(error) = self.store.delete(&object_store::path::Path::from(orphan.path.as_str())).await {
+        if let Err(error) =
+            self.store.delete(&object_store::path::Path::from(orphan.path.as_str())).await
+        {
             tracing::warn!(%error, path = %orphan.path, "deleting the file of a dropped table failed");
         }
         Ok(false)
@@ -836,9 +1043,11 @@ impl Engine {
     ) -> Result<Option<ParquetFile>, Error> {
         let max_seq = crate::buffer::seq_bounds(&batches).map_or(0, |(_, hi)| hi);
         let encode_schema = schema.clone();
-        let encoded = tokio::task::spawn_blocking(move || crate::persist::encode(&encode_schema, &batches, overlap))
-            .await
-            .map_err(|e| Error::Internal(format!("persist task failed: {e}")))??;
+        let encoded = tokio::task::spawn_blocking(move || {
+            crate::persist::encode(&encode_schema, &batches, overlap)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("persist task failed: {e}")))??;
         let n = self.file_counter.fetch_add(1, Ordering::Relaxed);
         let path = crate::persist::file_path(db, table, partition_ns, max_seq, n);
         let bytes = encoded.bytes.len() as u64;
@@ -854,7 +1063,12 @@ impl Engine {
             max_seq,
             overlap,
         };
-        let op = Op::AddFile { database: db.into(), table: table.into(), columns: schema.columns().to_vec(), file: file.clone() };
+        let op = Op::AddFile {
+            database: db.into(),
+            table: table.into(),
+            columns: schema.columns().to_vec(),
+            file: file.clone(),
+        };
         let mut manifest = self.manifest.lock().await;
         if !self.table_data(db, table).is_some_and(|live| Arc::ptr_eq(&live, data)) {
             drop(manifest);
@@ -874,17 +1088,33 @@ impl Engine {
     /// blocking thread, so queries for a few series find their rows by binary search. A run
     /// that a persist or a merge moved meanwhile is left as it was. Returns the runs sorted.
     pub async fn sort_buffers(&self) -> Result<usize, Error> {
-        let tables: Vec<_> = self.tables.read().expect("tables lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let tables: Vec<_> = self
+            .tables
+            .read()
+            .expect("tables lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let mut sorted_runs = 0;
         for ((db, table), data) in tables {
             loop {
-                let Some((partition, start, run)) = data.read().expect("table lock").buffer.unsorted_run(self.config.sort_rows_min) else { break };
-                let Some(schema) = self.catalog().table(&db, &table).map(|t| t.arrow_schema_with_seq().clone()) else { break };
+                let Some((partition, start, run)) =
+                    data.read().expect("table lock").buffer.unsorted_run(self.config.sort_rows_min)
+                else {
+                    break;
+                };
+                let Some(schema) =
+                    self.catalog().table(&db, &table).map(|t| t.arrow_schema_with_seq().clone())
+                else {
+                    break;
+                };
                 let inputs = run.clone();
-                let sorted = tokio::task::spawn_blocking(move || crate::buffer::sort::sort_by_series(&inputs, &schema))
-                    .await
-                    .map_err(|e| Error::Internal(format!("sorting task: {e}")))?
-                    .map_err(|e| Error::Internal(format!("sorting buffered rows: {e}")))?;
+                let sorted = tokio::task::spawn_blocking(move || {
+                    crate::buffer::sort::sort_by_series(&inputs, &schema)
+                })
+                .await
+                .map_err(|e| Error::Internal(format!("sorting task: {e}")))?
+                .map_err(|e| Error::Internal(format!("sorting buffered rows: {e}")))?;
                 let mut guard = data.write().expect("table lock");
                 if guard.dropped {
                     break;
@@ -904,7 +1134,13 @@ impl Engine {
 
     /// Buffered partitions, largest first: (db, table, partition, bytes).
     fn buffered_partitions(&self) -> Vec<(String, String, i64, usize)> {
-        let tables: Vec<_> = self.tables.read().expect("tables lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let tables: Vec<_> = self
+            .tables
+            .read()
+            .expect("tables lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let mut out = Vec::new();
         for ((db, table), data) in tables {
             for (&partition, p) in &data.read().expect("table lock").buffer.partitions {
@@ -944,7 +1180,10 @@ impl Engine {
     /// Persists chunks of the largest partitions until the buffer is under `bytes_target`.
     async fn persist_down_to(&self, bytes_target: usize) -> Result<(), Error> {
         while self.buffered_bytes() > bytes_target {
-            let Some((db, table, partition, _)) = self.buffered_partitions().into_iter().next() else { break };
+            let Some((db, table, partition, _)) = self.buffered_partitions().into_iter().next()
+            else {
+                break;
+            };
             if !self.persist_partition(&db, &table, partition).await? {
                 break;
             }

@@ -3,7 +3,12 @@
 use super::*;
 
 fn options() -> WriteOptions {
-    WriteOptions { precision: Precision::Nanosecond, accept_partial: true, no_sync: false, default_time_ns: 1_000 }
+    WriteOptions {
+        precision: Precision::Nanosecond,
+        accept_partial: true,
+        no_sync: false,
+        default_time_ns: 1_000,
+    }
 }
 
 fn rows(engine: &Engine, table: &str) -> (usize, usize) {
@@ -43,13 +48,15 @@ async fn rejected_lines_leave_no_trace_without_accept_partial() {
     let dir = tempfile::tempdir().expect("tempdir");
     let engine = Engine::open(Config::for_tests(dir.path().to_path_buf())).await.expect("open");
     let strict = WriteOptions { accept_partial: false, ..options() };
-    let err = engine.write_lp("db", b"cpu u=1 1\ncpu u=2i 2", strict).await.expect_err("type conflict");
+    let err =
+        engine.write_lp("db", b"cpu u=1 1\ncpu u=2i 2", strict).await.expect_err("type conflict");
     match err {
         Error::Rejected(lines) => assert_eq!(lines[0].line_number, 2),
         other => panic!("unexpected {other}"),
     }
     assert!(engine.catalog().table("db", "cpu").is_none(), "nothing of the request was stored");
-    let outcome = engine.write_lp("db", b"cpu u=1 1\ncpu u=2i 2", options()).await.expect("partial");
+    let outcome =
+        engine.write_lp("db", b"cpu u=1 1\ncpu u=2i 2", options()).await.expect("partial");
     assert_eq!((outcome.lines_stored, outcome.rejected.len()), (1, 1));
     engine.close();
 }
@@ -76,10 +83,12 @@ async fn storage_format_fixtures_load() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("storage-format/fixtures");
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::create_dir_all(dir.path().join("wal")).expect("wal dir");
-    std::fs::copy(root.join("wal-v1.wal"), dir.path().join("wal/00000000000000000001.wal")).expect("copy wal");
+    std::fs::copy(root.join("wal-v1.wal"), dir.path().join("wal/00000000000000000001.wal"))
+        .expect("copy wal");
     let log = dir.path().join("objects/manifest/log");
     std::fs::create_dir_all(&log).expect("log dir");
-    std::fs::copy(root.join("manifest-commit-v1.json"), log.join("00000000000000000001.json")).expect("copy manifest");
+    std::fs::copy(root.join("manifest-commit-v1.json"), log.join("00000000000000000001.json"))
+        .expect("copy manifest");
     let engine = Engine::open(Config::for_tests(dir.path().to_path_buf())).await.expect("open");
     let catalog = engine.catalog();
     assert!(catalog.has_database("telegraf"));
@@ -88,7 +97,10 @@ async fn storage_format_fixtures_load() {
     assert_eq!(engine.snapshot("db", "cpu", i64::MIN, i64::MAX).expect("cpu").files.len(), 1);
     // The WAL's records are for database "fixture", which no file covers: both replay.
     let fixture = engine.snapshot("fixture", "cpu", i64::MIN, i64::MAX).expect("replayed cpu");
-    assert_eq!(fixture.partitions.iter().flat_map(|p| &p.batches).map(|b| b.num_rows()).sum::<usize>(), 1);
+    assert_eq!(
+        fixture.partitions.iter().flat_map(|p| &p.batches).map(|b| b.num_rows()).sum::<usize>(),
+        1
+    );
     assert!(engine.snapshot("fixture", "mem", i64::MIN, i64::MAX).is_some());
     engine.close();
 }
@@ -101,17 +113,29 @@ async fn declared_tables_outlive_a_restart() {
     engine.create_database("db").await.expect("database");
     let columns = vec![
         Column { name: "city".into(), kind: crate::catalog::ColumnKind::Tag },
-        Column { name: "temp".into(), kind: crate::catalog::ColumnKind::Field(crate::catalog::FieldType::Float) },
+        Column {
+            name: "temp".into(),
+            kind: crate::catalog::ColumnKind::Field(crate::catalog::FieldType::Float),
+        },
     ];
     assert!(engine.create_table("db", "weather", columns.clone(), false).await.expect("create"));
-    assert!(matches!(engine.create_table("db", "weather", columns.clone(), false).await, Err(Error::TableExists(_))));
+    assert!(matches!(
+        engine.create_table("db", "weather", columns.clone(), false).await,
+        Err(Error::TableExists(_))
+    ));
     assert!(!engine.create_table("db", "weather", columns, true).await.expect("if not exists"));
     engine.close();
     drop(engine);
     let engine = Engine::open(config).await.expect("reopen");
     let table = engine.catalog().table("db", "weather").cloned().expect("declared table survives");
     assert_eq!(table.columns().len(), 2);
-    let err = engine.write_lp("db", b"weather,city=oslo temp=\"warm\" 1", WriteOptions { accept_partial: false, ..options() }).await;
+    let err = engine
+        .write_lp(
+            "db",
+            b"weather,city=oslo temp=\"warm\" 1",
+            WriteOptions { accept_partial: false, ..options() },
+        )
+        .await;
     assert!(matches!(err, Err(Error::Rejected(_))), "declared types hold");
     engine.close();
 }
@@ -148,7 +172,10 @@ async fn dropped_tables_stay_dropped_across_restarts() {
 
     let engine = Engine::open(config).await.expect("reopen after dropping the database");
     assert!(!engine.catalog().has_database("db"), "no WAL record brings the database back");
-    engine.write_lp("db", b"cpu,host=c u=1 40", options()).await.expect("a new database of the same name");
+    engine
+        .write_lp("db", b"cpu,host=c u=1 40", options())
+        .await
+        .expect("a new database of the same name");
     assert_eq!(rows(&engine, "cpu"), (1, 0));
     engine.close();
 }
@@ -161,7 +188,8 @@ async fn sorted_buffers_answer_like_unsorted_ones() {
     let mut config = Config::for_tests(dir.path().to_path_buf());
     config.sort_rows_min = 8;
     let engine = Engine::open(config).await.expect("open");
-    let queries = crate::query::QueryEngine::new(engine.clone(), crate::query::Config::for_tests()).expect("query engine");
+    let queries = crate::query::QueryEngine::new(engine.clone(), crate::query::Config::for_tests())
+        .expect("query engine");
     let bodies = [
         "cpu,host=b,dc=x u=1 30\ncpu,host=a,dc=y u=2 10\ncpu,host=c,dc=x u=3 20\ncpu,host=a,dc=x u=4 20",
         "cpu,host=a,dc=x u=5 40\ncpu,dc=x u=6 40\ncpu,host=b,dc=x u=7 30\ncpu,host=c,dc=x u=8 10",
@@ -179,7 +207,9 @@ async fn sorted_buffers_answer_like_unsorted_ones() {
         for q in sql {
             let (schema, batches) = queries.sql("db", q).await.expect("query");
             let plain = crate::query::plain(&schema, &batches).expect("plain").1;
-            out.push(arrow::util::pretty::pretty_format_batches(&plain).expect("format").to_string());
+            out.push(
+                arrow::util::pretty::pretty_format_batches(&plain).expect("format").to_string(),
+            );
         }
         out
     };
@@ -187,10 +217,18 @@ async fn sorted_buffers_answer_like_unsorted_ones() {
         engine.write_lp("db", body.as_bytes(), options()).await.expect("write");
     }
     let before = answers().await;
-    assert!(before[0].contains("| a    | x  | 10.0 |") && before[1].contains("| b    | x  | 7.0"), "{before:?}");
+    assert!(
+        before[0].contains("| a    | x  | 10.0 |") && before[1].contains("| b    | x  | 7.0"),
+        "{before:?}"
+    );
     assert_eq!(engine.sort_buffers().await.expect("sort"), 1);
     let snap = engine.snapshot("db", "cpu", i64::MIN, i64::MAX).expect("table");
-    let sorted: Vec<_> = snap.partitions.iter().flat_map(|p| &p.batches).map(|b| (b.num_rows(), crate::buffer::sort::is_sorted(b))).collect();
+    let sorted: Vec<_> = snap
+        .partitions
+        .iter()
+        .flat_map(|p| &p.batches)
+        .map(|b| (b.num_rows(), crate::buffer::sort::is_sorted(b)))
+        .collect();
     assert_eq!(sorted, [(8, true), (3, false)], "the first two writes sorted as one run");
     assert_eq!(answers().await, before);
     // The point (b, x, 30) again: the later write wins, sorted or not.

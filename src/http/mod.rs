@@ -86,37 +86,62 @@ fn error_response(status: StatusCode, message: &str, data: Option<&[RejectedLine
 }
 
 fn body_too_large(limit: usize) -> Response {
-    error_response(StatusCode::PAYLOAD_TOO_LARGE, &format!("request body exceeds the limit of {limit} bytes"), None)
+    error_response(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!("request body exceeds the limit of {limit} bytes"),
+        None,
+    )
 }
 
 /// Decompresses a gzip body (bounded by the request limit) or returns it as is.
 fn decode_body(headers: &HeaderMap, body: Bytes, limit: usize) -> Result<Bytes, Response> {
-    let encoding = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).unwrap_or("").trim().to_ascii_lowercase();
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     match encoding.as_str() {
         "" | "identity" => Ok(body),
         "gzip" | "x-gzip" => {
             let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit));
             let mut decoder = flate2::read::MultiGzDecoder::new(&body[..]).take(limit as u64 + 1);
-            decoder
-                .read_to_end(&mut out)
-                .map_err(|e| error_response(StatusCode::BAD_REQUEST, &format!("invalid gzip body: {e}"), None))?;
+            decoder.read_to_end(&mut out).map_err(|e| {
+                error_response(StatusCode::BAD_REQUEST, &format!("invalid gzip body: {e}"), None)
+            })?;
             if out.len() > limit {
                 return Err(body_too_large(limit));
             }
             Ok(Bytes::from(out))
         }
-        other => Err(error_response(StatusCode::UNSUPPORTED_MEDIA_TYPE, &format!("unsupported Content-Encoding \"{other}\""), None)),
+        other => Err(error_response(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            &format!("unsupported Content-Encoding \"{other}\""),
+            None,
+        )),
     }
 }
 
 fn now_ns() -> i64 {
-    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let since =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     i64::try_from(since.as_nanos()).unwrap_or(i64::MAX)
 }
 
-async fn write(state: &AppState, headers: &HeaderMap, db: Option<&str>, missing: &str, options: WriteOptions, body: Bytes) -> Response {
+async fn write(
+    state: &AppState,
+    headers: &HeaderMap,
+    db: Option<&str>,
+    missing: &str,
+    options: WriteOptions,
+    body: Bytes,
+) -> Response {
     let Some(db) = db.filter(|d| !d.is_empty()) else {
-        return error_response(StatusCode::BAD_REQUEST, &format!("missing required query parameter \"{missing}\""), None);
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            &format!("missing required query parameter \"{missing}\""),
+            None,
+        );
     };
     let body = match decode_body(headers, body, state.request_bytes_max) {
         Ok(body) => body,
@@ -126,15 +151,24 @@ async fn write(state: &AppState, headers: &HeaderMap, db: Option<&str>, missing:
         Ok(outcome) if outcome.rejected.is_empty() => StatusCode::NO_CONTENT.into_response(),
         Ok(outcome) => error_response(
             StatusCode::BAD_REQUEST,
-            &format!("partial write of line protocol occurred: {} lines stored, {} rejected", outcome.lines_stored, outcome.rejected.len()),
+            &format!(
+                "partial write of line protocol occurred: {} lines stored, {} rejected",
+                outcome.lines_stored,
+                outcome.rejected.len()
+            ),
             Some(&outcome.rejected),
         ),
         Err(engine::Error::Rejected(lines)) => error_response(
             StatusCode::BAD_REQUEST,
-            &format!("parsing failed for write_lp endpoint: {} lines rejected, nothing stored", lines.len()),
+            &format!(
+                "parsing failed for write_lp endpoint: {} lines rejected, nothing stored",
+                lines.len()
+            ),
             Some(&lines),
         ),
-        Err(engine::Error::Wal(e)) if matches!(*e, crate::wal::Error::RecordTooLarge { .. }) => body_too_large(state.request_bytes_max),
+        Err(engine::Error::Wal(e)) if matches!(*e, crate::wal::Error::RecordTooLarge { .. }) => {
+            body_too_large(state.request_bytes_max)
+        }
         Err(e) => {
             let status = status_of(e.kind());
             if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
@@ -148,8 +182,9 @@ async fn write(state: &AppState, headers: &HeaderMap, db: Option<&str>, missing:
 fn precision_or_error(name: Option<&str>, default: Precision) -> Result<Precision, Response> {
     match name {
         None => Ok(default),
-        Some(p) => Precision::parse(p)
-            .ok_or_else(|| error_response(StatusCode::BAD_REQUEST, &format!("invalid precision \"{p}\""), None)),
+        Some(p) => Precision::parse(p).ok_or_else(|| {
+            error_response(StatusCode::BAD_REQUEST, &format!("invalid precision \"{p}\""), None)
+        }),
     }
 }
 
@@ -165,12 +200,18 @@ struct V1Params {
     p: Option<String>,
 }
 
-async fn write_v1(State(state): State<AppState>, Query(params): Query<V1Params>, headers: HeaderMap, body: Bytes) -> Response {
+async fn write_v1(
+    State(state): State<AppState>,
+    Query(params): Query<V1Params>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let precision = match precision_or_error(params.precision.as_deref(), Precision::Nanosecond) {
         Ok(p) => p,
         Err(r) => return r,
     };
-    let options = WriteOptions { precision, accept_partial: true, no_sync: false, default_time_ns: now_ns() };
+    let options =
+        WriteOptions { precision, accept_partial: true, no_sync: false, default_time_ns: now_ns() };
     write(&state, &headers, params.db.as_deref(), "db", options, body).await
 }
 
@@ -182,12 +223,18 @@ struct V2Params {
     precision: Option<String>,
 }
 
-async fn write_v2(State(state): State<AppState>, Query(params): Query<V2Params>, headers: HeaderMap, body: Bytes) -> Response {
+async fn write_v2(
+    State(state): State<AppState>,
+    Query(params): Query<V2Params>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let precision = match precision_or_error(params.precision.as_deref(), Precision::Nanosecond) {
         Ok(p) => p,
         Err(r) => return r,
     };
-    let options = WriteOptions { precision, accept_partial: true, no_sync: false, default_time_ns: now_ns() };
+    let options =
+        WriteOptions { precision, accept_partial: true, no_sync: false, default_time_ns: now_ns() };
     write(&state, &headers, params.bucket.as_deref(), "bucket", options, body).await
 }
 
@@ -199,7 +246,12 @@ struct V3Params {
     no_sync: Option<bool>,
 }
 
-async fn write_v3(State(state): State<AppState>, Query(params): Query<V3Params>, headers: HeaderMap, body: Bytes) -> Response {
+async fn write_v3(
+    State(state): State<AppState>,
+    Query(params): Query<V3Params>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let precision = match precision_or_error(params.precision.as_deref(), Precision::Auto) {
         Ok(p) => p,
         Err(r) => return r,
@@ -232,9 +284,17 @@ struct InfluxQlParams {
 
 /// The InfluxQL endpoint, for what v1 clients send before writing: `CREATE DATABASE`,
 /// `DROP DATABASE` (InfluxDB 1.x answers success when it does not exist) and `SHOW DATABASES`. SQL goes to `/api/v3/query_sql`.
-async fn influxql(State(state): State<AppState>, Query(params): Query<InfluxQlParams>, headers: HeaderMap, body: Bytes) -> Response {
+async fn influxql(
+    State(state): State<AppState>,
+    Query(params): Query<InfluxQlParams>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let form_q = || {
-        let is_form = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+        let is_form = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
         if !is_form {
             return None;
         }
@@ -279,11 +339,20 @@ struct SqlParams {
     format: Option<String>,
 }
 
-async fn query_get(State(state): State<AppState>, Query(params): Query<SqlParams>, headers: HeaderMap) -> Response {
+async fn query_get(
+    State(state): State<AppState>,
+    Query(params): Query<SqlParams>,
+    headers: HeaderMap,
+) -> Response {
     run_sql(&state, params, &headers).await
 }
 
-async fn query_post(State(state): State<AppState>, Query(params): Query<SqlParams>, headers: HeaderMap, body: Bytes) -> Response {
+async fn query_post(
+    State(state): State<AppState>,
+    Query(params): Query<SqlParams>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let mut merged = params;
     if !body.is_empty() {
         match serde_json::from_slice::<SqlParams>(&body) {
@@ -292,7 +361,13 @@ async fn query_post(State(state): State<AppState>, Query(params): Query<SqlParam
                 merged.q = from_body.q.or(merged.q);
                 merged.format = from_body.format.or(merged.format);
             }
-            Err(e) => return error_response(StatusCode::BAD_REQUEST, &format!("request body is not valid JSON: {e}"), None),
+            Err(e) => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    &format!("request body is not valid JSON: {e}"),
+                    None,
+                )
+            }
         }
     }
     run_sql(&state, merged, &headers).await
@@ -357,9 +432,21 @@ async fn run_sql(state: &AppState, params: SqlParams, headers: &HeaderMap) -> Re
     let format = match params.format.as_deref() {
         Some(name) => match Format::parse(name) {
             Some(f) => f,
-            None => return error_response(StatusCode::BAD_REQUEST, &format!("unknown format \"{name}\"; use json, jsonl, csv, pretty, parquet or arrow"), None),
+            None => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "unknown format \"{name}\"; use json, jsonl, csv, pretty, parquet or arrow"
+                    ),
+                    None,
+                )
+            }
         },
-        None => headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).and_then(Format::from_accept).unwrap_or(Format::Json),
+        None => headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(Format::from_accept)
+            .unwrap_or(Format::Json),
     };
     if let Some(result) = crate::query::ddl::execute(state.query.engine(), &db, &q).await {
         return match result {
@@ -379,12 +466,24 @@ async fn run_sql(state: &AppState, params: SqlParams, headers: &HeaderMap) -> Re
     };
     match tokio::task::spawn_blocking(move || encode(format, &schema, &batches)).await {
         Ok(Ok(body)) => ([(header::CONTENT_TYPE, format.content_type())], body).into_response(),
-        Ok(Err(e)) => error_response(StatusCode::INTERNAL_SERVER_ERROR, &format!("encoding the result: {e}"), None),
-        Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, &format!("encoding task failed: {e}"), None),
+        Ok(Err(e)) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("encoding the result: {e}"),
+            None,
+        ),
+        Err(e) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("encoding task failed: {e}"),
+            None,
+        ),
     }
 }
 
-fn encode(format: Format, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, Box<dyn std::error::Error + Send + Sync>> {
+fn encode(
+    format: Format,
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+) -> Result<Vec<u8>, Box<dyn std::error::Error + Send + Sync>> {
     let mut out = Vec::new();
     match format {
         Format::Json => {

@@ -23,6 +23,9 @@ fn formats_by_name_and_accept_header() {
     assert_eq!(Format::parse("csv"), Some(Format::Csv));
     assert_eq!(Format::parse("xml"), None);
     assert_eq!(Format::from_accept("text/csv"), Some(Format::Csv));
-    assert_eq!(Format::from_accept("*/*, application/vnd.apache.arrow.stream;q=0.9"), Some(Format::Arrow));
+    assert_eq!(
+        Format::from_accept("*/*, application/vnd.apache.arrow.stream;q=0.9"),
+        Some(Format::Arrow)
+    );
     assert_eq!(Format::from_accept("*/*"), None);
 }

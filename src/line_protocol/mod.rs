@@ -157,7 +157,11 @@ fn trim_start(mut bytes: &[u8]) -> &[u8] {
 }
 
 /// Parses one line (as yielded by [`lines`]) into `out`.
-pub fn parse_line<'a>(line_number: usize, bytes: &'a [u8], out: &mut Line<'a>) -> Result<(), ParseError> {
+pub fn parse_line<'a>(
+    line_number: usize,
+    bytes: &'a [u8],
+    out: &mut Line<'a>,
+) -> Result<(), ParseError> {
     out.clear();
     let text = match std::str::from_utf8(bytes) {
         Ok(text) => text,
@@ -270,7 +274,9 @@ impl<'a> Parser<'a> {
             match self.peek() {
                 Some(b',') => self.pos += 1,
                 Some(b' ' | b'\t') | None => break,
-                Some(_) => return Err(self.error(self.pos, "expected ',' or ' ' after field value")),
+                Some(_) => {
+                    return Err(self.error(self.pos, "expected ',' or ' ' after field value"))
+                }
             }
         }
         self.skip_spaces();
@@ -281,9 +287,10 @@ impl<'a> Parser<'a> {
                 .position(|&b| b == b' ' || b == b'\t')
                 .map_or(self.bytes.len(), |n| ts_pos + n);
             let digits = &self.text[ts_pos..end];
-            out.timestamp = Some(parse_timestamp(digits).ok_or_else(|| {
-                self.error(ts_pos, format!("invalid timestamp \"{digits}\""))
-            })?);
+            out.timestamp =
+                Some(parse_timestamp(digits).ok_or_else(|| {
+                    self.error(ts_pos, format!("invalid timestamp \"{digits}\""))
+                })?);
             self.pos = end;
             self.skip_spaces();
             if self.peek().is_some() {
@@ -301,7 +308,9 @@ impl<'a> Parser<'a> {
             return Err(self.error(start, format!("missing {}", part.what())));
         }
         if self.peek() != Some(b'=') {
-            return Err(self.error(self.pos, format!("missing '=' after {} \"{key}\"", part.what())));
+            return Err(
+                self.error(self.pos, format!("missing '=' after {} \"{key}\"", part.what()))
+            );
         }
         self.pos += 1;
         Ok(key)
@@ -329,8 +338,12 @@ impl<'a> Parser<'a> {
             if part.is_end(b) {
                 break;
             }
-            if b == b'"' && matches!(part, Part::Measurement | Part::TagKey | Part::FieldKey) && self.pos == start {
-                return Err(self.error(self.pos, format!("{} cannot begin with a double quote", part.what())));
+            if b == b'"'
+                && matches!(part, Part::Measurement | Part::TagKey | Part::FieldKey)
+                && self.pos == start
+            {
+                return Err(self
+                    .error(self.pos, format!("{} cannot begin with a double quote", part.what())));
             }
             self.pos += 1;
         }
@@ -338,7 +351,7 @@ impl<'a> Parser<'a> {
         if !escaped {
             return Ok(Cow::Borrowed(raw));
         }
-Ok(Cow::Owned(unescape(raw, |c| c.is_ascii() && part.is_escapable(c as u8))))
+        Ok(Cow::Owned(unescape(raw, |c| c.is_ascii() && part.is_escapable(c as u8))))
     }
 
     fn field_value(&mut self, key: &str) -> Result<FieldValue<'a>, ParseError> {
@@ -386,7 +399,7 @@ Ok(Cow::Owned(unescape(raw, |c| c.is_ascii() && part.is_escapable(c as u8))))
         if !escaped {
             return Ok(FieldValue::String(Cow::Borrowed(raw)));
         }
-Ok(FieldValue::String(Cow::Owned(unescape(raw, |c| c == '"' || c == '\\'))))
+        Ok(FieldValue::String(Cow::Owned(unescape(raw, |c| c == '"' || c == '\\'))))
     }
 }
 
@@ -436,7 +449,10 @@ fn parse_scalar(raw: &str) -> Result<FieldValue<'static>, &'static str> {
         if !is_integer(digits, false) {
             return Err(INVALID);
         }
-        return digits.parse().map(FieldValue::UInteger).map_err(|_| "unsigned integer out of range");
+        return digits
+            .parse()
+            .map(FieldValue::UInteger)
+            .map_err(|_| "unsigned integer out of range");
     }
     // Rust's float parser also takes "inf", "NaN" and "infinity"; line protocol does not.
     let first = bytes[0];

@@ -36,8 +36,10 @@ fn check(input: &str, expected: &str) {
 #[test]
 fn good_lines() {
     check("cpu value=1", r#"m="cpu" field:"value"=float:1.0"#);
-    check("cpu,host=a,region=eu usage=0.5 1700000000000000000",
-        r#"m="cpu" tag:"host"="a" tag:"region"="eu" field:"usage"=float:0.5 ts=1700000000000000000"#);
+    check(
+        "cpu,host=a,region=eu usage=0.5 1700000000000000000",
+        r#"m="cpu" tag:"host"="a" tag:"region"="eu" field:"usage"=float:0.5 ts=1700000000000000000"#,
+    );
     check("m f=1.", r#"m="m" field:"f"=float:1.0"#);
     check("m f=-0.5e-3", r#"m="m" field:"f"=float:-0.0005"#);
     check("m f=1E10", r#"m="m" field:"f"=float:10000000000.0"#);
@@ -63,7 +65,10 @@ fn good_lines() {
 #[test]
 fn escapes() {
     check(r"my\ meas\,ure f=1", r#"m="my meas,ure" field:"f"=float:1.0"#);
-    check(r"m,ta\ g\,k\=ey=va\ l\,u\=e f=1", r#"m="m" tag:"ta g,k=ey"="va l,u=e" field:"f"=float:1.0"#);
+    check(
+        r"m,ta\ g\,k\=ey=va\ l\,u\=e f=1",
+        r#"m="m" tag:"ta g,k=ey"="va l,u=e" field:"f"=float:1.0"#,
+    );
     check(r"m fi\ e\,l\=d=1", r#"m="m" field:"fi e,l=d"=float:1.0"#);
     check(r"m,t=a\b f=1", r#"m="m" tag:"t"="a\\b" field:"f"=float:1.0"#);
     check(r"m=x f=1", r#"m="m=x" field:"f"=float:1.0"#);
@@ -93,8 +98,10 @@ fn bad_lines() {
     check("m f=1e999", "error: line 1, column 5: float out of range \"1e999\" for field \"f\"");
     check("m f=1.5i", "error: line 1, column 5: invalid value \"1.5i\" for field \"f\"");
     check("m f=-1u", "error: line 1, column 5: invalid value \"-1u\" for field \"f\"");
-    check("m f=9223372036854775808i",
-        "error: line 1, column 5: integer out of range \"9223372036854775808i\" for field \"f\"");
+    check(
+        "m f=9223372036854775808i",
+        "error: line 1, column 5: integer out of range \"9223372036854775808i\" for field \"f\"",
+    );
     check("m f=18446744073709551616u",
         "error: line 1, column 5: unsigned integer out of range \"18446744073709551616u\" for field \"f\"");
     check("m f=\"abc", "error: line 1, column 5: unterminated string for field \"f\"");

@@ -60,15 +60,33 @@ pub struct State {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
-    CreateDatabase { database: String },
+    CreateDatabase {
+        database: String,
+    },
     /// A table declared with `CREATE TABLE` before any row was written.
-    CreateTable { database: String, table: String, columns: Vec<Column> },
+    CreateTable {
+        database: String,
+        table: String,
+        columns: Vec<Column>,
+    },
     /// A partition of a table was written to `file`; `columns` is the table's schema then.
-    AddFile { database: String, table: String, columns: Vec<Column>, file: ParquetFile },
+    AddFile {
+        database: String,
+        table: String,
+        columns: Vec<Column>,
+        file: ParquetFile,
+    },
     /// `DROP TABLE`: the table and its files are gone, and so are its WAL rows up to `seq`.
-    DropTable { database: String, table: String, seq: u64 },
+    DropTable {
+        database: String,
+        table: String,
+        seq: u64,
+    },
     /// `DROP DATABASE`: every table of it, as `DropTable` each.
-    DropDatabase { database: String, seq: u64 },
+    DropDatabase {
+        database: String,
+        seq: u64,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -82,7 +100,12 @@ impl State {
     /// The sequence number up to which WAL rows of `table` are gone (dropped); 0 if none.
     pub fn dropped_seq(&self, database: &str, table: &str) -> u64 {
         let db = self.dropped_databases.get(database).copied().unwrap_or(0);
-        let table = self.databases.get(database).and_then(|d| d.dropped_tables.get(table)).copied().unwrap_or(0);
+        let table = self
+            .databases
+            .get(database)
+            .and_then(|d| d.dropped_tables.get(table))
+            .copied()
+            .unwrap_or(0);
         db.max(table)
     }
 
@@ -92,13 +115,25 @@ impl State {
                 self.databases.entry(database.clone()).or_default();
             }
             Op::CreateTable { database, table, columns } => {
-                let table = self.databases.entry(database.clone()).or_default().tables.entry(table.clone()).or_default();
+                let table = self
+                    .databases
+                    .entry(database.clone())
+                    .or_default()
+                    .tables
+                    .entry(table.clone())
+                    .or_default();
                 if table.columns.is_empty() {
                     table.columns = columns.clone();
                 }
             }
             Op::AddFile { database, table, columns, file } => {
-                let table = self.databases.entry(database.clone()).or_default().tables.entry(table.clone()).or_default();
+                let table = self
+                    .databases
+                    .entry(database.clone())
+                    .or_default()
+                    .tables
+                    .entry(table.clone())
+                    .or_default();
                 table.columns = columns.clone();
                 table.files.push(file.clone());
                 self.wal_seq = self.wal_seq.max(file.max_seq);
@@ -146,7 +181,9 @@ impl Manifest {
     pub async fn load(store: Store) -> Result<Manifest, Error> {
         let mut state = State { format: FORMAT_VERSION, ..Default::default() };
         let checkpoints = store.list(&Path::from(CHECKPOINT_DIR)).await?;
-        if let Some(path) = checkpoints.iter().filter(|p| number_of(p).is_some()).max_by_key(|p| number_of(p)) {
+        if let Some(path) =
+            checkpoints.iter().filter(|p| number_of(p).is_some()).max_by_key(|p| number_of(p))
+        {
             let bytes = store.get(path).await?;
             state = serde_json::from_slice(&bytes).map_err(|e| invalid(path, e))?;
             if state.format != FORMAT_VERSION {

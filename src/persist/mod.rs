@@ -13,8 +13,8 @@ use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, Encoding, ZstdLevel};
-use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::file::metadata::SortingColumn;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
 use crate::buffer::{adapt, dedup};
@@ -68,7 +68,11 @@ pub fn key_columns(schema: &SchemaRef, table: &TableSchema) -> Vec<usize> {
 /// Memory: in-order rows (no `overlap`) are never copied whole. Only the key columns are
 /// concatenated and sorted; each row group is then gathered from the source batches with
 /// `interleave` and written, so a persist needs about the size of its keys plus one row group.
-pub fn encode(table: &TableSchema, batches: &[RecordBatch], overlap: bool) -> Result<Encoded, Error> {
+pub fn encode(
+    table: &TableSchema,
+    batches: &[RecordBatch],
+    overlap: bool,
+) -> Result<Encoded, Error> {
     let schema = table.arrow_schema_with_seq().clone();
     let adapted: Vec<RecordBatch> = batches.iter().map(|b| adapt(b, &schema)).collect();
     let keys = key_columns(&schema, table);
@@ -91,12 +95,16 @@ pub fn encode(table: &TableSchema, batches: &[RecordBatch], overlap: bool) -> Re
         .set_sorting_columns(Some(sorting));
     for name in [TIME_COLUMN, SEQ_COLUMN] {
         let path = ColumnPath::from(name);
-        props = props.set_column_dictionary_enabled(path.clone(), false).set_column_encoding(path, Encoding::DELTA_BINARY_PACKED);
+        props = props
+            .set_column_dictionary_enabled(path.clone(), false)
+            .set_column_encoding(path, Encoding::DELTA_BINARY_PACKED);
     }
     for column in table.columns() {
         let compression = match column.kind {
             crate::catalog::ColumnKind::Tag => Compression::UNCOMPRESSED,
-            crate::catalog::ColumnKind::Field(crate::catalog::FieldType::String) => Compression::ZSTD(ZstdLevel::try_new(3)?),
+            crate::catalog::ColumnKind::Field(crate::catalog::FieldType::String) => {
+                Compression::ZSTD(ZstdLevel::try_new(3)?)
+            }
             _ => continue,
         };
         props = props.set_column_compression(ColumnPath::from(column.name.as_str()), compression);
@@ -116,9 +124,16 @@ pub fn encode(table: &TableSchema, batches: &[RecordBatch], overlap: bool) -> Re
             let parts: Vec<&dyn Array> = adapted.iter().map(|b| b.column(i).as_ref()).collect();
             Ok(arrow::compute::concat(&parts)?)
         };
-        let sort_keys: Vec<ArrayRef> = keys.iter().chain(std::iter::once(&seq)).map(|&i| concat_column(i)).collect::<Result<_, _>>()?;
+        let sort_keys: Vec<ArrayRef> = keys
+            .iter()
+            .chain(std::iter::once(&seq))
+            .map(|&i| concat_column(i))
+            .collect::<Result<_, _>>()?;
         let ascending = SortOptions { descending: false, nulls_first: true };
-        let sort_columns: Vec<SortColumn> = sort_keys.iter().map(|a| SortColumn { values: a.clone(), options: Some(ascending) }).collect();
+        let sort_columns: Vec<SortColumn> = sort_keys
+            .iter()
+            .map(|a| SortColumn { values: a.clone(), options: Some(ascending) })
+            .collect();
         let order = lexsort_to_indices(&sort_columns, None)?;
         let (lo, hi) = time_range(&sort_keys[keys.len() - 1]);
         drop(sort_columns);
@@ -137,7 +152,8 @@ pub fn encode(table: &TableSchema, batches: &[RecordBatch], overlap: bool) -> Re
             }));
             let columns = (0..schema.fields().len())
                 .map(|c| {
-                    let parts: Vec<&dyn Array> = adapted.iter().map(|b| b.column(c).as_ref()).collect();
+                    let parts: Vec<&dyn Array> =
+                        adapted.iter().map(|b| b.column(c).as_ref()).collect();
                     arrow::compute::interleave(&parts, &picks)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
@@ -150,12 +166,21 @@ pub fn encode(table: &TableSchema, batches: &[RecordBatch], overlap: bool) -> Re
 }
 
 fn time_range(times: &ArrayRef) -> (i64, i64) {
-    let times = times.as_any().downcast_ref::<TimestampNanosecondArray>().expect("time column type is fixed by the catalog");
+    let times = times
+        .as_any()
+        .downcast_ref::<TimestampNanosecondArray>()
+        .expect("time column type is fixed by the catalog");
     (arrow::compute::min(times).unwrap_or(0), arrow::compute::max(times).unwrap_or(0))
 }
 
 /// Where a partition's file goes: `data/{db}/{table}/{partition}/{max_seq}-{n}.parquet`.
-pub fn file_path(db: &str, table: &str, partition_ns: i64, max_seq: u64, n: u64) -> object_store::path::Path {
+pub fn file_path(
+    db: &str,
+    table: &str,
+    partition_ns: i64,
+    max_seq: u64,
+    n: u64,
+) -> object_store::path::Path {
     let day = chrono_like_date(partition_ns);
     object_store::path::Path::from_iter([
         "data".to_string(),
@@ -179,7 +204,10 @@ mod tests {
     use crate::line_protocol::{lines, parse_line, Line};
 
     fn decode(bytes: Bytes) -> String {
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes).expect("parquet").build().expect("reader");
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .expect("parquet")
+            .build()
+            .expect("reader");
         let batches: Vec<RecordBatch> = reader.map(|b| b.expect("batch")).collect();
         arrow::util::pretty::pretty_format_batches(&batches).expect("format").to_string()
     }
@@ -188,13 +216,19 @@ mod tests {
     /// sorted rows when no key repeats.
     #[test]
     fn gather_and_merge_encoders_agree() {
-        let table = TableSchema::new("cpu", vec![
-            Column { name: "host".into(), kind: ColumnKind::Tag },
-            Column { name: "u".into(), kind: ColumnKind::Field(FieldType::Float) },
-            Column { name: "s".into(), kind: ColumnKind::Field(FieldType::String) },
-        ]);
+        let table = TableSchema::new(
+            "cpu",
+            vec![
+                Column { name: "host".into(), kind: ColumnKind::Tag },
+                Column { name: "u".into(), kind: ColumnKind::Field(FieldType::Float) },
+                Column { name: "s".into(), kind: ColumnKind::Field(FieldType::String) },
+            ],
+        );
         let mut batches = Vec::new();
-        for (seq, body) in [(1, "cpu,host=b u=1 20\ncpu,host=a u=2 30"), (2, "cpu,host=a u=3,s=\"x\" 10\ncpu u=4 5")] {
+        for (seq, body) in [
+            (1, "cpu,host=b u=1 20\ncpu,host=a u=2 30"),
+            (2, "cpu,host=a u=3,s=\"x\" 10\ncpu u=4 5"),
+        ] {
             let mut builder = RowsBuilder::new(i64::MAX);
             let mut line = Line::default();
             for (n, bytes) in lines(body.as_bytes()) {

@@ -39,16 +39,24 @@ pub enum Created {
 impl Store {
     /// Opens `file:///abs/dir` (created if missing). Cloud schemes come with their features.
     pub fn open(url: &str) -> Result<Store, Error> {
-        let parsed = url::Url::parse(url).map_err(|e| Error::BadUrl { url: url.into(), reason: e.to_string() })?;
+        let parsed = url::Url::parse(url)
+            .map_err(|e| Error::BadUrl { url: url.into(), reason: e.to_string() })?;
         match parsed.scheme() {
             "file" => {
-                let root = parsed
-                    .to_file_path()
-                    .map_err(|()| Error::BadUrl { url: url.into(), reason: "not an absolute local path".into() })?;
-                std::fs::create_dir_all(&root).map_err(|source| Error::Sync { path: root.clone(), source })?;
-                let fs = LocalFileSystem::new_with_prefix(&root)
-                    .map_err(|source| Error::ObjectStore { op: "open", path: root.display().to_string(), source })?;
-                Ok(Store { inner: Arc::new(fs), local_root: Some(root), datafusion_url: "sundial://store/".into() })
+                let root = parsed.to_file_path().map_err(|()| Error::BadUrl {
+                    url: url.into(),
+                    reason: "not an absolute local path".into(),
+                })?;
+                std::fs::create_dir_all(&root)
+                    .map_err(|source| Error::Sync { path: root.clone(), source })?;
+                let fs = LocalFileSystem::new_with_prefix(&root).map_err(|source| {
+                    Error::ObjectStore { op: "open", path: root.display().to_string(), source }
+                })?;
+                Ok(Store {
+                    inner: Arc::new(fs),
+                    local_root: Some(root),
+                    datafusion_url: "sundial://store/".into(),
+                })
             }
             other => Err(Error::BadUrl {
                 url: url.into(),
@@ -94,8 +102,16 @@ impl Store {
     }
 
     pub async fn get(&self, path: &Path) -> Result<Bytes, Error> {
-        let result = self.inner.get(path).await.map_err(|source| Error::ObjectStore { op: "get", path: path.to_string(), source })?;
-        result.bytes().await.map_err(|source| Error::ObjectStore { op: "read", path: path.to_string(), source })
+        let result = self.inner.get(path).await.map_err(|source| Error::ObjectStore {
+            op: "get",
+            path: path.to_string(),
+            source,
+        })?;
+        result.bytes().await.map_err(|source| Error::ObjectStore {
+            op: "read",
+            path: path.to_string(),
+            source,
+        })
     }
 
     /// Deletes an object; one that is already gone is not an error.
@@ -114,7 +130,11 @@ impl Store {
             .map_ok(|meta| meta.location)
             .try_collect()
             .await
-            .map_err(|source| Error::ObjectStore { op: "list", path: prefix.to_string(), source })?;
+            .map_err(|source| Error::ObjectStore {
+                op: "list",
+                path: prefix.to_string(),
+                source,
+            })?;
         names.sort();
         Ok(names)
     }

@@ -14,7 +14,9 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, RecordBatch, StringArray};
 use arrow::csv::QuoteStyle;
 use arrow::datatypes::{Field, Schema};
-use datafusion::sql::sqlparser::ast::{CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, CopyTarget, Statement};
+use datafusion::sql::sqlparser::ast::{
+    CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, CopyTarget, Statement,
+};
 
 use crate::catalog::{ColumnKind, TableSchema};
 
@@ -52,7 +54,9 @@ pub enum Copy {
 /// `None` when `sql` is not a `COPY … TO STDOUT` or `COPY … FROM STDIN`; `Some(Err)` when it
 /// is one we cannot do.
 pub fn parse(sql: &str) -> Option<Result<Copy, String>> {
-    let Statement::Copy { source, to, target, options, legacy_options, .. } = crate::query::parse_single(sql, "copy")? else {
+    let Statement::Copy { source, to, target, options, legacy_options, .. } =
+        crate::query::parse_single(sql, "copy")?
+    else {
         return None;
     };
     if !matches!((&target, to), (CopyTarget::Stdout, true) | (CopyTarget::Stdin, false)) {
@@ -63,27 +67,47 @@ pub fn parse(sql: &str) -> Option<Result<Copy, String>> {
         Err(message) => return Some(Err(message)),
     };
     Some(match (source, to) {
-        (CopySource::Query(query), true) => Ok(Copy::Out(CopyOut { query: query.to_string(), format })),
+        (CopySource::Query(query), true) => {
+            Ok(Copy::Out(CopyOut { query: query.to_string(), format }))
+        }
         (CopySource::Table { table_name, columns }, true) => {
-            let list = if columns.is_empty() { "*".to_string() } else { columns.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ") };
+            let list = if columns.is_empty() {
+                "*".to_string()
+            } else {
+                columns.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")
+            };
             Ok(Copy::Out(CopyOut { query: format!("SELECT {list} FROM {table_name}"), format }))
         }
         (CopySource::Table { table_name, columns }, false) => {
-            let table = table_name.0.last().and_then(|p| p.as_ident()).map(|i| i.value.clone()).unwrap_or_default();
-            Ok(Copy::In(CopyIn { table, columns: columns.into_iter().map(|c| c.value).collect(), format }))
+            let table = table_name
+                .0
+                .last()
+                .and_then(|p| p.as_ident())
+                .map(|i| i.value.clone())
+                .unwrap_or_default();
+            Ok(Copy::In(CopyIn {
+                table,
+                columns: columns.into_iter().map(|c| c.value).collect(),
+                format,
+            }))
         }
         (CopySource::Query(_), false) => Err("COPY FROM needs a table, not a query".to_string()),
     })
 }
 
-fn parse_format(options: Vec<CopyOption>, legacy_options: Vec<CopyLegacyOption>) -> Result<Format, String> {
+fn parse_format(
+    options: Vec<CopyOption>,
+    legacy_options: Vec<CopyLegacyOption>,
+) -> Result<Format, String> {
     let mut format = Format { csv: false, header: false, delimiter: b'\t', null: "\\N".into() };
     let mut delimiter = None;
     let mut null = None;
     for option in options {
         match option {
             CopyOption::Format(name) if name.value.eq_ignore_ascii_case("csv") => format.csv = true,
-            CopyOption::Format(name) if name.value.eq_ignore_ascii_case("text") => format.csv = false,
+            CopyOption::Format(name) if name.value.eq_ignore_ascii_case("text") => {
+                format.csv = false
+            }
             CopyOption::Header(h) => format.header = h,
             CopyOption::Delimiter(d) if d.is_ascii() => delimiter = Some(d as u8),
             CopyOption::Null(n) => null = Some(n),
@@ -132,7 +156,8 @@ type Row = Vec<Option<String>>;
 /// Splits COPY text-format data into rows: tab (or `delimiter`) separated, `\N` (or `null`)
 /// for NULL, backslash escapes, `\.` ends the data.
 fn text_rows(data: &[u8], format: &Format) -> Result<Vec<(usize, Row)>, InputError> {
-    let text = std::str::from_utf8(data).map_err(|e| input_error("22021", format!("COPY data is not valid UTF-8: {e}")))?;
+    let text = std::str::from_utf8(data)
+        .map_err(|e| input_error("22021", format!("COPY data is not valid UTF-8: {e}")))?;
     let mut rows = Vec::new();
     for (index, line) in text.split('\n').enumerate() {
         let line = line.strip_suffix('\r').unwrap_or(line);
@@ -192,7 +217,8 @@ fn unescape_text(raw: &str) -> String {
 /// Splits CSV data into rows: `"` quotes (doubled inside), quoted fields may span lines, an
 /// unquoted `null` string is NULL, `\.` alone on a line ends the data.
 fn csv_rows(data: &[u8], format: &Format) -> Result<Vec<(usize, Row)>, InputError> {
-    let text = std::str::from_utf8(data).map_err(|e| input_error("22021", format!("COPY data is not valid UTF-8: {e}")))?;
+    let text = std::str::from_utf8(data)
+        .map_err(|e| input_error("22021", format!("COPY data is not valid UTF-8: {e}")))?;
     let delimiter = format.delimiter as char;
     let mut rows = Vec::new();
     let mut line = 1;
@@ -223,7 +249,12 @@ fn csv_rows(data: &[u8], format: &Format) -> Result<Vec<(usize, Row)>, InputErro
                                 }
                                 field.push(c);
                             }
-                            None => return Err(input_error("22P04", format!("line {start_line}: unterminated CSV quoted field"))),
+                            None => {
+                                return Err(input_error(
+                                    "22P04",
+                                    format!("line {start_line}: unterminated CSV quoted field"),
+                                ))
+                            }
                         }
                     }
                 }
@@ -261,7 +292,11 @@ fn csv_value(field: String, quoted: bool, format: &Format) -> Option<String> {
 
 /// Parses COPY data for `table` into one batch of the table's types, in the column order of
 /// `columns` (all of the table's when empty). Every row is checked here.
-pub fn to_batch(copy: &CopyIn, table: &TableSchema, data: &[u8]) -> Result<RecordBatch, InputError> {
+pub fn to_batch(
+    copy: &CopyIn,
+    table: &TableSchema,
+    data: &[u8],
+) -> Result<RecordBatch, InputError> {
     let names: Vec<String> = if copy.columns.is_empty() {
         table.arrow_schema().fields().iter().map(|f| f.name().clone()).collect()
     } else {
@@ -270,10 +305,16 @@ pub fn to_batch(copy: &CopyIn, table: &TableSchema, data: &[u8]) -> Result<Recor
     let mut fields = Vec::with_capacity(names.len());
     for (i, name) in names.iter().enumerate() {
         let Ok(field) = table.arrow_schema().field_with_name(name) else {
-            return Err(input_error("42703", format!("column \"{name}\" of relation \"{}\" does not exist", table.name)));
+            return Err(input_error(
+                "42703",
+                format!("column \"{name}\" of relation \"{}\" does not exist", table.name),
+            ));
         };
         if names[..i].contains(name) {
-            return Err(input_error("42701", format!("column \"{name}\" specified more than once")));
+            return Err(input_error(
+                "42701",
+                format!("column \"{name}\" specified more than once"),
+            ));
         }
         let data_type = match table.column(name).map(|c| c.kind) {
             Some(ColumnKind::Tag) => arrow::datatypes::DataType::Utf8,
@@ -281,14 +322,24 @@ pub fn to_batch(copy: &CopyIn, table: &TableSchema, data: &[u8]) -> Result<Recor
         };
         fields.push(Field::new(name, data_type, true));
     }
-    let rows = if copy.format.csv { csv_rows(data, &copy.format)? } else { text_rows(data, &copy.format)? };
+    let rows = if copy.format.csv {
+        csv_rows(data, &copy.format)?
+    } else {
+        text_rows(data, &copy.format)?
+    };
     let mut columns: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(rows.len()); names.len()];
     for (line, row) in &rows {
         if row.len() < names.len() {
-            return Err(input_error("22P04", format!("line {line}: missing data for column \"{}\"", names[row.len()])));
+            return Err(input_error(
+                "22P04",
+                format!("line {line}: missing data for column \"{}\"", names[row.len()]),
+            ));
         }
         if row.len() > names.len() {
-            return Err(input_error("22P04", format!("line {line}: extra data after last expected column")));
+            return Err(input_error(
+                "22P04",
+                format!("line {line}: extra data after last expected column"),
+            ));
         }
         for (column, value) in columns.iter_mut().zip(row) {
             column.push(value.clone());
@@ -298,17 +349,29 @@ pub fn to_batch(copy: &CopyIn, table: &TableSchema, data: &[u8]) -> Result<Recor
     let mut arrays: Vec<ArrayRef> = Vec::with_capacity(names.len());
     for (i, field) in fields.iter().enumerate() {
         let strings = StringArray::from(columns[i].clone());
-        let cast = arrow::compute::cast_with_options(&strings, field.data_type(), &options).map_err(|_| {
-            // Find the row that failed, for the message.
-            let bad = (0..strings.len()).find(|&r| {
-                arrow::compute::cast_with_options(&strings.slice(r, 1), field.data_type(), &options).is_err()
-            });
-            let (line, value) = bad.map(|r| (rows[r].0, columns[i][r].clone().unwrap_or_default())).unwrap_or((0, String::new()));
-            input_error(
-                "22P02",
-                format!("line {line}, column {}: invalid input syntax for type {}: \"{value}\"", field.name(), pg_type_name(field.data_type())),
-            )
-        })?;
+        let cast = arrow::compute::cast_with_options(&strings, field.data_type(), &options)
+            .map_err(|_| {
+                // Find the row that failed, for the message.
+                let bad = (0..strings.len()).find(|&r| {
+                    arrow::compute::cast_with_options(
+                        &strings.slice(r, 1),
+                        field.data_type(),
+                        &options,
+                    )
+                    .is_err()
+                });
+                let (line, value) = bad
+                    .map(|r| (rows[r].0, columns[i][r].clone().unwrap_or_default()))
+                    .unwrap_or((0, String::new()));
+                input_error(
+                    "22P02",
+                    format!(
+                        "line {line}, column {}: invalid input syntax for type {}: \"{value}\"",
+                        field.name(),
+                        pg_type_name(field.data_type())
+                    ),
+                )
+            })?;
         arrays.push(cast);
     }
     let schema = Arc::new(Schema::new(fields));
@@ -333,10 +396,19 @@ fn escape_text_batch(batch: &RecordBatch) -> Result<RecordBatch, arrow::error::A
         .columns()
         .iter()
         .map(|column| match column.as_any().downcast_ref::<StringArray>() {
-            Some(strings) if strings.iter().flatten().any(|v| v.contains(['\\', '\t', '\n', '\r'])) => {
+            Some(strings)
+                if strings.iter().flatten().any(|v| v.contains(['\\', '\t', '\n', '\r'])) =>
+            {
                 let escaped: StringArray = strings
                     .iter()
-                    .map(|v| v.map(|v| v.replace('\\', "\\\\").replace('\t', "\\t").replace('\n', "\\n").replace('\r', "\\r")))
+                    .map(|v| {
+                        v.map(|v| {
+                            v.replace('\\', "\\\\")
+                                .replace('\t', "\\t")
+                                .replace('\n', "\\n")
+                                .replace('\r', "\\r")
+                        })
+                    })
                     .collect();
                 Arc::new(escaped) as ArrayRef
             }
@@ -347,7 +419,11 @@ fn escape_text_batch(batch: &RecordBatch) -> Result<RecordBatch, arrow::error::A
 }
 
 /// Renders result batches as COPY lines.
-pub fn render(copy: &Format, schema: &arrow::datatypes::SchemaRef, batches: &[arrow::array::RecordBatch]) -> Result<Vec<u8>, arrow::error::ArrowError> {
+pub fn render(
+    copy: &Format,
+    schema: &arrow::datatypes::SchemaRef,
+    batches: &[arrow::array::RecordBatch],
+) -> Result<Vec<u8>, arrow::error::ArrowError> {
     let (schema, batches) = crate::query::plain(schema, batches)?;
     let mut out = Vec::new();
     if copy.header && batches.iter().all(|b| b.num_rows() == 0) {
@@ -355,7 +431,11 @@ pub fn render(copy: &Format, schema: &arrow::datatypes::SchemaRef, batches: &[ar
         out.extend_from_slice(names.join(&(copy.delimiter as char).to_string()).as_bytes());
         out.push(b'\n');
     }
-    let batches = if copy.csv { batches } else { batches.iter().map(escape_text_batch).collect::<Result<Vec<_>, _>>()? };
+    let batches = if copy.csv {
+        batches
+    } else {
+        batches.iter().map(escape_text_batch).collect::<Result<Vec<_>, _>>()?
+    };
     let quote = if copy.csv { QuoteStyle::Necessary } else { QuoteStyle::Never };
     let mut writer = arrow::csv::WriterBuilder::new()
         .with_header(copy.header)
@@ -392,13 +472,33 @@ mod tests {
     #[test]
     fn parses_what_psql_sends() {
         let copy = out("COPY  cpu TO STDOUT csv header");
-        assert_eq!(copy, CopyOut { query: "SELECT * FROM cpu".into(), format: Format { csv: true, header: true, delimiter: b',', null: String::new() } });
+        assert_eq!(
+            copy,
+            CopyOut {
+                query: "SELECT * FROM cpu".into(),
+                format: Format { csv: true, header: true, delimiter: b',', null: String::new() }
+            }
+        );
         let copy = out("COPY (SELECT host FROM cpu) TO STDOUT");
-        assert_eq!((copy.query.as_str(), copy.format.csv, copy.format.delimiter, copy.format.null.as_str()), ("SELECT host FROM cpu", false, b'\t', "\\N"));
+        assert_eq!(
+            (
+                copy.query.as_str(),
+                copy.format.csv,
+                copy.format.delimiter,
+                copy.format.null.as_str()
+            ),
+            ("SELECT host FROM cpu", false, b'\t', "\\N")
+        );
         let copy = out("COPY cpu (host, time) TO STDOUT WITH (FORMAT csv, DELIMITER ';')");
-        assert_eq!((copy.query.as_str(), copy.format.delimiter), ("SELECT host, time FROM cpu", b';'));
+        assert_eq!(
+            (copy.query.as_str(), copy.format.delimiter),
+            ("SELECT host, time FROM cpu", b';')
+        );
         let copy = copy_in("COPY cpu (host, usage) FROM STDIN WITH (FORMAT csv, HEADER true)");
-        assert_eq!((copy.table.as_str(), copy.columns.clone(), copy.format.csv, copy.format.header), ("cpu", vec!["host".to_string(), "usage".to_string()], true, true));
+        assert_eq!(
+            (copy.table.as_str(), copy.columns.clone(), copy.format.csv, copy.format.header),
+            ("cpu", vec!["host".to_string(), "usage".to_string()], true, true)
+        );
         assert!(parse("SELECT 1").is_none());
         assert!(parse("COPY cpu TO '/tmp/x.csv'").is_none());
         assert!(parse("COPY cpu FROM '/tmp/x.csv'").is_none());
@@ -426,9 +526,13 @@ mod tests {
         let notes = batch.column(2).as_any().downcast_ref::<StringArray>().expect("text");
         assert_eq!(notes.value(0), "x\ty");
         assert!(batch.column(1).is_null(1) && batch.column(2).is_null(1));
-        let times = arrow::compute::cast(batch.column(4), &arrow::datatypes::DataType::Int64).expect("cast");
+        let times = arrow::compute::cast(batch.column(4), &arrow::datatypes::DataType::Int64)
+            .expect("cast");
         let times = times.as_any().downcast_ref::<arrow::array::Int64Array>().expect("i64");
-        assert_eq!((times.value(0), times.value(1)), (1_704_067_200_000_000_000, 1_704_067_201_000_000_000));
+        assert_eq!(
+            (times.value(0), times.value(1)),
+            (1_704_067_200_000_000_000, 1_704_067_201_000_000_000)
+        );
     }
 
     #[test]
@@ -448,14 +552,23 @@ mod tests {
         let copy = copy_in("COPY cpu (host, usage) FROM STDIN");
         let err = to_batch(&copy, &cpu(), b"a\t1\nb\tlots\n").expect_err("not a number");
         assert_eq!(err.sqlstate, "22P02");
-        assert!(err.message.contains("line 2, column usage") && err.message.contains("\"lots\""), "{}", err.message);
+        assert!(
+            err.message.contains("line 2, column usage") && err.message.contains("\"lots\""),
+            "{}",
+            err.message
+        );
         let err = to_batch(&copy, &cpu(), b"a\t1\nb\n").expect_err("short row");
-        assert_eq!((err.sqlstate, err.message.as_str()), ("22P04", "line 2: missing data for column \"usage\""));
+        assert_eq!(
+            (err.sqlstate, err.message.as_str()),
+            ("22P04", "line 2: missing data for column \"usage\"")
+        );
         let err = to_batch(&copy, &cpu(), b"a\t1\t2\n").expect_err("long row");
         assert_eq!(err.sqlstate, "22P04");
-        let err = to_batch(&copy_in("COPY cpu (host, nope) FROM STDIN"), &cpu(), b"a\t1\n").expect_err("no column");
+        let err = to_batch(&copy_in("COPY cpu (host, nope) FROM STDIN"), &cpu(), b"a\t1\n")
+            .expect_err("no column");
         assert_eq!(err.sqlstate, "42703");
-        let err = to_batch(&copy_in("COPY cpu (host, usage) FROM STDIN CSV"), &cpu(), b"a,\"1\n").expect_err("open quote");
+        let err = to_batch(&copy_in("COPY cpu (host, usage) FROM STDIN CSV"), &cpu(), b"a,\"1\n")
+            .expect_err("open quote");
         assert_eq!(err.sqlstate, "22P04");
     }
 }

@@ -24,16 +24,18 @@ use datafusion::prelude::SessionContext;
 use datafusion_postgres::pgwire;
 use datafusion_postgres::{DfSessionService, Parser};
 use futures::{Sink, SinkExt};
-use pgwire::api::copy::CopyHandler;
-use pgwire::messages::copy::{CopyData, CopyDone, CopyFail};
 use pgwire::api::auth::StartupHandler;
+use pgwire::api::copy::CopyHandler;
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::results::{FieldInfo, Response};
 use pgwire::api::stmt::QueryParser;
 use pgwire::api::store::PortalStore;
-use pgwire::api::{ClientInfo, ClientPortalStore, ConnectionManager, PgWireServerHandlers, Type, METADATA_DATABASE};
+use pgwire::api::{
+    ClientInfo, ClientPortalStore, ConnectionManager, PgWireServerHandlers, Type, METADATA_DATABASE,
+};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::copy::{CopyData, CopyDone, CopyFail};
 use pgwire::messages::PgWireBackendMessage;
 use tokio_util::sync::CancellationToken;
 
@@ -60,21 +62,41 @@ pub fn sqlstate_of(error: &DataFusionError) -> &'static str {
     let root = error.find_root();
     match root {
         DataFusionError::SQL(..) => "42601",
-        DataFusionError::SchemaError(e, _) if matches!(**e, SchemaError::FieldNotFound { .. }) => "42703",
+        DataFusionError::SchemaError(e, _) if matches!(**e, SchemaError::FieldNotFound { .. }) => {
+            "42703"
+        }
         DataFusionError::SchemaError(..) => "42P01",
         DataFusionError::NotImplemented(_) => "0A000",
         DataFusionError::ResourcesExhausted(_) => "53200",
-        DataFusionError::ArrowError(e, _) if matches!(**e, arrow::error::ArrowError::DivideByZero) => "22012",
-        DataFusionError::ArrowError(e, _) if matches!(**e, arrow::error::ArrowError::CastError(_) | arrow::error::ArrowError::ParseError(_)) => "22P02",
+        DataFusionError::ArrowError(e, _)
+            if matches!(**e, arrow::error::ArrowError::DivideByZero) =>
+        {
+            "22012"
+        }
+        DataFusionError::ArrowError(e, _)
+            if matches!(
+                **e,
+                arrow::error::ArrowError::CastError(_) | arrow::error::ArrowError::ParseError(_)
+            ) =>
+        {
+            "22P02"
+        }
         DataFusionError::Plan(message) => {
             let message = message.to_ascii_lowercase();
             if message.contains("table") && message.contains("not found") {
                 "42P01"
-            } else if message.contains("no field named") || message.contains("column") && message.contains("not found") {
+            } else if message.contains("no field named")
+                || message.contains("column") && message.contains("not found")
+            {
                 "42703"
-            } else if message.contains("coerce") || message.contains("type") || message.contains("signature") {
+            } else if message.contains("coerce")
+                || message.contains("type")
+                || message.contains("signature")
+            {
                 "42804"
-            } else if message.contains("function") && (message.contains("invalid") || message.contains("not found")) {
+            } else if message.contains("function")
+                && (message.contains("invalid") || message.contains("not found"))
+            {
                 "42883"
             } else {
                 "42601"
@@ -108,10 +130,12 @@ fn with_sqlstate(error: PgWireError) -> PgWireError {
             }
             Err(other) => match other.downcast::<crate::query::Error>() {
                 Ok(q) => user_error(sqlstate_of_query(&q), q.to_string()),
-                Err(other) => match other.downcast::<datafusion::sql::sqlparser::parser::ParserError>() {
-                    Ok(parse) => user_error("42601", parse.to_string()),
-                    Err(other) => user_error("XX000", other.to_string()),
-                },
+                Err(other) => {
+                    match other.downcast::<datafusion::sql::sqlparser::parser::ParserError>() {
+                        Ok(parse) => user_error("42601", parse.to_string()),
+                        Err(other) => user_error("XX000", other.to_string()),
+                    }
+                }
             },
         },
         other => other,
@@ -182,7 +206,8 @@ impl Databases {
         if let Some(service) = self.services.lock().expect("pg services lock").get(db) {
             return Ok(service.clone());
         }
-        let ctx = self.query.context(db).map_err(|e| user_error(sqlstate_of_query(&e), e.to_string()))?;
+        let ctx =
+            self.query.context(db).map_err(|e| user_error(sqlstate_of_query(&e), e.to_string()))?;
         datafusion_postgres::datafusion_pg_catalog::pg_catalog::setup_pg_catalog(
             &ctx,
             db,
@@ -191,7 +216,11 @@ impl Databases {
         .map_err(|e| user_error("XX000", format!("setting up pg_catalog: {e}")))?;
         functions::register(&ctx);
         let service = Arc::new(DfSessionService::new(Arc::new(ctx)));
-        self.services.lock().expect("pg services lock").entry(db.to_string()).or_insert(service.clone());
+        self.services
+            .lock()
+            .expect("pg services lock")
+            .entry(db.to_string())
+            .or_insert(service.clone());
         Ok(service)
     }
 
@@ -218,7 +247,12 @@ pub struct DatabaseParser {
 impl QueryParser for DatabaseParser {
     type Statement = Statement;
 
-    async fn parse_sql<C>(&self, client: &C, sql: &str, types: &[Option<Type>]) -> PgWireResult<Option<Self::Statement>>
+    async fn parse_sql<C>(
+        &self,
+        client: &C,
+        sql: &str,
+        types: &[Option<Type>],
+    ) -> PgWireResult<Option<Self::Statement>>
     where
         C: ClientInfo + Unpin + Send + Sync,
     {
@@ -235,16 +269,25 @@ impl QueryParser for DatabaseParser {
         self.databases.describer.get_parameter_types(stmt).map_err(with_sqlstate)
     }
 
-    fn get_result_schema(&self, stmt: &Self::Statement, column_format: Option<&Format>) -> PgWireResult<Vec<FieldInfo>> {
+    fn get_result_schema(
+        &self,
+        stmt: &Self::Statement,
+        column_format: Option<&Format>,
+    ) -> PgWireResult<Vec<FieldInfo>> {
         self.databases.describer.get_result_schema(stmt, column_format).map_err(with_sqlstate)
     }
 }
 
 /// The SQL to plan: Sundial's own rewrites (gap filling, last values), then client catalog
 /// queries.
-fn rewritten<'a, C: ClientInfo>(query: &QueryEngine, client: &C, sql: &'a str) -> PgWireResult<std::borrow::Cow<'a, str>> {
+fn rewritten<'a, C: ClientInfo>(
+    query: &QueryEngine,
+    client: &C,
+    sql: &'a str,
+) -> PgWireResult<std::borrow::Cow<'a, str>> {
     let db = client.metadata().get(METADATA_DATABASE).cloned().unwrap_or_default();
-    let sql = query.rewrite(&db, sql).map_err(|e| user_error(sqlstate_of_query(&e), e.to_string()))?;
+    let sql =
+        query.rewrite(&db, sql).map_err(|e| user_error(sqlstate_of_query(&e), e.to_string()))?;
     Ok(match rewrite::catalog_query(&sql) {
         Some(catalog) => std::borrow::Cow::Owned(catalog),
         None => sql,
@@ -310,7 +353,10 @@ impl CopyHandler for Handler {
         let progress = client.session_extensions().get_or_insert_with(CopyInProgress::default);
         let state = progress.0.lock().expect("copy state lock").take();
         let Some(state) = state else {
-            return Err(user_error("08P01", "CopyDone without a COPY FROM STDIN in progress".into()));
+            return Err(user_error(
+                "08P01",
+                "CopyDone without a COPY FROM STDIN in progress".into(),
+            ));
         };
         let rows = self.finish_copy_in(state).await?;
         let tag = pgwire::api::results::Tag::new("COPY").with_rows(rows);
@@ -332,7 +378,11 @@ impl CopyHandler for Handler {
 
 impl Handler {
     /// Session commands and DDL, on either protocol; `None` for everything DataFusion plans.
-    async fn answer_here<C: ClientInfo>(&self, client: &C, sql: &str) -> Option<PgWireResult<Response>> {
+    async fn answer_here<C: ClientInfo>(
+        &self,
+        client: &C,
+        sql: &str,
+    ) -> Option<PgWireResult<Response>> {
         if let Some(tag) = session_command(sql) {
             return Some(Ok(Response::Execution(pgwire::api::results::Tag::new(tag))));
         }
@@ -346,7 +396,11 @@ impl Handler {
     }
 
     /// Answers a `COPY` statement on either protocol.
-    async fn copy<C: ClientInfo>(&self, client: &C, copy: Result<copy::Copy, String>) -> PgWireResult<Response> {
+    async fn copy<C: ClientInfo>(
+        &self,
+        client: &C,
+        copy: Result<copy::Copy, String>,
+    ) -> PgWireResult<Response> {
         match copy.map_err(|message| user_error("0A000", message))? {
             copy::Copy::Out(out) => self.copy_out(client, out).await,
             copy::Copy::In(copy_in) => self.copy_in(client, copy_in),
@@ -356,13 +410,23 @@ impl Handler {
     /// Starts a `COPY … FROM STDIN`: the data arrives through [`CopyHandler`].
     fn copy_in<C: ClientInfo>(&self, client: &C, copy: copy::CopyIn) -> PgWireResult<Response> {
         let db = client.metadata().get(METADATA_DATABASE).cloned().unwrap_or_default();
-        let Some(table) = self.databases.query.engine().catalog().table(&db, &copy.table).cloned() else {
+        let Some(table) = self.databases.query.engine().catalog().table(&db, &copy.table).cloned()
+        else {
             return Err(user_error("42P01", format!("relation \"{}\" does not exist", copy.table)));
         };
-        let columns = if copy.columns.is_empty() { table.arrow_schema().fields().len() } else { copy.columns.len() };
+        let columns = if copy.columns.is_empty() {
+            table.arrow_schema().fields().len()
+        } else {
+            copy.columns.len()
+        };
         let progress = client.session_extensions().get_or_insert_with(CopyInProgress::default);
-        *progress.0.lock().expect("copy state lock") = Some(CopyInState { db, copy, data: Vec::new(), error: None });
-        Ok(Response::CopyIn(pgwire::api::results::CopyResponse::new(0, columns, futures::stream::empty())))
+        *progress.0.lock().expect("copy state lock") =
+            Some(CopyInState { db, copy, data: Vec::new(), error: None });
+        Ok(Response::CopyIn(pgwire::api::results::CopyResponse::new(
+            0,
+            columns,
+            futures::stream::empty(),
+        )))
     }
 
     /// Checks and stores the rows of a finished `COPY … FROM STDIN`; returns how many.
@@ -372,18 +436,24 @@ impl Handler {
         }
         let engine = self.databases.query.engine();
         let Some(table) = engine.catalog().table(&state.db, &state.copy.table).cloned() else {
-            return Err(user_error("42P01", format!("relation \"{}\" does not exist", state.copy.table)));
+            return Err(user_error(
+                "42P01",
+                format!("relation \"{}\" does not exist", state.copy.table),
+            ));
         };
-        let batch = copy::to_batch(&state.copy, &table, &state.data).map_err(|e| user_error(e.sqlstate, e.message))?;
+        let batch = copy::to_batch(&state.copy, &table, &state.data)
+            .map_err(|e| user_error(e.sqlstate, e.message))?;
         drop(state.data);
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let default_time_ns = i64::try_from(now.as_nanos()).unwrap_or(i64::MAX);
         // Render everything first, so a bad row stores nothing; then write in bounded records.
         let mut chunks = Vec::new();
         let mut text = String::new();
         for offset in (0..batch.num_rows()).step_by(COPY_ROWS_PER_RENDER) {
             let rows = batch.slice(offset, COPY_ROWS_PER_RENDER.min(batch.num_rows() - offset));
-            crate::query::insert::render(&table, &rows, default_time_ns, &mut text).map_err(|e| user_error("22023", e.to_string()))?;
+            crate::query::insert::render(&table, &rows, default_time_ns, &mut text)
+                .map_err(|e| user_error("22023", e.to_string()))?;
             if text.len() >= COPY_RECORD_BYTES {
                 chunks.push(std::mem::take(&mut text));
             }
@@ -397,26 +467,39 @@ impl Handler {
             default_time_ns,
         };
         for chunk in chunks.iter().filter(|c| !c.is_empty()) {
-            let outcome = engine.write_lp(&state.db, chunk.as_bytes(), options).await.map_err(|e| match e {
-                crate::engine::Error::Rejected(lines) => {
-                    let reasons: Vec<_> = lines.iter().map(|l| l.error_message.clone()).collect();
-                    user_error("22023", format!("COPY rejected: {}", reasons.join("; ")))
-                }
-                other => user_error(sqlstate_of_kind(other.kind()), other.to_string()),
-            })?;
+            let outcome = engine.write_lp(&state.db, chunk.as_bytes(), options).await.map_err(
+                |e| match e {
+                    crate::engine::Error::Rejected(lines) => {
+                        let reasons: Vec<_> =
+                            lines.iter().map(|l| l.error_message.clone()).collect();
+                        user_error("22023", format!("COPY rejected: {}", reasons.join("; ")))
+                    }
+                    other => user_error(sqlstate_of_kind(other.kind()), other.to_string()),
+                },
+            )?;
             stored += outcome.lines_stored;
         }
         Ok(stored)
     }
 
     /// Runs the query of a `COPY … TO STDOUT` and streams its rows, one `CopyData` per line.
-    async fn copy_out<C: ClientInfo>(&self, client: &C, copy: copy::CopyOut) -> PgWireResult<Response> {
+    async fn copy_out<C: ClientInfo>(
+        &self,
+        client: &C,
+        copy: copy::CopyOut,
+    ) -> PgWireResult<Response> {
         let db = client.metadata().get(METADATA_DATABASE).cloned().unwrap_or_default();
-        let ctx = self.databases.query.context(&db).map_err(|e| user_error(sqlstate_of_query(&e), e.to_string()))?;
-        let df = ctx.sql(&copy.query).await.map_err(|e| user_error(sqlstate_of(&e), e.to_string()))?;
+        let ctx = self
+            .databases
+            .query
+            .context(&db)
+            .map_err(|e| user_error(sqlstate_of_query(&e), e.to_string()))?;
+        let df =
+            ctx.sql(&copy.query).await.map_err(|e| user_error(sqlstate_of(&e), e.to_string()))?;
         let schema = df.schema().inner().clone();
         let batches = df.collect().await.map_err(|e| user_error(sqlstate_of(&e), e.to_string()))?;
-        let text = copy::render(&copy.format, &schema, &batches).map_err(|e| user_error("XX000", e.to_string()))?;
+        let text = copy::render(&copy.format, &schema, &batches)
+            .map_err(|e| user_error("XX000", e.to_string()))?;
         // The completion tag counts CopyData messages, so a header line rides with the first row.
         let mut lines: Vec<&[u8]> = text.split_inclusive(|&b| b == b'\n').collect();
         let header_and_first: Vec<u8>;
@@ -424,9 +507,17 @@ impl Handler {
             header_and_first = [lines[0], lines[1]].concat();
             lines.splice(0..2, [header_and_first.as_slice()]);
         }
-        let lines: Vec<PgWireResult<pgwire::messages::copy::CopyData>> =
-            lines.into_iter().map(|line| Ok(pgwire::messages::copy::CopyData::new(bytes::Bytes::copy_from_slice(line)))).collect();
-        Ok(Response::CopyOut(pgwire::api::results::CopyResponse::new(0, schema.fields().len(), futures::stream::iter(lines))))
+        let lines: Vec<PgWireResult<pgwire::messages::copy::CopyData>> = lines
+            .into_iter()
+            .map(|line| {
+                Ok(pgwire::messages::copy::CopyData::new(bytes::Bytes::copy_from_slice(line)))
+            })
+            .collect();
+        Ok(Response::CopyOut(pgwire::api::results::CopyResponse::new(
+            0,
+            schema.fields().len(),
+            futures::stream::iter(lines),
+        )))
     }
 }
 
@@ -454,7 +545,10 @@ impl SimpleQueryHandler for Handler {
         let service = self.databases.for_client(client)?;
         let query = rewritten(&self.databases.query, client, query)?;
         let running = self.running.start(client);
-        let responses = running.guard(SimpleQueryHandler::do_query(service.as_ref(), client, &query)).await.map_err(with_sqlstate)?;
+        let responses = running
+            .guard(SimpleQueryHandler::do_query(service.as_ref(), client, &query))
+            .await
+            .map_err(with_sqlstate)?;
         Ok(responses.into_iter().map(|r| running.guard_rows(with_sqlstate_in_rows(r))).collect())
     }
 }
@@ -468,7 +562,12 @@ impl ExtendedQueryHandler for Handler {
         self.parser.clone()
     }
 
-    async fn do_query<C>(&self, client: &mut C, portal: &Portal<Self::Statement>, max_rows: usize) -> PgWireResult<Response>
+    async fn do_query<C>(
+        &self,
+        client: &mut C,
+        portal: &Portal<Self::Statement>,
+        max_rows: usize,
+    ) -> PgWireResult<Response>
     where
         C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
         C::PortalStore: PortalStore<Statement = Self::Statement>,
@@ -485,7 +584,10 @@ impl ExtendedQueryHandler for Handler {
         }
         let service = self.databases.for_client(client)?;
         let running = self.running.start(client);
-        let response = running.guard(ExtendedQueryHandler::do_query(service.as_ref(), client, portal, max_rows)).await.map_err(with_sqlstate)?;
+        let response = running
+            .guard(ExtendedQueryHandler::do_query(service.as_ref(), client, portal, max_rows))
+            .await
+            .map_err(with_sqlstate)?;
         Ok(running.guard_rows(with_sqlstate_in_rows(response)))
     }
 }
@@ -499,12 +601,24 @@ pub struct Handlers {
 impl Handlers {
     pub fn new(query: Arc<QueryEngine>) -> Handlers {
         let describer = DfSessionService::new(Arc::new(SessionContext::new())).query_parser();
-        let databases = Arc::new(Databases { query: query.clone(), services: Mutex::new(HashMap::new()), describer });
+        let databases = Arc::new(Databases {
+            query: query.clone(),
+            services: Mutex::new(HashMap::new()),
+            describer,
+        });
         let connections = Arc::new(ConnectionManager::new());
         let running = Arc::new(session::RunningQueries::default());
         Handlers {
-            handler: Arc::new(Handler { databases: databases.clone(), parser: Arc::new(DatabaseParser { databases }), running: running.clone() }),
-            startup: Arc::new(session::Startup { connections: connections.clone(), query, pids: Default::default() }),
+            handler: Arc::new(Handler {
+                databases: databases.clone(),
+                parser: Arc::new(DatabaseParser { databases }),
+                running: running.clone(),
+            }),
+            startup: Arc::new(session::Startup {
+                connections: connections.clone(),
+                query,
+                pids: Default::default(),
+            }),
             cancel: Arc::new(session::Cancel { connections, running }),
         }
     }
@@ -533,7 +647,11 @@ impl PgWireServerHandlers for Handlers {
 }
 
 /// Accepts Postgres connections until `shutdown`; each connection runs on its own task.
-pub async fn serve(listener: tokio::net::TcpListener, handlers: Arc<Handlers>, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    handlers: Arc<Handlers>,
+    shutdown: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -543,7 +661,8 @@ pub async fn serve(listener: tokio::net::TcpListener, handlers: Arc<Handlers>, s
             Ok((socket, addr)) => {
                 let handlers = handlers.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = pgwire::tokio::process_socket(socket, None, handlers).await {
+                    if let Err(error) = pgwire::tokio::process_socket(socket, None, handlers).await
+                    {
                         tracing::debug!(%addr, %error, "postgres connection ended with an error");
                     }
                 });

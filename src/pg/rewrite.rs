@@ -23,12 +23,24 @@ use std::ops::ControlFlow;
 use std::collections::BTreeMap;
 
 use datafusion::sql::sqlparser::ast::{
-    visit_expressions, visit_expressions_mut, AccessExpr, BinaryOperator, Expr, GroupByExpr, Query, SelectItem, SetExpr, Statement, TableFactor, Value,
+    visit_expressions, visit_expressions_mut, AccessExpr, BinaryOperator, Expr, GroupByExpr, Query,
+    SelectItem, SetExpr, Statement, TableFactor, Value,
 };
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 
-const AGGREGATES: &[&str] = &["count", "max", "min", "sum", "avg", "array_agg", "string_agg", "bool_and", "bool_or", "json_agg"];
+const AGGREGATES: &[&str] = &[
+    "count",
+    "max",
+    "min",
+    "sum",
+    "avg",
+    "array_agg",
+    "string_agg",
+    "bool_and",
+    "bool_or",
+    "json_agg",
+];
 
 fn is_aggregate(expr: &Expr) -> bool {
     matches!(expr, Expr::Function(f) if AGGREGATES.contains(&f.name.to_string().to_ascii_lowercase().trim_start_matches("pg_catalog.")))
@@ -42,13 +54,17 @@ fn finds_nothing(query: &Query) -> bool {
     let SetExpr::Select(select) = query.body.as_ref() else { return false };
     let mut tables = Vec::new();
     for from in &select.from {
-        for factor in std::iter::once(&from.relation).chain(from.joins.iter().map(|j| &j.relation)) {
+        for factor in std::iter::once(&from.relation).chain(from.joins.iter().map(|j| &j.relation))
+        {
             if let TableFactor::Table { name, .. } = factor {
-                tables.push(name.0.last().map(|p| p.to_string().to_ascii_lowercase()).unwrap_or_default());
+                tables.push(
+                    name.0.last().map(|p| p.to_string().to_ascii_lowercase()).unwrap_or_default(),
+                );
             }
         }
     }
-    let by_collation = select.selection.as_ref().is_some_and(|w| w.to_string().contains("attcollation"));
+    let by_collation =
+        select.selection.as_ref().is_some_and(|w| w.to_string().contains("attcollation"));
     !tables.is_empty() && tables.iter().all(|t| EMPTY_TABLES.contains(&t.as_str()))
         || tables.iter().any(|t| t == "pg_collation") && by_collation
 }
@@ -91,7 +107,11 @@ fn placeholders(statement: &Statement) -> BTreeMap<String, String> {
 
 /// The client binds every parameter it sent Parse: a parameter only the removed expressions
 /// used stays in the statement as a condition that is always true.
-fn keep_placeholders(statement: &mut Statement, before: BTreeMap<String, String>, dialect: &PostgreSqlDialect) {
+fn keep_placeholders(
+    statement: &mut Statement,
+    before: BTreeMap<String, String>,
+    dialect: &PostgreSqlDialect,
+) {
     let after = placeholders(statement);
     let Statement::Query(query) = statement else { return };
     let SetExpr::Select(select) = query.body.as_mut() else { return };
@@ -99,9 +119,18 @@ fn keep_placeholders(statement: &mut Statement, before: BTreeMap<String, String>
         if after.contains_key(&name) {
             continue;
         }
-        let Ok(kept) = Parser::new(dialect).try_with_sql(&format!("({text} IS NULL OR TRUE)")).and_then(|mut p| p.parse_expr()) else { continue };
+        let Ok(kept) = Parser::new(dialect)
+            .try_with_sql(&format!("({text} IS NULL OR TRUE)"))
+            .and_then(|mut p| p.parse_expr())
+        else {
+            continue;
+        };
         select.selection = Some(match select.selection.take() {
-            Some(selection) => Expr::BinaryOp { left: Box::new(selection), op: BinaryOperator::And, right: Box::new(kept) },
+            Some(selection) => Expr::BinaryOp {
+                left: Box::new(selection),
+                op: BinaryOperator::And,
+                right: Box::new(kept),
+            },
             None => kept,
         });
     }
@@ -126,9 +155,12 @@ pub fn catalog_query(sql: &str) -> Option<String> {
                     return ControlFlow::<()>::Continue(());
                 }
             }
-            if matches!(expr, Expr::Function(f) if f.name.to_string().to_ascii_lowercase().ends_with("_pg_expandarray")) {
+            if matches!(expr, Expr::Function(f) if f.name.to_string().to_ascii_lowercase().ends_with("_pg_expandarray"))
+            {
                 if let Ok(row) = Parser::new(&dialect)
-                    .try_with_sql("named_struct('x', CAST(NULL AS SMALLINT), 'n', CAST(NULL AS INTEGER))")
+                    .try_with_sql(
+                        "named_struct('x', CAST(NULL AS SMALLINT), 'n', CAST(NULL AS INTEGER))",
+                    )
                     .and_then(|mut p| p.parse_expr())
                 {
                     *expr = row;
@@ -149,8 +181,12 @@ pub fn catalog_query(sql: &str) -> Option<String> {
                         Expr::Nested(inner) => inner.to_string(),
                         other => other.to_string(),
                     };
-                    let text = fields.iter().fold(root, |inner, field| format!("get_field({inner}, '{}')", field.replace('\'', "''")));
-                    if let Ok(access) = Parser::new(&dialect).try_with_sql(&text).and_then(|mut p| p.parse_expr()) {
+                    let text = fields.iter().fold(root, |inner, field| {
+                        format!("get_field({inner}, '{}')", field.replace('\'', "''"))
+                    });
+                    if let Ok(access) =
+                        Parser::new(&dialect).try_with_sql(&text).and_then(|mut p| p.parse_expr())
+                    {
                         *expr = access;
                         changed = true;
                     }
@@ -158,25 +194,33 @@ pub fn catalog_query(sql: &str) -> Option<String> {
                 return ControlFlow::Continue(());
             }
             if let Expr::Case { conditions, else_result, .. } = expr {
-                if conditions.iter().all(|c| is_null(&c.result)) && else_result.as_deref().is_none_or(is_null) {
+                if conditions.iter().all(|c| is_null(&c.result))
+                    && else_result.as_deref().is_none_or(is_null)
+                {
                     *expr = Expr::value(Value::Null);
                     changed = true;
                     return ControlFlow::Continue(());
                 }
             }
             let Expr::Subquery(query) = expr else { return ControlFlow::<()>::Continue(()) };
-            let SetExpr::Select(select) = query.body.as_mut() else { return ControlFlow::Continue(()) };
+            let SetExpr::Select(select) = query.body.as_mut() else {
+                return ControlFlow::Continue(());
+            };
             let ungrouped = matches!(&select.group_by, GroupByExpr::Expressions(groups, _) if groups.is_empty());
             if select.projection.len() != 1 || !ungrouped || select.selection.is_none() {
                 return ControlFlow::Continue(());
             }
-            let (SelectItem::UnnamedExpr(value) | SelectItem::ExprWithAlias { expr: value, .. }) = &mut select.projection[0] else {
+            let (SelectItem::UnnamedExpr(value) | SelectItem::ExprWithAlias { expr: value, .. }) =
+                &mut select.projection[0]
+            else {
                 return ControlFlow::Continue(());
             };
             if is_aggregate(value) {
                 return ControlFlow::Continue(());
             }
-            let wrapped = Parser::new(&dialect).try_with_sql(&format!("max({value})")).and_then(|mut p| p.parse_expr());
+            let wrapped = Parser::new(&dialect)
+                .try_with_sql(&format!("max({value})"))
+                .and_then(|mut p| p.parse_expr());
             if let Ok(wrapped) = wrapped {
                 *value = wrapped;
                 changed = true;
@@ -196,8 +240,14 @@ mod tests {
     fn wraps_correlated_lookups_in_catalog_queries_only() {
         let sql = "SELECT a.attname, (SELECT t.typname FROM pg_catalog.pg_type t WHERE t.oid = a.atttypid) AS type FROM pg_catalog.pg_attribute a";
         let rewritten = catalog_query(sql).expect("rewritten");
-        assert!(rewritten.contains("(SELECT max(t.typname) FROM pg_catalog.pg_type"), "{rewritten}");
-        assert!(catalog_query("SELECT (SELECT v FROM t WHERE t.k = u.k) FROM u").is_none(), "user tables are left alone");
+        assert!(
+            rewritten.contains("(SELECT max(t.typname) FROM pg_catalog.pg_type"),
+            "{rewritten}"
+        );
+        assert!(
+            catalog_query("SELECT (SELECT v FROM t WHERE t.k = u.k) FROM u").is_none(),
+            "user tables are left alone"
+        );
         let counted = "SELECT (SELECT count(*) FROM pg_catalog.pg_class c WHERE c.oid = a.attrelid) FROM pg_catalog.pg_attribute a";
         assert!(catalog_query(counted).is_none());
     }
@@ -208,7 +258,11 @@ mod tests {
                    information_schema._pg_expandarray(i.indkey) AS KEYS, a.attnum AS A_ATTNUM FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_index i ON a.attrelid = i.indrelid) result \
                    WHERE result.A_ATTNUM = (result.KEYS).x";
         let rewritten = catalog_query(sql).expect("rewritten");
-        assert!(!rewritten.contains("_pg_expandarray") && rewritten.contains("get_field(result.KEYS, 'x')"), "{rewritten}");
+        assert!(
+            !rewritten.contains("_pg_expandarray")
+                && rewritten.contains("get_field(result.KEYS, 'x')"),
+            "{rewritten}"
+        );
     }
 
     #[test]

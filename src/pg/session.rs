@@ -14,8 +14,8 @@ use pgwire::api::auth::{DefaultServerParameterProvider, StartupHandler};
 use pgwire::api::cancel::CancelHandler;
 use pgwire::api::results::{DataRowEncoder, FieldFormat, FieldInfo, QueryResponse, Response};
 use pgwire::api::{
-    ClientInfo, ConnectionGuard, ConnectionHandle, ConnectionManager, PgWireConnectionState, PidSecretKeyGenerator, RandomPidSecretKeyGenerator, Type,
-    METADATA_DATABASE,
+    ClientInfo, ConnectionGuard, ConnectionHandle, ConnectionManager, PgWireConnectionState,
+    PidSecretKeyGenerator, RandomPidSecretKeyGenerator, Type, METADATA_DATABASE,
 };
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::cancel::CancelRequest;
@@ -30,7 +30,11 @@ use crate::query::QueryEngine;
 const METADATA_STATEMENT_TIMEOUT: &str = "statement_timeout_ms";
 
 fn query_canceled(reason: &str) -> PgWireError {
-    PgWireError::UserError(Box::new(ErrorInfo::new("ERROR".into(), "57014".into(), format!("canceling statement due to {reason}"))))
+    PgWireError::UserError(Box::new(ErrorInfo::new(
+        "ERROR".into(),
+        "57014".into(),
+        format!("canceling statement due to {reason}"),
+    )))
 }
 
 /// Startup without authentication (auth comes with the security work): the parameters
@@ -52,7 +56,11 @@ fn server_parameters() -> DefaultServerParameterProvider {
 
 #[async_trait]
 impl StartupHandler for Startup {
-    async fn on_startup<C>(&self, client: &mut C, message: PgWireFrontendMessage) -> PgWireResult<()>
+    async fn on_startup<C>(
+        &self,
+        client: &mut C,
+        message: PgWireFrontendMessage,
+    ) -> PgWireResult<()>
     where
         C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
         C::Error: Debug,
@@ -63,7 +71,11 @@ impl StartupHandler for Startup {
         pgwire::api::auth::save_startup_parameters_to_metadata(client, &startup);
         let db = client.metadata().get(METADATA_DATABASE).cloned().unwrap_or_default();
         if !self.query.engine().catalog().has_database(&db) {
-            let error = ErrorInfo::new("FATAL".into(), "3D000".into(), format!("database \"{db}\" does not exist"));
+            let error = ErrorInfo::new(
+                "FATAL".into(),
+                "3D000".into(),
+                format!("database \"{db}\" does not exist"),
+            );
             client.send(PgWireBackendMessage::ErrorResponse(error.into())).await?;
             client.close().await?;
             return Ok(());
@@ -81,7 +93,8 @@ impl StartupHandler for Startup {
 
 /// A one-row, one-column text result, as `SHOW name` gives.
 pub fn show_response(name: &str, value: &str) -> PgWireResult<Response> {
-    let fields = Arc::new(vec![FieldInfo::new(name.to_string(), None, None, Type::TEXT, FieldFormat::Text)]);
+    let fields =
+        Arc::new(vec![FieldInfo::new(name.to_string(), None, None, Type::TEXT, FieldFormat::Text)]);
     let mut encoder = DataRowEncoder::new(fields.clone());
     encoder.encode_field(&Some(value))?;
     let row = encoder.take_row();
@@ -96,7 +109,9 @@ pub fn show<C: ClientInfo>(client: &C, sql: &str) -> Option<PgWireResult<Respons
         return None;
     }
     let name = rest.trim().trim_matches('"').to_ascii_lowercase();
-    let metadata = |key: &str, default: &str| client.metadata().get(key).cloned().unwrap_or_else(|| default.to_string());
+    let metadata = |key: &str, default: &str| {
+        client.metadata().get(key).cloned().unwrap_or_else(|| default.to_string())
+    };
     let value = match name.as_str() {
         "server_version" => PG_VERSION.to_string(),
         "server_version_num" => PG_VERSION_NUM.to_string(),
@@ -106,11 +121,17 @@ pub fn show<C: ClientInfo>(client: &C, sql: &str) -> Option<PgWireResult<Respons
         "standard_conforming_strings" => "on".to_string(),
         "integer_datetimes" => "on".to_string(),
         "max_identifier_length" => "63".to_string(),
-        "transaction_isolation" | "transaction isolation level" | "default_transaction_isolation" => "read committed".to_string(),
+        "transaction_isolation"
+        | "transaction isolation level"
+        | "default_transaction_isolation" => "read committed".to_string(),
         "is_superuser" => "on".to_string(),
         _ => return None,
     };
-    let column = if name.starts_with("time") && name.ends_with("zone") { "TimeZone".to_string() } else { name };
+    let column = if name.starts_with("time") && name.ends_with("zone") {
+        "TimeZone".to_string()
+    } else {
+        name
+    };
     Some(show_response(&column, &value))
 }
 
@@ -123,7 +144,15 @@ pub fn reset<C: ClientInfo>(client: &mut C, sql: &str) -> Option<Response> {
     }
     let name = rest.trim().trim_matches('"').to_ascii_lowercase();
     let keys: &[&str] = match name.as_str() {
-        "all" => &[METADATA_STATEMENT_TIMEOUT, "timezone", "datestyle", "intervalstyle", "bytea_output", "extra_float_digits", "search_path"],
+        "all" => &[
+            METADATA_STATEMENT_TIMEOUT,
+            "timezone",
+            "datestyle",
+            "intervalstyle",
+            "bytea_output",
+            "extra_float_digits",
+            "search_path",
+        ],
         "statement_timeout" => &[METADATA_STATEMENT_TIMEOUT],
         "time zone" => &["timezone"],
         other if other.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') => &[],
@@ -171,14 +200,23 @@ impl RunningQueries {
         let (pid, secret_key) = client.pid_and_secret_key();
         let token = CancellationToken::new();
         let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.queries.lock().expect("running queries lock").insert(pid, (secret_key, id, token.clone()));
-        let timeout = client.metadata().get(METADATA_STATEMENT_TIMEOUT).and_then(|ms| ms.parse::<u64>().ok()).filter(|&ms| ms > 0);
-        let deadline = timeout.map(|ms| tokio::time::Instant::now() + std::time::Duration::from_millis(ms));
+        self.queries
+            .lock()
+            .expect("running queries lock")
+            .insert(pid, (secret_key, id, token.clone()));
+        let timeout = client
+            .metadata()
+            .get(METADATA_STATEMENT_TIMEOUT)
+            .and_then(|ms| ms.parse::<u64>().ok())
+            .filter(|&ms| ms > 0);
+        let deadline =
+            timeout.map(|ms| tokio::time::Instant::now() + std::time::Duration::from_millis(ms));
         Arc::new(Running { queries: self.clone(), pid, id, token, deadline })
     }
 
     fn cancel(&self, pid: i32, secret_key: &SecretKey) {
-        if let Some((key, _, token)) = self.queries.lock().expect("running queries lock").get(&pid) {
+        if let Some((key, _, token)) = self.queries.lock().expect("running queries lock").get(&pid)
+        {
             if key.to_bytes() == secret_key.to_bytes() {
                 token.cancel();
             }
@@ -188,7 +226,10 @@ impl RunningQueries {
 
 impl Running {
     /// Runs `work` (planning) unless the query is canceled or times out first.
-    pub async fn guard<T>(&self, work: impl std::future::Future<Output = PgWireResult<T>>) -> PgWireResult<T> {
+    pub async fn guard<T>(
+        &self,
+        work: impl std::future::Future<Output = PgWireResult<T>>,
+    ) -> PgWireResult<T> {
         let deadline = self.deadline;
         tokio::select! {
             result = work => result,

@@ -24,7 +24,10 @@ fn datafusion_errors_get_precise_sqlstates() {
         (DataFusionError::Plan("table 'db.public.nope' not found".into()), "42P01"),
         (DataFusionError::NotImplemented("x".into()), "0A000"),
         (DataFusionError::ResourcesExhausted("pool".into()), "53200"),
-        (DataFusionError::ArrowError(Box::new(arrow::error::ArrowError::DivideByZero), None), "22012"),
+        (
+            DataFusionError::ArrowError(Box::new(arrow::error::ArrowError::DivideByZero), None),
+            "22012",
+        ),
         (DataFusionError::Execution("Cast error: cannot cast 'abc' to Int64".into()), "22P02"),
         (DataFusionError::Plan("Cannot coerce arguments for function".into()), "42804"),
     ];

@@ -3,7 +3,9 @@
 //! columns are fields: text, double precision, bigint, bigint unsigned or boolean. `time`
 //! (timestamptz) is implicit when not declared.
 
-use datafusion::sql::sqlparser::ast::{ColumnOption, CreateTable, Expr as SqlExpr, ObjectName, ObjectType, Statement, TableConstraint};
+use datafusion::sql::sqlparser::ast::{
+    ColumnOption, CreateTable, Expr as SqlExpr, ObjectName, ObjectType, Statement, TableConstraint,
+};
 
 use crate::catalog::{Column, ColumnKind, FieldType, TIME_COLUMN};
 use crate::engine::Engine;
@@ -37,7 +39,10 @@ impl Error {
 /// Whether `sql` is a statement [`execute`] handles.
 pub fn is_ddl(sql: &str) -> bool {
     matches!(statement(sql), Some(Statement::CreateDatabase { .. } | Statement::CreateTable(_)))
-        || matches!(statement(sql), Some(Statement::Drop { object_type: ObjectType::Table | ObjectType::Database, .. }))
+        || matches!(
+            statement(sql),
+            Some(Statement::Drop { object_type: ObjectType::Table | ObjectType::Database, .. })
+        )
 }
 
 fn statement(sql: &str) -> Option<Statement> {
@@ -60,15 +65,26 @@ pub async fn execute(engine: &Engine, db: &str, sql: &str) -> Option<Result<&'st
                 Err(e) => Err(e.into()),
             })
         }
-        Statement::CreateTable(create) => Some(create_table(engine, db, create).await.map(|()| "CREATE TABLE")),
-        Statement::Drop { object_type: ObjectType::Table, if_exists, names, .. } => Some(drop_tables(engine, db, &names, if_exists).await),
-        Statement::Drop { object_type: ObjectType::Database, if_exists, names, .. } => Some(drop_databases(engine, db, &names, if_exists).await),
+        Statement::CreateTable(create) => {
+            Some(create_table(engine, db, create).await.map(|()| "CREATE TABLE"))
+        }
+        Statement::Drop { object_type: ObjectType::Table, if_exists, names, .. } => {
+            Some(drop_tables(engine, db, &names, if_exists).await)
+        }
+        Statement::Drop { object_type: ObjectType::Database, if_exists, names, .. } => {
+            Some(drop_databases(engine, db, &names, if_exists).await)
+        }
         _ => None,
     }
 }
 
 /// `DROP TABLE a, b`: all named tables must exist (unless `IF EXISTS`) before any is dropped.
-async fn drop_tables(engine: &Engine, db: &str, names: &[ObjectName], if_exists: bool) -> Result<&'static str, Error> {
+async fn drop_tables(
+    engine: &Engine,
+    db: &str,
+    names: &[ObjectName],
+    if_exists: bool,
+) -> Result<&'static str, Error> {
     let tables: Vec<String> = names.iter().map(last_name).collect();
     if !if_exists {
         if let Some(missing) = tables.iter().find(|t| engine.catalog().table(db, t).is_none()) {
@@ -82,7 +98,12 @@ async fn drop_tables(engine: &Engine, db: &str, names: &[ObjectName], if_exists:
 }
 
 /// `DROP DATABASE`; like PostgreSQL, not the one the session is connected to.
-async fn drop_databases(engine: &Engine, current: &str, names: &[ObjectName], if_exists: bool) -> Result<&'static str, Error> {
+async fn drop_databases(
+    engine: &Engine,
+    current: &str,
+    names: &[ObjectName],
+    if_exists: bool,
+) -> Result<&'static str, Error> {
     for name in names.iter().map(last_name) {
         if name == current {
             return Err(Error::DropCurrentDatabase);
@@ -123,18 +144,29 @@ async fn create_table(engine: &Engine, db: &str, create: CreateTable) -> Result<
     for def in &create.columns {
         let name = def.name.value.clone();
         let sql_type = def.data_type.to_string();
-        let is_key = keys.contains(&name) || def.options.iter().any(|o| matches!(o.option, ColumnOption::PrimaryKey(_)));
+        let is_key = keys.contains(&name)
+            || def.options.iter().any(|o| matches!(o.option, ColumnOption::PrimaryKey(_)));
         if name == TIME_COLUMN {
             if !sql_type.to_ascii_lowercase().starts_with("timestamp") {
-                return Err(Error::Invalid(format!("column \"time\" must be a timestamp, not {sql_type}")));
+                return Err(Error::Invalid(format!(
+                    "column \"time\" must be a timestamp, not {sql_type}"
+                )));
             }
             continue;
         }
         let kind = match (is_key, field_type(&sql_type)) {
             (true, Some(FieldType::String)) => ColumnKind::Tag,
-            (true, _) => return Err(Error::Invalid(format!("tag column \"{name}\" (a primary key column) must be text, not {sql_type}"))),
+            (true, _) => {
+                return Err(Error::Invalid(format!(
+                    "tag column \"{name}\" (a primary key column) must be text, not {sql_type}"
+                )))
+            }
             (false, Some(t)) => ColumnKind::Field(t),
-            (false, None) => return Err(Error::Invalid(format!("column \"{name}\" has unsupported type {sql_type}"))),
+            (false, None) => {
+                return Err(Error::Invalid(format!(
+                    "column \"{name}\" has unsupported type {sql_type}"
+                )))
+            }
         };
         if columns.iter().any(|c: &Column| c.name == name) {
             return Err(Error::Invalid(format!("column \"{name}\" is declared twice")));
@@ -142,7 +174,9 @@ async fn create_table(engine: &Engine, db: &str, create: CreateTable) -> Result<
         columns.push(Column { name, kind });
     }
     if !columns.iter().any(|c| matches!(c.kind, ColumnKind::Field(_))) {
-        return Err(Error::Invalid(format!("table \"{table}\" needs at least one field (a column outside the primary key)")));
+        return Err(Error::Invalid(format!(
+            "table \"{table}\" needs at least one field (a column outside the primary key)"
+        )));
     }
     engine.create_table(db, &table, columns, create.if_not_exists).await?;
     Ok(())

@@ -50,7 +50,8 @@ impl ParquetFileReaderFactory for Readers {
                 .with_new_label("filename", file.object_meta.location.to_string())
                 .counter("bytes_scanned", partition_index),
         });
-        let inner = self.cached.create_reader(partition_index, file, metadata_size_hint, metrics)?;
+        let inner =
+            self.cached.create_reader(partition_index, file, metadata_size_hint, metrics)?;
         Ok(Box::new(Reader { inner, local }))
     }
 }
@@ -89,22 +90,31 @@ impl AsyncFileReader for Reader {
     fn get_bytes(&mut self, range: Range<u64>) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
         match &mut self.local {
             Some(local) => {
-                let read = local.read(std::slice::from_ref(&range)).map(|mut parts| parts.pop().unwrap_or_default());
+                let read = local
+                    .read(std::slice::from_ref(&range))
+                    .map(|mut parts| parts.pop().unwrap_or_default());
                 Box::pin(std::future::ready(read))
             }
             None => self.inner.get_bytes(range),
         }
     }
 
-    fn get_byte_ranges(&mut self, ranges: Vec<Range<u64>>) -> BoxFuture<'_, parquet::errors::Result<Vec<Bytes>>> {
+    fn get_byte_ranges(
+        &mut self,
+        ranges: Vec<Range<u64>>,
+    ) -> BoxFuture<'_, parquet::errors::Result<Vec<Bytes>>> {
         match &mut self.local {
             Some(local) => Box::pin(std::future::ready(local.read(&ranges))),
             None => self.inner.get_byte_ranges(ranges),
         }
     }
 
-    fn get_metadata<'a>(&'a mut self, options: Option<&'a ArrowReaderOptions>) -> BoxFuture<'a, parquet::errors::Result<Arc<ParquetMetaData>>> {
-        let options = options.cloned().unwrap_or_default().with_page_index_policy(PageIndexPolicy::Optional);
+    fn get_metadata<'a>(
+        &'a mut self,
+        options: Option<&'a ArrowReaderOptions>,
+    ) -> BoxFuture<'a, parquet::errors::Result<Arc<ParquetMetaData>>> {
+        let options =
+            options.cloned().unwrap_or_default().with_page_index_policy(PageIndexPolicy::Optional);
         Box::pin(async move { self.inner.get_metadata(Some(&options)).await })
     }
 }

@@ -32,12 +32,30 @@ pub fn register(ctx: &SessionContext) {
         Volatility::Immutable,
         Arc::new(move |_| Ok(ColumnarValue::Scalar(ScalarValue::Utf8(Some(version.clone()))))),
     ));
-    ctx.register_udf(create_udf("current_setting", vec![DataType::Utf8], DataType::Utf8, Volatility::Stable, Arc::new(current_setting)));
+    ctx.register_udf(create_udf(
+        "current_setting",
+        vec![DataType::Utf8],
+        DataType::Utf8,
+        Volatility::Stable,
+        Arc::new(current_setting),
+    ));
     ctx.register_udf(ScalarUDF::new_from_impl(TimeBucket::new()));
-    ctx.register_udf(ScalarUDF::new_from_impl(DateTrunc { inner: datafusion::functions::datetime::date_trunc() }));
-    ctx.register_udaf(datafusion::logical_expr::AggregateUDF::new_from_impl(FirstLast::new("first", false)));
-    ctx.register_udaf(datafusion::logical_expr::AggregateUDF::new_from_impl(FirstLast::new("last", true)));
-    ctx.register_udf(create_udf("to_regtype", vec![DataType::Utf8], DataType::Int32, Volatility::Stable, Arc::new(to_regtype)));
+    ctx.register_udf(ScalarUDF::new_from_impl(DateTrunc {
+        inner: datafusion::functions::datetime::date_trunc(),
+    }));
+    ctx.register_udaf(datafusion::logical_expr::AggregateUDF::new_from_impl(FirstLast::new(
+        "first", false,
+    )));
+    ctx.register_udaf(datafusion::logical_expr::AggregateUDF::new_from_impl(FirstLast::new(
+        "last", true,
+    )));
+    ctx.register_udf(create_udf(
+        "to_regtype",
+        vec![DataType::Utf8],
+        DataType::Int32,
+        Volatility::Stable,
+        Arc::new(to_regtype),
+    ));
 }
 
 /// The OID of a type name, NULL for types that do not exist here (psycopg and SQLAlchemy ask
@@ -74,13 +92,16 @@ fn type_oid(name: &str) -> Option<i32> {
 
 fn to_regtype(args: &[ColumnarValue]) -> Result<ColumnarValue> {
     match &args[0] {
-        ColumnarValue::Scalar(ScalarValue::Utf8(name)) => Ok(ColumnarValue::Scalar(ScalarValue::Int32(name.as_deref().and_then(type_oid)))),
+        ColumnarValue::Scalar(ScalarValue::Utf8(name)) => {
+            Ok(ColumnarValue::Scalar(ScalarValue::Int32(name.as_deref().and_then(type_oid))))
+        }
         ColumnarValue::Scalar(_) => Ok(ColumnarValue::Scalar(ScalarValue::Int32(None))),
         ColumnarValue::Array(array) => {
             let names = array.as_any().downcast_ref::<StringArray>().ok_or_else(|| {
                 datafusion::error::DataFusionError::Execution("to_regtype takes text".into())
             })?;
-            let oids: arrow::array::Int32Array = names.iter().map(|n| n.and_then(type_oid)).collect();
+            let oids: arrow::array::Int32Array =
+                names.iter().map(|n| n.and_then(type_oid)).collect();
             Ok(ColumnarValue::Array(Arc::new(oids)))
         }
     }
@@ -113,7 +134,9 @@ fn current_setting(args: &[ColumnarValue]) -> Result<ColumnarValue> {
         None => exec_err!("unrecognized configuration parameter \"{name}\""),
     };
     match &args[0] {
-        ColumnarValue::Scalar(ScalarValue::Utf8(Some(name))) => Ok(ColumnarValue::Scalar(ScalarValue::Utf8(Some(lookup(name)?)))),
+        ColumnarValue::Scalar(ScalarValue::Utf8(Some(name))) => {
+            Ok(ColumnarValue::Scalar(ScalarValue::Utf8(Some(lookup(name)?))))
+        }
         ColumnarValue::Scalar(_) => Ok(ColumnarValue::Scalar(ScalarValue::Utf8(None))),
         ColumnarValue::Array(array) => {
             let names = array.as_any().downcast_ref::<StringArray>().ok_or_else(|| {
@@ -165,34 +188,56 @@ impl ScalarUDFImpl for DateTrunc {
         self.inner.return_type(arg_types)
     }
 
-    fn return_field_from_args(&self, args: datafusion::logical_expr::ReturnFieldArgs) -> Result<arrow::datatypes::FieldRef> {
+    fn return_field_from_args(
+        &self,
+        args: datafusion::logical_expr::ReturnFieldArgs,
+    ) -> Result<arrow::datatypes::FieldRef> {
         self.inner.return_field_from_args(args)
     }
 
-    fn output_ordering(&self, input: &[datafusion::logical_expr::sort_properties::ExprProperties]) -> Result<datafusion::logical_expr::sort_properties::SortProperties> {
+    fn output_ordering(
+        &self,
+        input: &[datafusion::logical_expr::sort_properties::ExprProperties],
+    ) -> Result<datafusion::logical_expr::sort_properties::SortProperties> {
         self.inner.output_ordering(input)
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         use arrow::datatypes::TimeUnit;
         let unit_ns = match &args.args[0] {
-            ColumnarValue::Scalar(ScalarValue::Utf8(Some(unit)) | ScalarValue::Utf8View(Some(unit)) | ScalarValue::LargeUtf8(Some(unit))) => fixed_unit_ns(unit),
+            ColumnarValue::Scalar(
+                ScalarValue::Utf8(Some(unit))
+                | ScalarValue::Utf8View(Some(unit))
+                | ScalarValue::LargeUtf8(Some(unit)),
+            ) => fixed_unit_ns(unit),
             _ => None,
         };
         let utc = match args.args[1].data_type() {
             DataType::Timestamp(TimeUnit::Nanosecond, None) => true,
-            DataType::Timestamp(TimeUnit::Nanosecond, Some(tz)) => matches!(tz.as_ref(), "UTC" | "+00:00" | "Z" | "Etc/UTC"),
+            DataType::Timestamp(TimeUnit::Nanosecond, Some(tz)) => {
+                matches!(tz.as_ref(), "UTC" | "+00:00" | "Z" | "Etc/UTC")
+            }
             _ => false,
         };
-        let (Some(unit_ns), true) = (unit_ns, utc) else { return self.inner.invoke_with_args(args) };
+        let (Some(unit_ns), true) = (unit_ns, utc) else {
+            return self.inner.invoke_with_args(args);
+        };
         let floor = |t: i64| t - t.rem_euclid(unit_ns);
         match &args.args[1] {
             ColumnarValue::Array(array) => {
-                let times = array.as_any().downcast_ref::<arrow::array::TimestampNanosecondArray>().expect("checked type");
-                let truncated: arrow::array::TimestampNanosecondArray = arrow::compute::kernels::arity::unary(times, floor);
-                Ok(ColumnarValue::Array(Arc::new(truncated.with_timezone_opt(times.timezone().map(Arc::<str>::from)))))
+                let times = array
+                    .as_any()
+                    .downcast_ref::<arrow::array::TimestampNanosecondArray>()
+                    .expect("checked type");
+                let truncated: arrow::array::TimestampNanosecondArray =
+                    arrow::compute::kernels::arity::unary(times, floor);
+                Ok(ColumnarValue::Array(Arc::new(
+                    truncated.with_timezone_opt(times.timezone().map(Arc::<str>::from)),
+                )))
             }
-            ColumnarValue::Scalar(ScalarValue::TimestampNanosecond(t, tz)) => Ok(ColumnarValue::Scalar(ScalarValue::TimestampNanosecond(t.map(floor), tz.clone()))),
+            ColumnarValue::Scalar(ScalarValue::TimestampNanosecond(t, tz)) => Ok(
+                ColumnarValue::Scalar(ScalarValue::TimestampNanosecond(t.map(floor), tz.clone())),
+            ),
             ColumnarValue::Scalar(_) => self.inner.invoke_with_args(args),
         }
     }
@@ -229,7 +274,8 @@ impl ScalarUDFImpl for TimeBucket {
     fn invoke_with_args(&self, mut args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         if args.args.len() == 2 {
             let time_type = args.args[1].data_type();
-            let origin = ScalarValue::TimestampNanosecond(Some(TIME_BUCKET_ORIGIN_NS), None).cast_to(&time_type)?;
+            let origin = ScalarValue::TimestampNanosecond(Some(TIME_BUCKET_ORIGIN_NS), None)
+                .cast_to(&time_type)?;
             args.arg_fields.push(Arc::new(Field::new("origin", time_type, true)));
             args.args.push(ColumnarValue::Scalar(origin));
         }
@@ -263,19 +309,32 @@ impl datafusion::logical_expr::AggregateUDFImpl for FirstLast {
 
     fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
         if !matches!(arg_types[1], DataType::Timestamp(..)) {
-            return datafusion::common::plan_err!("{}(value, time) needs a timestamp as its second argument", self.name);
+            return datafusion::common::plan_err!(
+                "{}(value, time) needs a timestamp as its second argument",
+                self.name
+            );
         }
         Ok(arg_types[0].clone())
     }
 
-    fn accumulator(&self, args: datafusion::logical_expr::function::AccumulatorArgs) -> Result<Box<dyn datafusion::logical_expr::Accumulator>> {
+    fn accumulator(
+        &self,
+        args: datafusion::logical_expr::function::AccumulatorArgs,
+    ) -> Result<Box<dyn datafusion::logical_expr::Accumulator>> {
         let value = ScalarValue::try_from(args.return_field.data_type())?;
         Ok(Box::new(FirstLastAccumulator { last: self.last, time_ns: None, value }))
     }
 
-    fn state_fields(&self, args: datafusion::logical_expr::function::StateFieldsArgs) -> Result<Vec<arrow::datatypes::FieldRef>> {
+    fn state_fields(
+        &self,
+        args: datafusion::logical_expr::function::StateFieldsArgs,
+    ) -> Result<Vec<arrow::datatypes::FieldRef>> {
         Ok(vec![
-            Arc::new(Field::new(format!("{}_value", args.name), args.return_field.data_type().clone(), true)),
+            Arc::new(Field::new(
+                format!("{}_value", args.name),
+                args.return_field.data_type().clone(),
+                true,
+            )),
             Arc::new(Field::new(format!("{}_time", args.name), DataType::Int64, true)),
         ])
     }
@@ -289,10 +348,18 @@ struct FirstLastAccumulator {
 }
 
 impl FirstLastAccumulator {
-    fn consider(&mut self, values: &arrow::array::ArrayRef, times: &arrow::array::ArrayRef) -> Result<()> {
-        let times = arrow::compute::cast(times, &DataType::Timestamp(arrow::datatypes::TimeUnit::Nanosecond, None))?;
+    fn consider(
+        &mut self,
+        values: &arrow::array::ArrayRef,
+        times: &arrow::array::ArrayRef,
+    ) -> Result<()> {
+        let times = arrow::compute::cast(
+            times,
+            &DataType::Timestamp(arrow::datatypes::TimeUnit::Nanosecond, None),
+        )?;
         let times = arrow::compute::cast(&times, &DataType::Int64)?;
-        let times = times.as_any().downcast_ref::<arrow::array::Int64Array>().expect("cast to Int64");
+        let times =
+            times.as_any().downcast_ref::<arrow::array::Int64Array>().expect("cast to Int64");
         for row in 0..times.len() {
             if times.is_null(row) {
                 continue;
@@ -300,7 +367,13 @@ impl FirstLastAccumulator {
             let t = times.value(row);
             let better = match self.time_ns {
                 None => true,
-                Some(best) => if self.last { t > best } else { t < best },
+                Some(best) => {
+                    if self.last {
+                        t > best
+                    } else {
+                        t < best
+                    }
+                }
             };
             if better {
                 self.time_ns = Some(t);
@@ -317,7 +390,10 @@ impl datafusion::logical_expr::Accumulator for FirstLastAccumulator {
     }
 
     fn merge_batch(&mut self, states: &[arrow::array::ArrayRef]) -> Result<()> {
-        let times = arrow::compute::cast(&states[1], &DataType::Timestamp(arrow::datatypes::TimeUnit::Nanosecond, None))?;
+        let times = arrow::compute::cast(
+            &states[1],
+            &DataType::Timestamp(arrow::datatypes::TimeUnit::Nanosecond, None),
+        )?;
         self.consider(&states[0], &times)
     }
 

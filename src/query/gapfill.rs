@@ -9,7 +9,8 @@
 //! The query's own `ORDER BY` and `LIMIT` apply to the filled rows.
 
 use datafusion::sql::sqlparser::ast::{
-    BinaryOperator, Expr, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr, Query, SelectItem, SetExpr, Statement,
+    BinaryOperator, Expr, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr, Query,
+    SelectItem, SetExpr, Statement,
 };
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::parser::Parser;
@@ -76,7 +77,9 @@ fn output_name(expr: &Expr, alias: Option<&datafusion::sql::sqlparser::ast::Iden
         (Some(alias), _) if alias.quote_style.is_some() => alias.value.clone(),
         (Some(alias), _) => alias.value.to_ascii_lowercase(),
         (None, Expr::Identifier(ident)) => ident.value.to_ascii_lowercase(),
-        (None, Expr::CompoundIdentifier(parts)) => parts.last().map(|p| p.value.to_ascii_lowercase()).unwrap_or_default(),
+        (None, Expr::CompoundIdentifier(parts)) => {
+            parts.last().map(|p| p.value.to_ascii_lowercase()).unwrap_or_default()
+        }
         (None, other) => other.to_string(),
     }
 }
@@ -136,7 +139,9 @@ fn time_range(selection: Option<&Expr>, time: &Expr) -> Result<(String, String),
                 match op {
                     BinaryOperator::Gt | BinaryOperator::GtEq => lower = Some(cast(bound)),
                     BinaryOperator::LtEq => upper = Some(cast(bound)),
-                    BinaryOperator::Lt => upper = Some(format!("{} - INTERVAL '1 nanosecond'", cast(bound))),
+                    BinaryOperator::Lt => {
+                        upper = Some(format!("{} - INTERVAL '1 nanosecond'", cast(bound)))
+                    }
                     _ => {}
                 }
             }
@@ -145,7 +150,9 @@ fn time_range(selection: Option<&Expr>, time: &Expr) -> Result<(String, String),
     }
     match (lower, upper) {
         (Some(lower), Some(upper)) => Ok((lower, upper)),
-        _ => Err(format!("date_bin_gapfill needs a time range in WHERE: {time} >= … AND {time} < …")),
+        _ => {
+            Err(format!("date_bin_gapfill needs a time range in WHERE: {time} >= … AND {time} < …"))
+        }
     }
 }
 
@@ -192,7 +199,9 @@ fn rewrite_query(query: &Query) -> Result<String, String> {
                 items.push(Item::Bucket { name });
             }
             Some(fill @ ("locf" | "interpolate")) => {
-                let [inner] = function_args(expr).try_into().map_err(|_| format!("{fill} takes one aggregate"))?;
+                let [inner] = function_args(expr)
+                    .try_into()
+                    .map_err(|_| format!("{fill} takes one aggregate"))?;
                 values.push(inner);
                 let fill = if fill == "locf" { Fill::Locf } else { Fill::Interpolate };
                 items.push(Item::Value { name, index: values.len() - 1, fill });
@@ -211,7 +220,9 @@ fn rewrite_query(query: &Query) -> Result<String, String> {
         return Err("date_bin_gapfill must be in the select list".into());
     };
     let date_bin = |time: &str| match &bucket_args[..] {
-        [stride, _, origin] => format!("date_bin({stride}, {time}, arrow_cast({origin}, {TIME_TYPE}))"),
+        [stride, _, origin] => {
+            format!("date_bin({stride}, {time}, arrow_cast({origin}, {TIME_TYPE}))")
+        }
         [stride, _] => format!("date_bin({stride}, {time})"),
         _ => unreachable!("checked above"),
     };
@@ -250,16 +261,25 @@ fn rewrite_query(query: &Query) -> Result<String, String> {
     }
     filled.push_str(" FROM __buckets bk");
     if !key_cols.is_empty() {
-        filled.push_str(&format!(" CROSS JOIN (SELECT DISTINCT {} FROM __agg) gr", key_cols.join(", ")));
+        filled.push_str(&format!(
+            " CROSS JOIN (SELECT DISTINCT {} FROM __agg) gr",
+            key_cols.join(", ")
+        ));
     }
     filled.push_str(" LEFT JOIN __agg ag ON ag.__b = bk.__b");
     for k in &key_cols {
         filled.push_str(&format!(" AND ag.{k} IS NOT DISTINCT FROM gr.{k}"));
     }
 
-    let partition = if key_cols.is_empty() { String::new() } else { format!("PARTITION BY {} ", key_cols.join(", ")) };
-    let before = format!("OVER ({partition}ORDER BY __b ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)");
-    let after = format!("OVER ({partition}ORDER BY __b ROWS BETWEEN CURRENT ROW AND UNBOUNDED FOLLOWING)");
+    let partition = if key_cols.is_empty() {
+        String::new()
+    } else {
+        format!("PARTITION BY {} ", key_cols.join(", "))
+    };
+    let before =
+        format!("OVER ({partition}ORDER BY __b ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)");
+    let after =
+        format!("OVER ({partition}ORDER BY __b ROWS BETWEEN CURRENT ROW AND UNBOUNDED FOLLOWING)");
     let mut outer = Vec::new();
     for item in &items {
         outer.push(match item {
@@ -318,9 +338,15 @@ mod tests {
     #[test]
     fn leaves_other_queries_alone_and_explains_what_it_needs() {
         assert!(rewrite("SELECT date_bin(INTERVAL '1 minute', time) FROM cpu").is_none());
-        let missing_range = rewrite("SELECT date_bin_gapfill(INTERVAL '1 minute', time) AS t, avg(u) FROM cpu GROUP BY 1");
-        assert!(missing_range.expect("gapfill").expect_err("no range").contains("needs a time range"));
-        let star = rewrite("SELECT *, date_bin_gapfill(INTERVAL '1 minute', time) FROM cpu GROUP BY 1");
+        let missing_range = rewrite(
+            "SELECT date_bin_gapfill(INTERVAL '1 minute', time) AS t, avg(u) FROM cpu GROUP BY 1",
+        );
+        assert!(missing_range
+            .expect("gapfill")
+            .expect_err("no range")
+            .contains("needs a time range"));
+        let star =
+            rewrite("SELECT *, date_bin_gapfill(INTERVAL '1 minute', time) FROM cpu GROUP BY 1");
         assert!(star.expect("gapfill").is_err());
     }
 

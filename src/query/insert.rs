@@ -8,7 +8,9 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
-use arrow::datatypes::{DataType, Float64Type, Int64Type, SchemaRef, TimestampNanosecondType, UInt64Type};
+use arrow::datatypes::{
+    DataType, Float64Type, Int64Type, SchemaRef, TimestampNanosecondType, UInt64Type,
+};
 use async_trait::async_trait;
 use datafusion::datasource::sink::DataSink;
 use datafusion::error::{DataFusionError, Result};
@@ -37,7 +39,9 @@ impl DisplayAs for LineProtocolSink {
 fn escape(out: &mut String, text: &str, specials: &[char]) -> Result<()> {
     for c in text.chars() {
         if c == '\n' || c == '\r' {
-            return Err(DataFusionError::Execution("line breaks cannot be stored in tag values, field names or string fields".into()));
+            return Err(DataFusionError::Execution(
+                "line breaks cannot be stored in tag values, field names or string fields".into(),
+            ));
         }
         if c == '\\' || specials.contains(&c) {
             out.push('\\');
@@ -50,7 +54,12 @@ fn escape(out: &mut String, text: &str, specials: &[char]) -> Result<()> {
 const NAME_SPECIALS: &[char] = &[',', '=', ' '];
 
 /// Appends the rows of `batch` as line protocol (nanosecond timestamps).
-pub fn render(table: &TableSchema, batch: &RecordBatch, default_time_ns: i64, out: &mut String) -> Result<usize> {
+pub fn render(
+    table: &TableSchema,
+    batch: &RecordBatch,
+    default_time_ns: i64,
+    out: &mut String,
+) -> Result<usize> {
     let schema = batch.schema();
     let plain: Vec<ArrayRef> = batch
         .columns()
@@ -91,7 +100,10 @@ pub fn render(table: &TableSchema, batch: &RecordBatch, default_time_ns: i64, ou
         for (i, field) in schema.fields().iter().enumerate() {
             let array = &plain[i];
             let name = field.name();
-            if array.is_null(row) || name == TIME_COLUMN || table.column(name).map(|c| c.kind) == Some(ColumnKind::Tag) {
+            if array.is_null(row)
+                || name == TIME_COLUMN
+                || table.column(name).map(|c| c.kind) == Some(ColumnKind::Tag)
+            {
                 continue;
             }
             out.push(if fields == 0 { ' ' } else { ',' });
@@ -101,7 +113,9 @@ pub fn render(table: &TableSchema, batch: &RecordBatch, default_time_ns: i64, ou
                 DataType::Float64 => {
                     let v = array.as_primitive::<Float64Type>().value(row);
                     if !v.is_finite() {
-                        return Err(DataFusionError::Execution(format!("field \"{name}\" cannot store {v}")));
+                        return Err(DataFusionError::Execution(format!(
+                            "field \"{name}\" cannot store {v}"
+                        )));
                     }
                     let _ = write!(out, "{v:?}");
                 }
@@ -111,13 +125,19 @@ pub fn render(table: &TableSchema, batch: &RecordBatch, default_time_ns: i64, ou
                 DataType::UInt64 => {
                     let _ = write!(out, "{}u", array.as_primitive::<UInt64Type>().value(row));
                 }
-                DataType::Boolean => out.push_str(if array.as_boolean().value(row) { "t" } else { "f" }),
+                DataType::Boolean => {
+                    out.push_str(if array.as_boolean().value(row) { "t" } else { "f" })
+                }
                 DataType::Utf8 => {
                     out.push('"');
                     escape(out, array.as_string::<i32>().value(row), &['"'])?;
                     out.push('"');
                 }
-                other => return Err(DataFusionError::Execution(format!("field \"{name}\" has unsupported type {other}"))),
+                other => {
+                    return Err(DataFusionError::Execution(format!(
+                        "field \"{name}\" has unsupported type {other}"
+                    )))
+                }
             }
             fields += 1;
         }
@@ -139,8 +159,13 @@ impl DataSink for LineProtocolSink {
         &self.schema
     }
 
-    async fn write_all(&self, mut data: SendableRecordBatchStream, _context: &Arc<TaskContext>) -> Result<u64> {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    async fn write_all(
+        &self,
+        mut data: SendableRecordBatchStream,
+        _context: &Arc<TaskContext>,
+    ) -> Result<u64> {
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let default_time_ns = i64::try_from(now.as_nanos()).unwrap_or(i64::MAX);
         // One request per batch keeps each write within the WAL's record limit.
         let mut rows = 0u64;
@@ -151,12 +176,20 @@ impl DataSink for LineProtocolSink {
             if text.is_empty() {
                 continue;
             }
-            let options = WriteOptions { precision: Precision::Nanosecond, accept_partial: false, no_sync: false, default_time_ns };
+            let options = WriteOptions {
+                precision: Precision::Nanosecond,
+                accept_partial: false,
+                no_sync: false,
+                default_time_ns,
+            };
             match self.engine.write_lp(&self.db, text.as_bytes(), options).await {
                 Ok(outcome) => rows += outcome.lines_stored as u64,
                 Err(crate::engine::Error::Rejected(lines)) => {
                     let reasons: Vec<_> = lines.iter().map(|l| l.error_message.clone()).collect();
-                    return Err(DataFusionError::Execution(format!("insert rejected: {}", reasons.join("; "))));
+                    return Err(DataFusionError::Execution(format!(
+                        "insert rejected: {}",
+                        reasons.join("; ")
+                    )));
                 }
                 Err(e) => return Err(DataFusionError::External(Box::new(e))),
             }

@@ -26,7 +26,8 @@ use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::sql::sqlparser::ast::{
-    visit_expressions, Distinct, Expr as SqlExpr, GroupByExpr, OrderByKind, Query, SetExpr, Statement, TableFactor,
+    visit_expressions, Distinct, Expr as SqlExpr, GroupByExpr, OrderByKind, Query, SetExpr,
+    Statement, TableFactor,
 };
 
 use crate::catalog::{Catalog, ColumnKind, TIME_COLUMN};
@@ -55,7 +56,9 @@ impl TableFunctionImpl for LastCacheFunction {
         let Some(schema) = self.engine.catalog().table(&self.db, table).cloned() else {
             return plan_err!("table '{table}' not found");
         };
-        if let Some(other) = per.iter().find(|t| schema.column(t).is_none_or(|c| c.kind != ColumnKind::Tag)) {
+        if let Some(other) =
+            per.iter().find(|t| schema.column(t).is_none_or(|c| c.kind != ColumnKind::Tag))
+        {
             return plan_err!("last_cache('{table}', …): \"{other}\" is not a tag of {table}");
         }
         Ok(Arc::new(LastCacheTable {
@@ -89,21 +92,44 @@ impl TableProvider for LastCacheTable {
         TableType::Temporary
     }
 
-    fn supports_filters_pushdown(&self, filters: &[&Expr]) -> DfResult<Vec<TableProviderFilterPushDown>> {
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> DfResult<Vec<TableProviderFilterPushDown>> {
         // Filters run here, before the rows are reduced to the latest per `per`, as the WHERE
         // of a DISTINCT ON query runs before the DISTINCT ON.
         Ok(vec![TableProviderFilterPushDown::Exact; filters.len()])
     }
 
-    async fn scan(&self, state: &dyn Session, projection: Option<&Vec<usize>>, filters: &[Expr], _limit: Option<usize>) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let batch = self.engine.last_values(&self.db, &self.table).await.map_err(|e| DataFusionError::External(Box::new(e)))?;
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let batch = self
+            .engine
+            .last_values(&self.db, &self.table)
+            .await
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
         let mut batches = Vec::new();
         if let Some(batch) = batch.filter(|b| b.num_rows() > 0) {
             let mut batch = crate::buffer::adapt(&batch, &self.schema);
-            if let Some(predicate) = filters.iter().cloned().map(datafusion::logical_expr::expr_rewriter::unnormalize_col).reduce(Expr::and) {
+            if let Some(predicate) = filters
+                .iter()
+                .cloned()
+                .map(datafusion::logical_expr::expr_rewriter::unnormalize_col)
+                .reduce(Expr::and)
+            {
                 let df_schema = DFSchema::try_from(self.schema.as_ref().clone())?;
-                let mask = state.create_physical_expr(predicate, &df_schema)?.evaluate(&batch)?.into_array(batch.num_rows())?;
-                let mask = mask.as_boolean_opt().ok_or_else(|| DataFusionError::Internal("a filter that is not boolean".into()))?;
+                let mask = state
+                    .create_physical_expr(predicate, &df_schema)?
+                    .evaluate(&batch)?
+                    .into_array(batch.num_rows())?;
+                let mask = mask.as_boolean_opt().ok_or_else(|| {
+                    DataFusionError::Internal("a filter that is not boolean".into())
+                })?;
                 batch = arrow::compute::filter_record_batch(&batch, mask)?;
             }
             if !self.per.is_empty() {
@@ -117,14 +143,24 @@ impl TableProvider for LastCacheTable {
 
 /// The row with the greatest time per combination of the `per` tags (NULL is a value of its
 /// own, as in DISTINCT ON); among rows at the same time, any one.
-fn latest_per(batch: &RecordBatch, per: &[String]) -> Result<RecordBatch, arrow::error::ArrowError> {
+fn latest_per(
+    batch: &RecordBatch,
+    per: &[String],
+) -> Result<RecordBatch, arrow::error::ArrowError> {
     use std::collections::hash_map::Entry;
     let missing = |name: &str| arrow::error::ArrowError::SchemaError(format!("no column {name}"));
     let times = batch.column_by_name(TIME_COLUMN).ok_or_else(|| missing(TIME_COLUMN))?;
-    let times = times.as_primitive_opt::<arrow::datatypes::TimestampNanosecondType>().ok_or_else(|| missing(TIME_COLUMN))?;
+    let times = times
+        .as_primitive_opt::<arrow::datatypes::TimestampNanosecondType>()
+        .ok_or_else(|| missing(TIME_COLUMN))?;
     let keys: Vec<ArrayRef> = per
         .iter()
-        .map(|t| arrow::compute::cast(batch.column_by_name(t).ok_or_else(|| missing(t))?, &arrow::datatypes::DataType::Utf8))
+        .map(|t| {
+            arrow::compute::cast(
+                batch.column_by_name(t).ok_or_else(|| missing(t))?,
+                &arrow::datatypes::DataType::Utf8,
+            )
+        })
         .collect::<Result<_, _>>()?;
     let keys: Vec<&arrow::array::StringArray> = keys.iter().map(|k| k.as_string::<i32>()).collect();
     let mut best: HashMap<Vec<Option<&str>>, usize> = HashMap::with_capacity(batch.num_rows());
@@ -160,7 +196,10 @@ fn reads_only_tags(expr: &SqlExpr, is_tag: &dyn Fn(&str) -> bool) -> bool {
     let _ = visit_expressions(expr, |e| {
         match e {
             SqlExpr::Identifier(_) => only_tags &= column_name(e).is_some_and(|c| is_tag(&c)),
-            SqlExpr::CompoundIdentifier(_) | SqlExpr::Subquery(_) | SqlExpr::Exists { .. } | SqlExpr::InSubquery { .. } => only_tags = false,
+            SqlExpr::CompoundIdentifier(_)
+            | SqlExpr::Subquery(_)
+            | SqlExpr::Exists { .. }
+            | SqlExpr::InSubquery { .. } => only_tags = false,
             _ => {}
         }
         std::ops::ControlFlow::<()>::Continue(())
@@ -178,12 +217,19 @@ fn lastpoint_table(query: &Query, catalog: &Catalog, db: &str) -> Option<(String
     let Some(Distinct::On(on)) = &select.distinct else { return None };
     let [from] = select.from.as_slice() else { return None };
     let TableFactor::Table { name, args: None, .. } = &from.relation else { return None };
-    if !from.joins.is_empty() || select.having.is_some() || !matches!(&select.group_by, GroupByExpr::Expressions(g, _) if g.is_empty()) {
+    if !from.joins.is_empty()
+        || select.having.is_some()
+        || !matches!(&select.group_by, GroupByExpr::Expressions(g, _) if g.is_empty())
+    {
         return None;
     }
     let [table_name] = name.0.as_slice() else { return None };
     let table_name = table_name.as_ident()?;
-    let table_name = if table_name.quote_style.is_some() { table_name.value.clone() } else { table_name.value.to_ascii_lowercase() };
+    let table_name = if table_name.quote_style.is_some() {
+        table_name.value.clone()
+    } else {
+        table_name.value.to_ascii_lowercase()
+    };
     let schema = catalog.table(db, &table_name)?;
     let is_tag = |c: &str| schema.column(c).is_some_and(|col| col.kind == ColumnKind::Tag);
     let keys: Vec<String> = on.iter().map(column_name).collect::<Option<_>>()?;
@@ -198,8 +244,10 @@ fn lastpoint_table(query: &Query, catalog: &Catalog, db: &str) -> Option<(String
     if order.len() <= keys.len() {
         return None;
     }
-    let leads_with_keys = order.iter().zip(&keys).all(|(o, k)| column_name(&o.expr).as_deref() == Some(k.as_str()));
-    let then_latest = column_name(&order[keys.len()].expr).as_deref() == Some(TIME_COLUMN) && order[keys.len()].options.asc == Some(false);
+    let leads_with_keys =
+        order.iter().zip(&keys).all(|(o, k)| column_name(&o.expr).as_deref() == Some(k.as_str()));
+    let then_latest = column_name(&order[keys.len()].expr).as_deref() == Some(TIME_COLUMN)
+        && order[keys.len()].options.asc == Some(false);
     (leads_with_keys && then_latest).then_some((table_name, keys))
 }
 
@@ -209,7 +257,8 @@ pub fn rewrite(sql: &str, catalog: &Catalog, db: &str) -> Option<String> {
         return None;
     }
     let dialect = datafusion::sql::sqlparser::dialect::PostgreSqlDialect {};
-    let mut statements = datafusion::sql::sqlparser::parser::Parser::parse_sql(&dialect, sql).ok()?;
+    let mut statements =
+        datafusion::sql::sqlparser::parser::Parser::parse_sql(&dialect, sql).ok()?;
     let query = match statements.as_mut_slice() {
         [Statement::Query(query)] => query,
         // EXPLAIN [ANALYZE] shows the plan the query itself gets.
@@ -224,7 +273,9 @@ pub fn rewrite(sql: &str, catalog: &Catalog, db: &str) -> Option<String> {
     // The table's own name (or alias) stays the alias, so `t.column` references keep working.
     let alias = match &select.from[0].relation {
         // The alias's name only: its Display carries the `AS`, and a column list is not kept.
-        TableFactor::Table { alias: Some(alias), .. } if alias.columns.is_empty() => alias.name.to_string(),
+        TableFactor::Table { alias: Some(alias), .. } if alias.columns.is_empty() => {
+            alias.name.to_string()
+        }
         TableFactor::Table { alias: Some(_), .. } => return None,
         _ => datafusion::sql::sqlparser::ast::Ident::with_quote('"', table.clone()).to_string(),
     };
@@ -254,7 +305,10 @@ mod tests {
                 vec![
                     Column { name: "hostname".into(), kind: ColumnKind::Tag },
                     Column { name: "region".into(), kind: ColumnKind::Tag },
-                    Column { name: "usage_user".into(), kind: ColumnKind::Field(FieldType::Integer) },
+                    Column {
+                        name: "usage_user".into(),
+                        kind: ColumnKind::Field(FieldType::Integer),
+                    },
                 ],
             ),
         );
@@ -264,8 +318,16 @@ mod tests {
     #[test]
     fn lastpoint_reads_the_cache_and_nothing_else_does() {
         let c = catalog();
-        let rewritten = rewrite("SELECT DISTINCT ON (hostname) * FROM cpu ORDER BY hostname, time DESC", &c, "db").expect("lastpoint");
-        assert_eq!(rewritten, "SELECT * FROM last_cache('cpu', 'hostname') AS \"cpu\" ORDER BY hostname, time DESC");
+        let rewritten = rewrite(
+            "SELECT DISTINCT ON (hostname) * FROM cpu ORDER BY hostname, time DESC",
+            &c,
+            "db",
+        )
+        .expect("lastpoint");
+        assert_eq!(
+            rewritten,
+            "SELECT * FROM last_cache('cpu', 'hostname') AS \"cpu\" ORDER BY hostname, time DESC"
+        );
         let rewritten = rewrite("select distinct on (Region, hostname) * from CPU c where hostname <> 'x' order by region, hostname, time desc limit 3", &c, "db");
         assert_eq!(rewritten.as_deref(), Some("SELECT * FROM last_cache('cpu', 'region', 'hostname') AS c WHERE hostname <> 'x' ORDER BY region, hostname, time DESC LIMIT 3"));
         let rewritten = rewrite("SELECT DISTINCT ON (hostname) region FROM cpu AS c WHERE region <> 'us' ORDER BY hostname, time DESC", &c, "db");

@@ -10,12 +10,12 @@
 //! Other partitions are read as they are: they hold each key once.
 
 pub mod ddl;
+pub mod files;
 pub mod functions;
 pub mod gapfill;
-pub mod last_cache;
-pub mod files;
-pub mod prefilter;
 pub mod insert;
+pub mod last_cache;
+pub mod prefilter;
 #[cfg(test)]
 mod tests;
 
@@ -28,8 +28,8 @@ use async_trait::async_trait;
 use datafusion::catalog::{CatalogProvider, MemoryCatalogProvider, SchemaProvider, Session};
 use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::datasource::listing::PartitionedFile;
-use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
 use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::datasource::{TableProvider, TableType};
 use datafusion::error::{DataFusionError, Result as DfResult};
@@ -78,10 +78,14 @@ impl Error {
             Error::DatabaseNotFound(_) => ErrorKind::NotFound,
             Error::Unsupported(_) => ErrorKind::Unsupported,
             Error::DataFusion(e) => match e.find_root() {
-                DataFusionError::SQL(..) | DataFusionError::Plan(_) | DataFusionError::SchemaError(..) => ErrorKind::InvalidInput,
+                DataFusionError::SQL(..)
+                | DataFusionError::Plan(_)
+                | DataFusionError::SchemaError(..) => ErrorKind::InvalidInput,
                 DataFusionError::NotImplemented(_) => ErrorKind::Unsupported,
                 DataFusionError::ResourcesExhausted(_) => ErrorKind::ResourceExhausted,
-                DataFusionError::Execution(_) | DataFusionError::ArrowError(..) => ErrorKind::InvalidInput,
+                DataFusionError::Execution(_) | DataFusionError::ArrowError(..) => {
+                    ErrorKind::InvalidInput
+                }
                 _ => ErrorKind::Internal,
             },
         }
@@ -98,8 +102,10 @@ pub struct QueryEngine {
 
 impl QueryEngine {
     pub fn new(engine: Arc<Engine>, config: Config) -> Result<QueryEngine, Error> {
-        let runtime = RuntimeEnvBuilder::new().with_memory_limit(config.memory_bytes_max, 1.0).build_arc()?;
-        let url = url::Url::parse(&engine.store().datafusion_url).map_err(|e| DataFusionError::External(Box::new(e)))?;
+        let runtime =
+            RuntimeEnvBuilder::new().with_memory_limit(config.memory_bytes_max, 1.0).build_arc()?;
+        let url = url::Url::parse(&engine.store().datafusion_url)
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
         runtime.register_object_store(&url, engine.store().inner.clone());
         Ok(QueryEngine { engine, runtime, config, contexts: Mutex::new(HashMap::new()) })
     }
@@ -128,9 +134,18 @@ impl QueryEngine {
         config.options_mut().execution.parquet.bloom_filter_on_read = false;
         let ctx = SessionContext::new_with_config_rt(config, self.runtime.clone());
         functions::register(&ctx);
-        ctx.register_udtf("last_cache", Arc::new(last_cache::LastCacheFunction { engine: self.engine.clone(), db: db.to_string() }));
+        ctx.register_udtf(
+            "last_cache",
+            Arc::new(last_cache::LastCacheFunction {
+                engine: self.engine.clone(),
+                db: db.to_string(),
+            }),
+        );
         let catalog = MemoryCatalogProvider::new();
-        catalog.register_schema("public", Arc::new(DatabaseSchema { engine: self.engine.clone(), db: db.to_string() }))?;
+        catalog.register_schema(
+            "public",
+            Arc::new(DatabaseSchema { engine: self.engine.clone(), db: db.to_string() }),
+        )?;
         ctx.register_catalog(db, Arc::new(catalog));
         contexts.insert(db.to_string(), ctx.clone());
         Ok(ctx)
@@ -161,7 +176,6 @@ impl QueryEngine {
     }
 }
 
-
 /// A database's tables, read live from the engine's catalog.
 #[derive(Debug)]
 struct DatabaseSchema {
@@ -176,7 +190,9 @@ impl SchemaProvider for DatabaseSchema {
     }
 
     async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
-        let Some(schema) = self.engine.catalog().table(&self.db, name).cloned() else { return Ok(None) };
+        let Some(schema) = self.engine.catalog().table(&self.db, name).cloned() else {
+            return Ok(None);
+        };
         Ok(Some(Arc::new(Table {
             engine: self.engine.clone(),
             db: self.db.clone(),
@@ -211,7 +227,11 @@ pub struct Table {
 impl Table {
     fn schema_with_seq(&self) -> SchemaRef {
         let mut fields: Vec<_> = self.schema.fields().iter().cloned().collect();
-        fields.push(Arc::new(arrow::datatypes::Field::new(SEQ_COLUMN, arrow::datatypes::DataType::UInt64, false)));
+        fields.push(Arc::new(arrow::datatypes::Field::new(
+            SEQ_COLUMN,
+            arrow::datatypes::DataType::UInt64,
+            false,
+        )));
         Arc::new(Schema::new(fields))
     }
 
@@ -227,10 +247,11 @@ impl Table {
         // kept in the runtime's metadata cache, not read again for every query (`files`).
         let url = ObjectStoreUrl::parse(&self.engine.store().datafusion_url)?;
         let readers = files::Readers {
-            cached: datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory::new(
-                state.runtime_env().object_store(&url)?,
-                state.runtime_env().cache_manager.get_file_metadata_cache(),
-            ),
+            cached:
+                datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory::new(
+                    state.runtime_env().object_store(&url)?,
+                    state.runtime_env().cache_manager.get_file_metadata_cache(),
+                ),
             local_root: self.engine.store().local_root().map(|p| p.to_path_buf()),
         };
         let mut source = ParquetSource::new(schema.clone())
@@ -240,11 +261,17 @@ impl Table {
             let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
             source = source.with_predicate(state.create_physical_expr(predicate, &df_schema)?);
         }
-        let groups = split(files.iter().map(|f| PartitionedFile::new(f.path.clone(), f.bytes)).collect(), state.config().target_partitions());
-        let config = FileScanConfigBuilder::new(ObjectStoreUrl::parse(&self.engine.store().datafusion_url)?, Arc::new(source))
-            .with_file_groups(groups.into_iter().map(FileGroup::new).collect())
-            .with_projection_indices(projection)?
-            .build();
+        let groups = split(
+            files.iter().map(|f| PartitionedFile::new(f.path.clone(), f.bytes)).collect(),
+            state.config().target_partitions(),
+        );
+        let config = FileScanConfigBuilder::new(
+            ObjectStoreUrl::parse(&self.engine.store().datafusion_url)?,
+            Arc::new(source),
+        )
+        .with_file_groups(groups.into_iter().map(FileGroup::new).collect())
+        .with_projection_indices(projection)?
+        .build();
         Ok(DataSourceExec::from_data_source(config))
     }
 
@@ -276,7 +303,8 @@ impl Table {
 fn split<T>(items: Vec<T>, n: usize) -> Vec<Vec<T>> {
     let n = n.max(1).min(items.len());
     let (per, extra) = (items.len() / n.max(1), items.len() % n.max(1));
-    let mut groups: Vec<Vec<T>> = (0..n).map(|g| Vec::with_capacity(per + usize::from(g < extra))).collect();
+    let mut groups: Vec<Vec<T>> =
+        (0..n).map(|g| Vec::with_capacity(per + usize::from(g < extra))).collect();
     let mut items = items.into_iter();
     for (g, group) in groups.iter_mut().enumerate() {
         group.extend(items.by_ref().take(per + usize::from(g < extra)));
@@ -292,10 +320,12 @@ pub fn time_bounds(filters: &[Expr]) -> (i64, i64) {
         if let Expr::BinaryExpr(BinaryExpr { left, op, right }) = filter {
             let (op, value) = match (left.as_ref(), right.as_ref()) {
                 (Expr::Column(c), Expr::Literal(v, _)) if c.name == TIME_COLUMN => (*op, v),
-                (Expr::Literal(v, _), Expr::Column(c)) if c.name == TIME_COLUMN => match op.swap() {
-                    Some(op) => (op, v),
-                    None => continue,
-                },
+                (Expr::Literal(v, _), Expr::Column(c)) if c.name == TIME_COLUMN => {
+                    match op.swap() {
+                        Some(op) => (op, v),
+                        None => continue,
+                    }
+                }
                 _ => continue,
             };
             let Some(ns) = timestamp_nanos(value) else { continue };
@@ -362,7 +392,10 @@ impl TableProvider for Table {
         Ok(Arc::new(datafusion::datasource::sink::DataSinkExec::new(input, Arc::new(sink), None)))
     }
 
-    fn supports_filters_pushdown(&self, filters: &[&Expr]) -> DfResult<Vec<TableProviderFilterPushDown>> {
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> DfResult<Vec<TableProviderFilterPushDown>> {
         // Inexact: we prune with them; DataFusion still filters every row.
         Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
     }
@@ -392,7 +425,8 @@ impl TableProvider for Table {
 
         let mut plain_batches: Vec<RecordBatch> = Vec::new();
         let mut merged_batches = Vec::new();
-        let key_filters: Vec<Expr> = filters.iter().filter(|f| only_keys(f, &self.keys)).cloned().collect();
+        let key_filters: Vec<Expr> =
+            filters.iter().filter(|f| only_keys(f, &self.keys)).cloned().collect();
         let mut by_partition: HashMap<i64, Vec<RecordBatch>> = HashMap::new();
         let tag_filters = prefilter::tag_filters(filters, &self.table_schema);
         for PartitionSnapshot { partition_ns, batches, .. } in snapshot.partitions {
@@ -400,16 +434,25 @@ impl TableProvider for Table {
                 by_partition.insert(partition_ns, batches);
             } else {
                 // A buffered batch outside the query's time range is skipped unread.
-                let in_range = |b: &RecordBatch| time_range(b).is_none_or(|(min, max)| max >= lo && min <= hi);
-                plain_batches.extend(batches.into_iter().filter(|b| in_range(b) && b.num_rows() > 0));
+                let in_range =
+                    |b: &RecordBatch| time_range(b).is_none_or(|(min, max)| max >= lo && min <= hi);
+                plain_batches
+                    .extend(batches.into_iter().filter(|b| in_range(b) && b.num_rows() > 0));
             }
         }
         for &partition_ns in &overlapping {
             let buffered = by_partition.remove(&partition_ns).unwrap_or_default();
-            let files: Vec<_> = snapshot.files.iter().filter(|f| f.partition_ns == partition_ns).cloned().collect();
-            merged_batches.extend(self.merged_partition(buffered, &files, &key_filters, state).await?);
+            let files: Vec<_> =
+                snapshot.files.iter().filter(|f| f.partition_ns == partition_ns).cloned().collect();
+            merged_batches
+                .extend(self.merged_partition(buffered, &files, &key_filters, state).await?);
         }
-        let plain_files: Vec<_> = snapshot.files.iter().filter(|f| !overlapping.contains(&f.partition_ns)).cloned().collect();
+        let plain_files: Vec<_> = snapshot
+            .files
+            .iter()
+            .filter(|f| !overlapping.contains(&f.partition_ns))
+            .cloned()
+            .collect();
 
         let mut inputs: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
         let partitions = state.config().target_partitions();
@@ -419,15 +462,31 @@ impl TableProvider for Table {
             // Tag filters keep only the rows that can pass them (DataFusion still filters),
             // gathered into one batch per group.
             let refs: Vec<&RecordBatch> = plain_batches.iter().collect();
-            prefilter::select(&refs, &tag_filters, &self.schema, partitions)?.into_iter().map(|b| vec![b]).collect()
+            prefilter::select(&refs, &tag_filters, &self.schema, partitions)?
+                .into_iter()
+                .map(|b| vec![b])
+                .collect()
         };
-        groups.extend(split(merged_batches.into_iter().filter(|b| b.num_rows() > 0).collect(), partitions));
+        groups.extend(split(
+            merged_batches.into_iter().filter(|b| b.num_rows() > 0).collect(),
+            partitions,
+        ));
         groups.retain(|g| !g.is_empty());
         if !groups.is_empty() {
-            inputs.push(MemorySourceConfig::try_new_exec(&groups, self.schema.clone(), projection.cloned())?);
+            inputs.push(MemorySourceConfig::try_new_exec(
+                &groups,
+                self.schema.clone(),
+                projection.cloned(),
+            )?);
         }
         if !plain_files.is_empty() {
-            inputs.push(self.parquet_exec(state, &self.schema, &plain_files, filters, projection.cloned())?);
+            inputs.push(self.parquet_exec(
+                state,
+                &self.schema,
+                &plain_files,
+                filters,
+                projection.cloned(),
+            )?);
         }
         if inputs.is_empty() {
             return Ok(Arc::new(EmptyExec::new(projected)));
@@ -437,12 +496,17 @@ impl TableProvider for Table {
 }
 
 /// Dictionary columns (tags) become plain strings, for text output (HTTP formats, COPY).
-pub fn plain(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<(SchemaRef, Vec<RecordBatch>), arrow::error::ArrowError> {
+pub fn plain(
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+) -> Result<(SchemaRef, Vec<RecordBatch>), arrow::error::ArrowError> {
     let fields: Vec<Field> = schema
         .fields()
         .iter()
         .map(|f| match f.data_type() {
-            DataType::Dictionary(_, value) => Field::new(f.name(), value.as_ref().clone(), f.is_nullable()),
+            DataType::Dictionary(_, value) => {
+                Field::new(f.name(), value.as_ref().clone(), f.is_nullable())
+            }
             _ => f.as_ref().clone(),
         })
         .collect();
@@ -454,7 +518,13 @@ pub fn plain(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<(SchemaRef, 
                 .columns()
                 .iter()
                 .zip(target.fields())
-                .map(|(c, f)| if c.data_type() == f.data_type() { Ok(c.clone()) } else { arrow::compute::cast(c, f.data_type()) })
+                .map(|(c, f)| {
+                    if c.data_type() == f.data_type() {
+                        Ok(c.clone())
+                    } else {
+                        arrow::compute::cast(c, f.data_type())
+                    }
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             RecordBatch::try_new(target.clone(), columns)
         })
@@ -465,13 +535,17 @@ pub fn plain(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<(SchemaRef, 
 /// Parses `sql` with sqlparser's PostgreSQL dialect when it is one statement starting with
 /// `keyword`: for the statements Sundial answers itself (COPY TO STDOUT, CREATE DATABASE/TABLE)
 /// rather than DataFusion's parser, which reads them differently.
-pub fn parse_single(sql: &str, keyword: &str) -> Option<datafusion::sql::sqlparser::ast::Statement> {
+pub fn parse_single(
+    sql: &str,
+    keyword: &str,
+) -> Option<datafusion::sql::sqlparser::ast::Statement> {
     let head = sql.trim_start().get(..keyword.len())?;
     if !head.eq_ignore_ascii_case(keyword) {
         return None;
     }
     let dialect = datafusion::sql::sqlparser::dialect::PostgreSqlDialect {};
-    let mut statements = datafusion::sql::sqlparser::parser::Parser::parse_sql(&dialect, sql).ok()?;
+    let mut statements =
+        datafusion::sql::sqlparser::parser::Parser::parse_sql(&dialect, sql).ok()?;
     if statements.len() != 1 {
         return None;
     }

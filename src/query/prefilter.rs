@@ -21,9 +21,15 @@ pub type TagFilter = (String, Vec<String>);
 /// Tag filters a buffered batch can apply through its dictionary: `tag = 'v'` and
 /// `tag IN ('v', …)`, as (tag, accepted values).
 pub fn tag_filters(filters: &[Expr], table: &crate::catalog::TableSchema) -> Vec<TagFilter> {
-    let is_tag = |name: &str| table.column(name).is_some_and(|c| c.kind == crate::catalog::ColumnKind::Tag);
+    let is_tag =
+        |name: &str| table.column(name).is_some_and(|c| c.kind == crate::catalog::ColumnKind::Tag);
     let text = |e: &Expr| match e {
-        Expr::Literal(ScalarValue::Utf8(Some(s)) | ScalarValue::Utf8View(Some(s)) | ScalarValue::LargeUtf8(Some(s)), _) => Some(s.clone()),
+        Expr::Literal(
+            ScalarValue::Utf8(Some(s))
+            | ScalarValue::Utf8View(Some(s))
+            | ScalarValue::LargeUtf8(Some(s)),
+            _,
+        ) => Some(s.clone()),
         Expr::Literal(ScalarValue::Dictionary(_, inner), _) => match inner.as_ref() {
             ScalarValue::Utf8(Some(s)) => Some(s.clone()),
             _ => None,
@@ -77,10 +83,14 @@ struct Wanted {
 impl Wanted {
     fn of(&mut self, strings: &StringArray, values: &[String]) -> &[bool] {
         let same = self.last.as_ref().is_some_and(|(last, _)| {
-            last.len() == strings.len() && last.value_offsets() == strings.value_offsets() && last.value_data() == strings.value_data()
+            last.len() == strings.len()
+                && last.value_offsets() == strings.value_offsets()
+                && last.value_data() == strings.value_data()
         });
         if !same {
-            let wanted = (0..strings.len()).map(|i| strings.is_valid(i) && values.iter().any(|v| v == strings.value(i))).collect();
+            let wanted = (0..strings.len())
+                .map(|i| strings.is_valid(i) && values.iter().any(|v| v == strings.value(i)))
+                .collect();
             self.last = Some((strings.clone(), wanted));
         }
         &self.last.as_ref().expect("set above").1
@@ -89,9 +99,20 @@ impl Wanted {
 
 /// The rows of `batch` that can pass every filter, ascending.
 fn rows(batch: &RecordBatch, filters: &[TagFilter], wanted: &mut [Wanted]) -> Vec<u32> {
-    let sorted = filters.iter().enumerate().find_map(|(i, (tag, values))| Some((i, sort::ranges_of(batch, tag, values)?)));
+    let sorted = filters
+        .iter()
+        .enumerate()
+        .find_map(|(i, (tag, values))| Some((i, sort::ranges_of(batch, tag, values)?)));
     let (mut rows, done): (Option<Vec<u32>>, Option<usize>) = match sorted {
-        Some((i, ranges)) => (Some(ranges.into_iter().flat_map(|r: Range<usize>| r.start as u32..r.end as u32).collect()), Some(i)),
+        Some((i, ranges)) => (
+            Some(
+                ranges
+                    .into_iter()
+                    .flat_map(|r: Range<usize>| r.start as u32..r.end as u32)
+                    .collect(),
+            ),
+            Some(i),
+        ),
         None => (None, None),
     };
     for (i, (tag, values)) in filters.iter().enumerate() {
@@ -120,7 +141,12 @@ fn rows(batch: &RecordBatch, filters: &[TagFilter], wanted: &mut [Wanted]) -> Ve
 
 /// The rows of `batches` that can pass `filters` (not empty), as at most `groups` batches of
 /// `schema`.
-pub fn select(batches: &[&RecordBatch], filters: &[TagFilter], schema: &SchemaRef, groups: usize) -> Result<Vec<RecordBatch>, ArrowError> {
+pub fn select(
+    batches: &[&RecordBatch],
+    filters: &[TagFilter],
+    schema: &SchemaRef,
+    groups: usize,
+) -> Result<Vec<RecordBatch>, ArrowError> {
     let mut wanted: Vec<Wanted> = filters.iter().map(|_| Wanted::default()).collect();
     let mut picked: Vec<(RecordBatch, Vec<u32>)> = Vec::new();
     for batch in batches {
@@ -142,10 +168,15 @@ pub fn select(batches: &[&RecordBatch], filters: &[TagFilter], schema: &SchemaRe
             end += 1;
         }
         let group = &picked[start..end];
-        let picks: Vec<(usize, usize)> = group.iter().enumerate().flat_map(|(b, (_, rows))| rows.iter().map(move |&r| (b, r as usize))).collect();
+        let picks: Vec<(usize, usize)> = group
+            .iter()
+            .enumerate()
+            .flat_map(|(b, (_, rows))| rows.iter().map(move |&r| (b, r as usize)))
+            .collect();
         let columns = (0..schema.fields().len())
             .map(|c| {
-                let parts: Vec<&dyn Array> = group.iter().map(|(batch, _)| batch.column(c).as_ref()).collect();
+                let parts: Vec<&dyn Array> =
+                    group.iter().map(|(batch, _)| batch.column(c).as_ref()).collect();
                 arrow::compute::interleave(&parts, &picks)
             })
             .collect::<Result<Vec<_>, _>>()?;

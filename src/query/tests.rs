@@ -15,8 +15,14 @@ fn bounds_from_filters() {
         (vec![col("time").gt(ts(10))], (11, i64::MAX)),
         (vec![ts(10).gt(col("time"))], (i64::MIN, 9)),
         (vec![col("time").eq(ts(5))], (5, 5)),
-        (vec![col("time").lt_eq(lit(ScalarValue::TimestampSecond(Some(2), None)))], (i64::MIN, 2_000_000_000)),
-        (vec![col("host").eq(lit("a")), col("time").gt_eq(ts(1)).or(col("time").lt(ts(0)))], (i64::MIN, i64::MAX)),
+        (
+            vec![col("time").lt_eq(lit(ScalarValue::TimestampSecond(Some(2), None)))],
+            (i64::MIN, 2_000_000_000),
+        ),
+        (
+            vec![col("host").eq(lit("a")), col("time").gt_eq(ts(1)).or(col("time").lt(ts(0)))],
+            (i64::MIN, i64::MAX),
+        ),
     ];
     for (filters, expected) in cases {
         assert_eq!(time_bounds(&filters), expected, "{filters:?}");

@@ -71,7 +71,13 @@ pub struct Config {
 
 impl Config {
     pub fn for_tests(dir: PathBuf) -> Config {
-        Config { dir, segment_bytes_max: 1 << 20, record_bytes_max: 16 << 20, queue_len_max: 64, sync: true }
+        Config {
+            dir,
+            segment_bytes_max: 1 << 20,
+            record_bytes_max: 16 << 20,
+            queue_len_max: 64,
+            sync: true,
+        }
     }
 }
 
@@ -147,7 +153,8 @@ pub fn encode_segment_header(first_seq: u64) -> [u8; SEGMENT_HEADER_BYTES] {
 
 /// Appends one framed record to `out`.
 pub fn encode_record(out: &mut Vec<u8>, seq: u64, kind: u8, payload: &[u8]) {
-    let len = u32::try_from(payload.len()).expect("record size is checked against record_bytes_max");
+    let len =
+        u32::try_from(payload.len()).expect("record size is checked against record_bytes_max");
     let start = out.len();
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(&[0u8; 4]); // crc, filled below
@@ -167,7 +174,10 @@ enum Decoded<'a> {
 
 fn decode_record(bytes: &[u8], record_bytes_max: usize) -> Decoded<'_> {
     if bytes.len() < RECORD_HEADER_BYTES {
-        return Decoded::Bad(format!("{} bytes left, a record header needs {RECORD_HEADER_BYTES}", bytes.len()));
+        return Decoded::Bad(format!(
+            "{} bytes left, a record header needs {RECORD_HEADER_BYTES}",
+            bytes.len()
+        ));
     }
     let len = u32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes")) as usize;
     if len > record_bytes_max {
@@ -184,7 +194,12 @@ fn decode_record(bytes: &[u8], record_bytes_max: usize) -> Decoded<'_> {
         return Decoded::Bad("checksum mismatch".to_string());
     }
     let seq = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
-    Decoded::Record { seq, kind: bytes[16], payload: &bytes[RECORD_HEADER_BYTES..total], bytes: total }
+    Decoded::Record {
+        seq,
+        kind: bytes[16],
+        payload: &bytes[RECORD_HEADER_BYTES..total],
+        bytes: total,
+    }
 }
 
 /// Whether a valid record with a sequence number of at least `seq_min` starts anywhere in
@@ -212,7 +227,11 @@ pub fn replay(
         let path = &segment.path;
         let mut bytes = Vec::new();
         File::open(path).and_then(|mut file| file.read_to_end(&mut bytes)).map_err(io_err(path))?;
-        let corrupt = |offset: usize, reason: String| Error::Corrupt { path: path.clone(), offset: offset as u64, reason };
+        let corrupt = |offset: usize, reason: String| Error::Corrupt {
+            path: path.clone(),
+            offset: offset as u64,
+            reason,
+        };
         if bytes.len() < SEGMENT_HEADER_BYTES {
             if last {
                 // Crashed while creating the segment: nothing in it was ever acknowledged.
@@ -225,7 +244,8 @@ pub fn replay(
         }
         let header = &bytes[..SEGMENT_HEADER_BYTES];
         let header_ok = &header[0..8] == SEGMENT_MAGIC
-            && u32::from_le_bytes(header[24..28].try_into().expect("4 bytes")) == crc32c::crc32c(&header[0..24]);
+            && u32::from_le_bytes(header[24..28].try_into().expect("4 bytes"))
+                == crc32c::crc32c(&header[0..24]);
         if !header_ok {
             return Err(corrupt(0, "bad segment header (magic or checksum)".into()));
         }
@@ -235,11 +255,20 @@ pub fn replay(
         }
         let first_seq = u64::from_le_bytes(header[16..24].try_into().expect("8 bytes"));
         if first_seq != segment.first_seq {
-            return Err(corrupt(16, format!("header says first sequence {first_seq}, file name says {}", segment.first_seq)));
+            return Err(corrupt(
+                16,
+                format!(
+                    "header says first sequence {first_seq}, file name says {}",
+                    segment.first_seq
+                ),
+            ));
         }
         if let Some(expected) = next_seq {
             if first_seq != expected {
-                return Err(corrupt(16, format!("sequence gap: expected {expected}, segment starts at {first_seq}")));
+                return Err(corrupt(
+                    16,
+                    format!("sequence gap: expected {expected}, segment starts at {first_seq}"),
+                ));
             }
         }
         let mut expected = first_seq;
@@ -248,7 +277,10 @@ pub fn replay(
             match decode_record(&bytes[offset..], config.record_bytes_max) {
                 Decoded::Record { seq, kind, payload, bytes: used } => {
                     if seq != expected {
-                        return Err(corrupt(offset, format!("sequence {seq} where {expected} was expected")));
+                        return Err(corrupt(
+                            offset,
+                            format!("sequence {seq} where {expected} was expected"),
+                        ));
                     }
                     f(seq, kind, payload).map_err(|reason| corrupt(offset, reason))?;
                     records += 1;
@@ -256,12 +288,20 @@ pub fn replay(
                     offset += used;
                 }
                 Decoded::Bad(reason) => {
-                    if !last || valid_record_after(&bytes[offset + 1..], expected, config.record_bytes_max) {
+                    if !last
+                        || valid_record_after(
+                            &bytes[offset + 1..],
+                            expected,
+                            config.record_bytes_max,
+                        )
+                    {
                         return Err(corrupt(offset, reason));
                     }
                     tracing::warn!(path = %path.display(), offset, %reason, "cutting torn wal tail");
                     let file = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
-                    file.set_len(offset as u64).and_then(|()| file.sync_all()).map_err(io_err(path))?;
+                    file.set_len(offset as u64)
+                        .and_then(|()| file.sync_all())
+                        .map_err(io_err(path))?;
                     truncated_bytes += (bytes.len() - offset) as u64;
                     break;
                 }
@@ -274,7 +314,10 @@ pub fn replay(
 
 impl Wal {
     /// Starts the writer thread with a fresh segment beginning at `next_seq`.
-    pub fn start(config: Config, next_seq: u64) -> Result<(Wal, std::thread::JoinHandle<()>), Error> {
+    pub fn start(
+        config: Config,
+        next_seq: u64,
+    ) -> Result<(Wal, std::thread::JoinHandle<()>), Error> {
         fs::create_dir_all(&config.dir).map_err(io_err(&config.dir))?;
         let mut segments = list_segments(&config.dir)?;
         // A segment with nothing after its header is replaced by the new one.
@@ -296,9 +339,18 @@ impl Wal {
 
     /// Appends a record. Resolves once it is durable (or written, when `sync` is false) and
     /// `apply` has run, with its sequence number.
-    pub async fn append(&self, kind: u8, payload: Vec<u8>, sync: bool, apply: Option<Apply>) -> Result<u64, Arc<Error>> {
+    pub async fn append(
+        &self,
+        kind: u8,
+        payload: Vec<u8>,
+        sync: bool,
+        apply: Option<Apply>,
+    ) -> Result<u64, Arc<Error>> {
         if payload.len() > self.record_bytes_max {
-            return Err(Arc::new(Error::RecordTooLarge { bytes: payload.len(), bytes_max: self.record_bytes_max }));
+            return Err(Arc::new(Error::RecordTooLarge {
+                bytes: payload.len(),
+                bytes_max: self.record_bytes_max,
+            }));
         }
         let (done, answer) = oneshot::channel();
         self.tx
@@ -342,15 +394,31 @@ struct Writer {
 }
 
 impl Writer {
-    fn open(config: Config, next_seq: u64, segments: Arc<Mutex<Vec<Segment>>>) -> Result<Writer, Error> {
+    fn open(
+        config: Config,
+        next_seq: u64,
+        segments: Arc<Mutex<Vec<Segment>>>,
+    ) -> Result<Writer, Error> {
         let (file, path) = Self::create_segment(&config, next_seq)?;
-        segments.lock().expect("wal segment list lock").push(Segment { first_seq: next_seq, path: path.clone() });
-        Ok(Writer { config, file, path, file_bytes: SEGMENT_HEADER_BYTES as u64, next_seq, segments, failed: false })
+        segments
+            .lock()
+            .expect("wal segment list lock")
+            .push(Segment { first_seq: next_seq, path: path.clone() });
+        Ok(Writer {
+            config,
+            file,
+            path,
+            file_bytes: SEGMENT_HEADER_BYTES as u64,
+            next_seq,
+            segments,
+            failed: false,
+        })
     }
 
     fn create_segment(config: &Config, first_seq: u64) -> Result<(File, PathBuf), Error> {
         let path = segment_path(&config.dir, first_seq);
-        let mut file = OpenOptions::new().create_new(true).append(true).open(&path).map_err(io_err(&path))?;
+        let mut file =
+            OpenOptions::new().create_new(true).append(true).open(&path).map_err(io_err(&path))?;
         file.write_all(&encode_segment_header(first_seq)).map_err(io_err(&path))?;
         if config.sync {
             file.sync_all().map_err(io_err(&path))?;
@@ -411,7 +479,10 @@ impl Writer {
         if self.config.sync {
             crate::crash_point("wal_before_sync");
             if let Err(source) = self.file.sync_data() {
-                self.fail(requests.map(|(r, _)| r).collect(), Error::Io { path: self.path.clone(), source });
+                self.fail(
+                    requests.map(|(r, _)| r).collect(),
+                    Error::Io { path: self.path.clone(), source },
+                );
                 return;
             }
         }
@@ -451,7 +522,10 @@ impl Writer {
         }
         match Self::create_segment(&self.config, self.next_seq) {
             Ok((file, path)) => {
-                self.segments.lock().expect("wal segment list lock").push(Segment { first_seq: self.next_seq, path: path.clone() });
+                self.segments
+                    .lock()
+                    .expect("wal segment list lock")
+                    .push(Segment { first_seq: self.next_seq, path: path.clone() });
                 self.file = file;
                 self.path = path;
                 self.file_bytes = SEGMENT_HEADER_BYTES as u64;

@@ -66,7 +66,11 @@ fn torn_tail_is_cut_at_every_offset() {
         let complete = ends.iter().filter(|&&e| e <= cut).count().saturating_sub(1);
         assert_eq!(got.len(), complete, "cut at {cut}");
         if cut >= SEGMENT_HEADER_BYTES {
-            assert_eq!(fs::metadata(&segment).expect("stat").len() as usize, ends[complete], "truncated at {cut}");
+            assert_eq!(
+                fs::metadata(&segment).expect("stat").len() as usize,
+                ends[complete],
+                "truncated at {cut}"
+            );
         }
     }
 }
@@ -160,7 +164,8 @@ fn apply_runs_in_sequence_order_before_the_answer() {
 /// `SUNDIAL_WRITE_FIXTURES=1` rewrites it (only when the format version changes).
 #[test]
 fn golden_fixture_decodes() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("storage-format/fixtures/wal-v1.wal");
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("storage-format/fixtures/wal-v1.wal");
     let payloads: [&[u8]; 2] = [
         b"\x03\x00\x00\x5e\xc8\x44\x0e\x97\x17\x07\x00fixturecpu,host=a usage=1.5 1700000000\n",
         b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x07\x00fixturemem free=7i\n",
@@ -178,5 +183,8 @@ fn golden_fixture_decodes() {
     let config = Config::for_tests(dir.path().to_path_buf());
     fs::copy(&path, dir.path().join("00000000000000000001.wal")).expect("copy");
     let got = replay_all(&config).expect("replay");
-    assert_eq!(got.iter().map(|(s, p)| (*s, p.as_slice())).collect::<Vec<_>>(), vec![(1, payloads[0]), (2, payloads[1])]);
+    assert_eq!(
+        got.iter().map(|(s, p)| (*s, p.as_slice())).collect::<Vec<_>>(),
+        vec![(1, payloads[0]), (2, payloads[1])]
+    );
 }

@@ -12,7 +12,13 @@ const LINES_PER_BATCH: i64 = 50;
 
 /// Counts rows per (writer, batch) tag pair.
 async fn batch_counts(server: &Server, db: &str) -> BTreeMap<(i64, i64), i64> {
-    let (status, body) = server.query_raw(db, "SELECT writer, batch, count(*) AS n FROM crash GROUP BY writer, batch", "json").await;
+    let (status, body) = server
+        .query_raw(
+            db,
+            "SELECT writer, batch, count(*) AS n FROM crash GROUP BY writer, batch",
+            "json",
+        )
+        .await;
     if status == 404 || (status == 400 && body.contains("not found")) {
         return BTreeMap::new();
     }
@@ -20,7 +26,12 @@ async fn batch_counts(server: &Server, db: &str) -> BTreeMap<(i64, i64), i64> {
     let rows: Vec<serde_json::Value> = serde_json::from_str(&body).expect("json");
     rows.iter()
         .map(|r| {
-            let n = |k: &str| r[k].as_str().and_then(|s| s.parse().ok()).or_else(|| r[k].as_i64()).expect("number");
+            let n = |k: &str| {
+                r[k].as_str()
+                    .and_then(|s| s.parse().ok())
+                    .or_else(|| r[k].as_i64())
+                    .expect("number")
+            };
             ((n("writer"), n("batch")), n("n"))
         })
         .collect()
@@ -28,14 +39,19 @@ async fn batch_counts(server: &Server, db: &str) -> BTreeMap<(i64, i64), i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_no_acknowledged_write() {
-    let iterations: u64 = std::env::var("SUNDIAL_CRASH_ITERATIONS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
-    let seed: u64 = std::env::var("SUNDIAL_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| fastrand::u64(..));
+    let iterations: u64 =
+        std::env::var("SUNDIAL_CRASH_ITERATIONS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
+    let seed: u64 = std::env::var("SUNDIAL_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
     eprintln!("crash test seed {seed} (rerun with SUNDIAL_CRASH_SEED={seed})");
     let mut rng = fastrand::Rng::with_seed(seed);
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     // A small buffer and segment size so persistence and WAL truncation run during the test.
-    let args = ["--buffer-memory-max", "2MiB", "--wal-segment-size", "256KiB", "--persist-interval", "2s"];
+    let args =
+        ["--buffer-memory-max", "2MiB", "--wal-segment-size", "256KiB", "--persist-interval", "2s"];
     let mut server = Server::start(&data, &args);
     let acked: Arc<Mutex<Vec<(i64, i64)>>> = Arc::new(Mutex::new(Vec::new()));
     let mut next_batch = 0i64;
@@ -52,11 +68,21 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_write() {
                 let mut batch = first;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let body: String = (0..LINES_PER_BATCH)
-                        .map(|i| format!("crash,writer={writer},batch={batch} v={i}i,pad=\"{}\" {}\n", "p".repeat(40), batch * 1_000 + i))
+                        .map(|i| {
+                            format!(
+                                "crash,writer={writer},batch={batch} v={i}i,pad=\"{}\" {}\n",
+                                "p".repeat(40),
+                                batch * 1_000 + i
+                            )
+                        })
                         .collect();
                     match client().post(&url).body(body).send().await {
-                        Ok(r) if r.status() == 204 => acked.lock().expect("lock").push((writer, batch)),
-                        Ok(r) if r.status() == 503 => tokio::time::sleep(Duration::from_millis(5)).await,
+                        Ok(r) if r.status() == 204 => {
+                            acked.lock().expect("lock").push((writer, batch))
+                        }
+                        Ok(r) if r.status() == 503 => {
+                            tokio::time::sleep(Duration::from_millis(5)).await
+                        }
                         Ok(r) => panic!("unexpected status {} (seed {seed})", r.status()),
                         Err(_) => break, // the server died under us: this batch is unacknowledged
                     }
@@ -76,29 +102,50 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_write() {
         let counts = batch_counts(&server, "crash").await;
         let acked_now = acked.lock().expect("lock").clone();
         for key in &acked_now {
-            assert_eq!(counts.get(key), Some(&LINES_PER_BATCH), "iteration {iteration}: acknowledged batch {key:?} (seed {seed})");
+            assert_eq!(
+                counts.get(key),
+                Some(&LINES_PER_BATCH),
+                "iteration {iteration}: acknowledged batch {key:?} (seed {seed})"
+            );
         }
         for (key, n) in &counts {
-            assert_eq!(*n, LINES_PER_BATCH, "iteration {iteration}: batch {key:?} is half present (seed {seed})");
+            assert_eq!(
+                *n, LINES_PER_BATCH,
+                "iteration {iteration}: batch {key:?} is half present (seed {seed})"
+            );
         }
     }
-    assert!(acked.lock().expect("lock").len() > iterations as usize, "the writers made progress (seed {seed})");
+    assert!(
+        acked.lock().expect("lock").len() > iterations as usize,
+        "the writers made progress (seed {seed})"
+    );
     assert!(!parquet_files(&data).is_empty(), "persistence ran during the test (seed {seed})");
 }
 
 async fn crash_at_point(point: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let mut server = Server::start_with_env(&data, &["--persist-interval", "1s"], &[("SUNDIAL_CRASH_POINT", point)]);
-    let body: String = (0..100).map(|i| format!("m,host=h{} v={i} {}\n", i % 10, 1_000 + i)).collect();
+    let mut server = Server::start_with_env(
+        &data,
+        &["--persist-interval", "1s"],
+        &[("SUNDIAL_CRASH_POINT", point)],
+    );
+    let body: String =
+        (0..100).map(|i| format!("m,host=h{} v={i} {}\n", i % 10, 1_000 + i)).collect();
     assert_eq!(server.write("/write?db=cp&precision=s", body).await.0, 204);
     assert!(server.wait_exit(Duration::from_secs(30)), "the server reached {point} and aborted");
     assert!(server.stderr().contains(&format!("crash point {point} reached")));
     let server = server.restart();
-    assert_eq!(server.count("cp", "SELECT count(*) FROM m").await, 100, "{point}: every row exactly once");
+    assert_eq!(
+        server.count("cp", "SELECT count(*) FROM m").await,
+        100,
+        "{point}: every row exactly once"
+    );
     assert_eq!(server.count("cp", "SELECT count(DISTINCT v) FROM m").await, 100);
     // Persisting again after recovery still yields every row once.
-    assert!(eventually(Duration::from_secs(30), || async { !parquet_files(&data).is_empty() }).await);
+    assert!(
+        eventually(Duration::from_secs(30), || async { !parquet_files(&data).is_empty() }).await
+    );
     assert!(
         eventually(Duration::from_secs(30), || async {
             server.count("cp", "SELECT count(*) FROM m").await == 100
@@ -121,9 +168,13 @@ async fn crash_after_manifest_commit_before_buffer_release() {
 async fn crash_after_wal_write_before_sync() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let mut server = Server::start_with_env(&data, &[], &[("SUNDIAL_CRASH_POINT", "wal_before_sync")]);
+    let mut server =
+        Server::start_with_env(&data, &[], &[("SUNDIAL_CRASH_POINT", "wal_before_sync")]);
     let result = client().post(server.url("/write?db=ws")).body("m v=1 1").send().await;
-    assert!(result.is_err() || result.expect("response").status() != 204, "an unsynced write is never acknowledged");
+    assert!(
+        result.is_err() || result.expect("response").status() != 204,
+        "an unsynced write is never acknowledged"
+    );
     assert!(server.wait_exit(Duration::from_secs(30)));
     let server = server.restart();
     // Written but not synced: after a process crash the OS still has it, so it may be there;
@@ -133,7 +184,12 @@ async fn crash_after_wal_write_before_sync() {
 }
 
 fn wal_segments(data: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut segments: Vec<_> = std::fs::read_dir(data.join("wal")).expect("wal dir").flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "wal")).collect();
+    let mut segments: Vec<_> = std::fs::read_dir(data.join("wal"))
+        .expect("wal dir")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .collect();
     segments.sort();
     segments
 }
@@ -149,8 +205,18 @@ async fn torn_wal_tail_is_cut_and_corruption_stops_startup() {
     server.kill9();
     // A torn tail: half a record header after the last good record.
     let segments = wal_segments(&data);
-    let last = segments.iter().rev().find(|p| std::fs::metadata(p).map(|m| m.len() > 32).unwrap_or(false)).expect("a segment with records").clone();
-    std::fs::OpenOptions::new().append(true).open(&last).expect("open").write_all(&[0x20, 0, 0, 0, 0xde, 0xad]).expect("append");
+    let last = segments
+        .iter()
+        .rev()
+        .find(|p| std::fs::metadata(p).map(|m| m.len() > 32).unwrap_or(false))
+        .expect("a segment with records")
+        .clone();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&last)
+        .expect("open")
+        .write_all(&[0x20, 0, 0, 0, 0xde, 0xad])
+        .expect("append");
     // Remove newer (empty) segments so the torn one is the last.
     for s in segments.iter().filter(|s| **s > last) {
         std::fs::remove_file(s).expect("remove");
@@ -162,12 +228,21 @@ async fn torn_wal_tail_is_cut_and_corruption_stops_startup() {
 
     // Corruption in the middle: flip a byte in the first record's payload.
     let segments = wal_segments(&data);
-    let first = segments.iter().find(|p| std::fs::metadata(p).map(|m| m.len() > 32).unwrap_or(false)).expect("segment").clone();
+    let first = segments
+        .iter()
+        .find(|p| std::fs::metadata(p).map(|m| m.len() > 32).unwrap_or(false))
+        .expect("segment")
+        .clone();
     let mut bytes = std::fs::read(&first).expect("read");
     bytes[32 + 17 + 12] ^= 0xff;
     std::fs::write(&first, &bytes).expect("write");
-    let failure = Server::spawn(data.clone(), Vec::new(), Vec::new()).err().expect("startup must refuse a corrupt WAL");
-    assert!(failure.contains("corrupt wal segment") && failure.contains("refusing to start"), "{failure}");
+    let failure = Server::spawn(data.clone(), Vec::new(), Vec::new())
+        .err()
+        .expect("startup must refuse a corrupt WAL");
+    assert!(
+        failure.contains("corrupt wal segment") && failure.contains("refusing to start"),
+        "{failure}"
+    );
 }
 
 #[tokio::test]

@@ -27,12 +27,17 @@ impl Server {
 
     pub fn start_with_env(data_dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Server {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let envs: Vec<(String, String)> = envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let envs: Vec<(String, String)> =
+            envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Self::spawn(data_dir.to_path_buf(), args, envs).expect("server starts")
     }
 
     /// Starts the server; `Err(stderr)` if it exits before listening.
-    pub fn spawn(data_dir: PathBuf, args: Vec<String>, envs: Vec<(String, String)>) -> Result<Server, String> {
+    pub fn spawn(
+        data_dir: PathBuf,
+        args: Vec<String>,
+        envs: Vec<(String, String)>,
+    ) -> Result<Server, String> {
         std::fs::create_dir_all(&data_dir).expect("data dir");
         let stderr_path = data_dir.with_extension(format!("stderr.{}", std::process::id()));
         let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
@@ -126,14 +131,25 @@ impl Server {
         Self::spawn(self.data_dir.clone(), args, Vec::new()).expect("server restarts")
     }
 
-    pub async fn write(&self, path_and_query: &str, body: impl Into<reqwest::Body>) -> (u16, String) {
-        let response = client().post(self.url(path_and_query)).body(body).send().await.expect("write request");
+    pub async fn write(
+        &self,
+        path_and_query: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> (u16, String) {
+        let response =
+            client().post(self.url(path_and_query)).body(body).send().await.expect("write request");
         let status = response.status().as_u16();
         (status, response.text().await.unwrap_or_default())
     }
 
     pub async fn query_raw(&self, db: &str, sql: &str, format: &str) -> (u16, String) {
-        let url = format!("{}?db={}&format={}&q={}", self.url("/api/v3/query_sql"), enc(db), format, enc(sql));
+        let url = format!(
+            "{}?db={}&format={}&q={}",
+            self.url("/api/v3/query_sql"),
+            enc(db),
+            format,
+            enc(sql)
+        );
         let response = client().get(url).send().await.expect("query request");
         let status = response.status().as_u16();
         (status, response.text().await.unwrap_or_default())
@@ -149,7 +165,11 @@ impl Server {
     /// `SELECT count(*)` as a number.
     pub async fn count(&self, db: &str, sql: &str) -> i64 {
         let rows = self.query(db, sql).await;
-        rows[0].as_object().and_then(|o| o.values().next()).and_then(|v| v.as_i64()).expect("one count")
+        rows[0]
+            .as_object()
+            .and_then(|o| o.values().next())
+            .and_then(|v| v.as_i64())
+            .expect("one count")
     }
 }
 

@@ -36,7 +36,12 @@ impl AsyncDB for Sundial {
             let (options, body) = rest.split_once('\n').unwrap_or((rest, ""));
             let precision = options.trim().strip_prefix("precision=").unwrap_or("ns");
             let url = format!("{}/api/v3/write_lp?db={}&precision={precision}", self.http, self.db);
-            let response = client().post(url).body(body.to_string()).send().await.map_err(|e| SltError::Other(e.to_string()))?;
+            let response = client()
+                .post(url)
+                .body(body.to_string())
+                .send()
+                .await
+                .map_err(|e| SltError::Other(e.to_string()))?;
             let status = response.status().as_u16();
             let text = response.text().await.unwrap_or_default();
             return if status == 204 {
@@ -46,7 +51,10 @@ impl AsyncDB for Sundial {
             };
         }
         let messages = self.pg.simple_query(sql).await.map_err(|e| match e.as_db_error() {
-            Some(db) => SltError::Db { code: db.code().code().to_string(), message: db.message().to_string() },
+            Some(db) => SltError::Db {
+                code: db.code().code().to_string(),
+                message: db.message().to_string(),
+            },
             None => SltError::Other(e.to_string()),
         })?;
         let mut rows = Vec::new();
@@ -56,11 +64,15 @@ impl AsyncDB for Sundial {
             match message {
                 SimpleQueryMessage::Row(row) => {
                     columns = row.len();
-                    rows.push((0..row.len()).map(|i| match row.get(i) {
-                        None => "NULL".to_string(),
-                        Some("") => "(empty)".to_string(),
-                        Some(v) => v.to_string(),
-                    }).collect());
+                    rows.push(
+                        (0..row.len())
+                            .map(|i| match row.get(i) {
+                                None => "NULL".to_string(),
+                                Some("") => "(empty)".to_string(),
+                                Some(v) => v.to_string(),
+                            })
+                            .collect(),
+                    );
                 }
                 SimpleQueryMessage::RowDescription(description) => columns = description.len(),
                 SimpleQueryMessage::CommandComplete(n) => affected = Some(n),
@@ -105,14 +117,20 @@ async fn sql_logic_tests() {
     let mut failures = Vec::new();
     for (i, file) in files.iter().enumerate() {
         let db = format!("slt_{i}");
-        let created = client().post(server.url(&format!("/query?q=CREATE%20DATABASE%20{db}"))).send().await.expect("create database");
+        let created = client()
+            .post(server.url(&format!("/query?q=CREATE%20DATABASE%20{db}")))
+            .send()
+            .await
+            .expect("create database");
         assert_eq!(created.status(), 200);
         let http = format!("http://{}", server.addr);
         let pg_addr = server.pg_addr.clone();
         let mut runner = sqllogictest::Runner::new(move || {
             let (http, db, pg_addr) = (http.clone(), db.clone(), pg_addr.clone());
             async move {
-                let pg = crate::pg::connect_addr(&pg_addr, &db).await.map_err(|e| SltError::Other(e.to_string()))?;
+                let pg = crate::pg::connect_addr(&pg_addr, &db)
+                    .await
+                    .map_err(|e| SltError::Other(e.to_string()))?;
                 Ok(Sundial { pg, http, db })
             }
         });
@@ -121,5 +139,10 @@ async fn sql_logic_tests() {
             failures.push(format!("{}: {e}", file.strip_prefix(&root).unwrap_or(file).display()));
         }
     }
-    assert!(failures.is_empty(), "{} .slt file(s) failed:\n{}", failures.len(), failures.join("\n\n"));
+    assert!(
+        failures.is_empty(),
+        "{} .slt file(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
 }

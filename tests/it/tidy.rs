@@ -13,7 +13,8 @@ fn every_source_file_has_a_module_header() {
             } else if path.extension().is_some_and(|e| e == "rs") {
                 let text = std::fs::read_to_string(&path).expect("read file");
                 if !text.trim_start().starts_with("//!") {
-                    missing.push(path.strip_prefix(root).expect("under root").display().to_string());
+                    missing
+                        .push(path.strip_prefix(root).expect("under root").display().to_string());
                 }
             }
         }

@@ -44,7 +44,13 @@ async fn every_endpoint_and_precision_lands_at_the_same_instant() {
     let rows = server.query("p", "SELECT case, time FROM t ORDER BY case").await;
     assert_eq!(rows.len(), cases.len());
     for row in &rows {
-        let expected = if row["case"] == "v1m" { "2023-11-14T22:13:00Z" } else if row["case"] == "v1h" { "2023-11-14T22:00:00Z" } else { "2023-11-14T22:13:20Z" };
+        let expected = if row["case"] == "v1m" {
+            "2023-11-14T22:13:00Z"
+        } else if row["case"] == "v1h" {
+            "2023-11-14T22:00:00Z"
+        } else {
+            "2023-11-14T22:13:20Z"
+        };
         assert_eq!(row["time"], expected, "{row}");
     }
     let (status, body) = server.write("/write?db=p&precision=days", "t v=1").await;
@@ -56,7 +62,10 @@ async fn every_endpoint_and_precision_lands_at_the_same_instant() {
 async fn missing_timestamp_means_time_of_receipt_and_gzip_bodies_work() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(&dir.path().join("data"), &[]);
-    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_nanos() as i64;
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos() as i64;
     let response = client()
         .post(server.url("/api/v2/write?bucket=g&org=o"))
         .header("Content-Encoding", "gzip")
@@ -65,11 +74,18 @@ async fn missing_timestamp_means_time_of_receipt_and_gzip_bodies_work() {
         .await
         .expect("send");
     assert_eq!(response.status(), 204);
-    let rows = server.query("g", "SELECT host, CAST(time AS BIGINT) AS ns FROM m ORDER BY host").await;
+    let rows =
+        server.query("g", "SELECT host, CAST(time AS BIGINT) AS ns FROM m ORDER BY host").await;
     assert_eq!(rows.len(), 2);
     let ns = rows[0]["ns"].as_i64().expect("ns");
     assert!(ns >= before && ns < before + 60_000_000_000, "{ns} vs {before}");
-    let response = client().post(server.url("/write?db=g")).header("Content-Encoding", "gzip").body("not gzip").send().await.expect("send");
+    let response = client()
+        .post(server.url("/write?db=g"))
+        .header("Content-Encoding", "gzip")
+        .body("not gzip")
+        .send()
+        .await
+        .expect("send");
     assert_eq!(response.status(), 400);
 }
 
@@ -82,7 +98,14 @@ async fn ping_health_and_telegraf_create_database() {
     assert!(ping.headers().contains_key("x-influxdb-version"));
     let head = client().head(server.url("/ping")).send().await.expect("ping");
     assert_eq!(head.status(), 204);
-    let health: serde_json::Value = client().get(server.url("/health")).send().await.expect("health").json().await.expect("json");
+    let health: serde_json::Value = client()
+        .get(server.url("/health"))
+        .send()
+        .await
+        .expect("health")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(health["status"], "pass");
 
     // Telegraf's v1 output: a form-encoded POST before its first write.
@@ -94,10 +117,20 @@ async fn ping_health_and_telegraf_create_database() {
         .await
         .expect("create");
     assert_eq!(response.status(), 200);
-    assert_eq!(response.json::<serde_json::Value>().await.expect("json"), json!({"results": [{"statement_id": 0}]}));
+    assert_eq!(
+        response.json::<serde_json::Value>().await.expect("json"),
+        json!({"results": [{"statement_id": 0}]})
+    );
     let (status, body) = server.query_raw("telegraf", "SHOW TABLES", "json").await;
     assert_eq!(status, 200, "{body}");
-    let shown: serde_json::Value = client().get(server.url("/query?q=SHOW%20DATABASES")).send().await.expect("show").json().await.expect("json");
+    let shown: serde_json::Value = client()
+        .get(server.url("/query?q=SHOW%20DATABASES"))
+        .send()
+        .await
+        .expect("show")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(shown["results"][0]["series"][0]["values"], json!([["telegraf"]]));
     // The created database survives a restart even though nothing was written to it.
     let mut server = server;
@@ -107,7 +140,11 @@ async fn ping_health_and_telegraf_create_database() {
     assert_eq!(status, 200, "{body}");
     // And InfluxQL's DROP DATABASE removes it (answering success when it is already gone).
     for _ in 0..2 {
-        let dropped = client().post(server.url("/query?q=DROP%20DATABASE%20telegraf")).send().await.expect("drop");
+        let dropped = client()
+            .post(server.url("/query?q=DROP%20DATABASE%20telegraf"))
+            .send()
+            .await
+            .expect("drop");
         assert_eq!(dropped.status(), 200);
     }
     let (status, _) = server.query_raw("telegraf", "SHOW TABLES", "json").await;
@@ -125,23 +162,39 @@ async fn ping_health_and_telegraf_create_database() {
 async fn partial_writes_report_every_rejected_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(&dir.path().join("data"), &[]);
-    let body = "cpu,host=a u=1 1\ncpu,host=b u=oops 2\ncpu,host=c u=3 3\ncpu u=\"text\" 4\ncpu,u=x v=1 5";
+    let body =
+        "cpu,host=a u=1 1\ncpu,host=b u=oops 2\ncpu,host=c u=3 3\ncpu u=\"text\" 4\ncpu,u=x v=1 5";
     let (status, text) = server.write("/api/v3/write_lp?db=pw", body).await;
     assert_eq!(status, 400);
     let v: serde_json::Value = serde_json::from_str(&text).expect("json");
-    let lines: Vec<i64> = v["data"].as_array().expect("data").iter().map(|d| d["line_number"].as_i64().expect("n")).collect();
+    let lines: Vec<i64> = v["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|d| d["line_number"].as_i64().expect("n"))
+        .collect();
     assert_eq!(lines, vec![2, 4, 5]);
     assert_eq!(v["data"][0]["original_line"], "cpu,host=b u=oops 2");
-    assert_eq!(v["data"][0]["error_message"], "line 2, column 14: invalid value \"oops\" for field \"u\"");
+    assert_eq!(
+        v["data"][0]["error_message"],
+        "line 2, column 14: invalid value \"oops\" for field \"u\""
+    );
     assert_eq!(v["data"][1]["error_message"], "field \"u\" is float in table \"cpu\", got string");
     assert_eq!(v["data"][2]["error_message"], "\"u\" is a float field in table \"cpu\", not a tag");
     assert_eq!(server.count("pw", "SELECT count(*) FROM cpu").await, 2);
 
     // accept_partial=false: nothing of the request is stored.
-    let (status, _) = server.write("/api/v3/write_lp?db=pw&accept_partial=false", "cpu,host=d u=4 6\ncpu,host=e u=bad 7").await;
+    let (status, _) = server
+        .write(
+            "/api/v3/write_lp?db=pw&accept_partial=false",
+            "cpu,host=d u=4 6\ncpu,host=e u=bad 7",
+        )
+        .await;
     assert_eq!(status, 400);
     assert_eq!(server.count("pw", "SELECT count(*) FROM cpu").await, 2);
-    let (status, _) = server.write("/api/v3/write_lp?db=pw&accept_partial=false", "newtable v=1 1\nnewtable v=2i 2").await;
+    let (status, _) = server
+        .write("/api/v3/write_lp?db=pw&accept_partial=false", "newtable v=1 1\nnewtable v=2i 2")
+        .await;
     assert_eq!(status, 400);
     let (status, _) = server.query_raw("pw", "SELECT * FROM newtable", "json").await;
     assert_eq!(status, 400, "the table of a rejected request was not created");
@@ -157,10 +210,13 @@ async fn schema_evolves_and_later_writes_win_field_by_field() {
     assert_eq!(w("m,host=a a=10 100").await.0, 204); // overwrite one field of the first point
     assert_eq!(w("m,host=a b=20,a=11,a=12 100").await.0, 204); // the same field twice: the last wins
     let rows = server.query("s", "SELECT host, dc, a, b, c, time FROM m ORDER BY time").await;
-    assert_eq!(rows, vec![
-        json!({"host": "a", "a": 12.0, "b": 20.0, "time": "1970-01-01T00:01:40Z"}),
-        json!({"host": "a", "dc": "x", "c": "new", "time": "1970-01-01T00:03:20Z"}),
-    ]);
+    assert_eq!(
+        rows,
+        vec![
+            json!({"host": "a", "a": 12.0, "b": 20.0, "time": "1970-01-01T00:01:40Z"}),
+            json!({"host": "a", "dc": "x", "c": "new", "time": "1970-01-01T00:03:20Z"}),
+        ]
+    );
     // Deduplication also holds across a restart (WAL replay).
     let mut server = server;
     server.terminate();
@@ -176,7 +232,13 @@ async fn body_limit_gives_413_and_keeps_serving() {
     let big = "m v=1 1\n".repeat(500);
     let (status, _) = server.write("/write?db=l", big.clone()).await;
     assert_eq!(status, 413);
-    let response = client().post(server.url("/write?db=l")).header("Content-Encoding", "gzip").body(gzip(big.as_bytes())).send().await.expect("send");
+    let response = client()
+        .post(server.url("/write?db=l"))
+        .header("Content-Encoding", "gzip")
+        .body(gzip(big.as_bytes()))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(response.status(), 413, "the decompressed size counts too");
     assert_eq!(server.write("/write?db=l", "m v=1 1").await.0, 204);
 }
