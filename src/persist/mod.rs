@@ -1,10 +1,15 @@
 //! Persistence: turns a buffered partition into a sorted, deduplicated Parquet file in the object
 //! store and records it in the manifest. The file is durable before the commit that names it,
 //! and the commit is durable before the buffer lets go of the rows or the WAL of its records.
-//! Only this module and `wal` touch storage.
+//! Only this module and `wal` write to storage: the engine reaches its Parquet files only
+//! through `files` (write, read back, decode, delete) and the manifest; queries read the files
+//! through DataFusion (`query::files`).
 
+mod files;
 pub mod manifest;
 pub mod store;
+
+pub use files::{decode_file, delete_file, put_file, read_file};
 
 use arrow::array::{Array, ArrayRef, TimestampNanosecondArray};
 use arrow::compute::{lexsort_to_indices, SortColumn, SortOptions};

@@ -1,0 +1,162 @@
+//! Startup recovery: the manifest gives the catalog (schemas) and each table's Parquet files,
+//! then WAL replay rebuilds the buffer, skipping rows already in files (by each partition's
+//! greatest persisted `max_seq`) and rows of tables dropped since; then the WAL writer starts
+//! above every sequence number used before.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex, RwLock};
+
+use super::record::LpRecord;
+use super::write::{grow_catalog, prepare};
+use super::{in_flight_kib_max, Config, Engine, Error, TableData, TableKey};
+use crate::buffer::TableBuffer;
+use crate::catalog::{Catalog, TableSchema};
+use crate::persist::manifest::Manifest;
+use crate::persist::store::Store;
+use crate::wal::{self, Wal};
+
+impl Engine {
+    /// Opens the data directory: loads the manifest, replays the WAL, starts the WAL writer.
+    pub async fn open(config: Config) -> Result<Arc<Engine>, Error> {
+        let startup =
+            |what: &str, e: &dyn std::fmt::Display| Error::Startup(format!("{what}: {e}"));
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| startup("creating the data directory", &e))?;
+        let data_dir = std::fs::canonicalize(&config.data_dir)
+            .map_err(|e| startup("resolving the data directory", &e))?;
+        let url = match &config.object_store_url {
+            Some(url) => url.clone(),
+            None => url::Url::from_directory_path(data_dir.join("objects"))
+                .map_err(|()| Error::Startup("data directory is not an absolute path".into()))?
+                .to_string(),
+        };
+        let store = Store::open(&url).map_err(|e| startup("opening the object store", &e))?;
+        let manifest =
+            Manifest::load(store.clone()).await.map_err(|e| startup("loading the manifest", &e))?;
+
+        let mut catalog = Catalog::default();
+        let mut tables: HashMap<TableKey, TableData> = HashMap::new();
+        let mut persisted: HashMap<(String, String, i64), u64> = HashMap::new();
+        for (db, state) in &manifest.state().databases {
+            catalog.create_database(db);
+            for (name, table) in &state.tables {
+                catalog.put_table(db, TableSchema::new(name.clone(), table.columns.clone()));
+                let floor = table.files.iter().map(|f| f.max_time_ns).max().unwrap_or(i64::MIN);
+                for f in &table.files {
+                    let watermark =
+                        persisted.entry((db.clone(), name.clone(), f.partition_ns)).or_default();
+                    *watermark = (*watermark).max(f.max_seq);
+                }
+                tables.insert(
+                    (db.clone(), name.clone()),
+                    TableData {
+                        buffer: TableBuffer::new(floor),
+                        files: table.files.iter().cloned().map(Arc::new).collect(),
+                        dropped: false,
+                        last: None,
+                    },
+                );
+            }
+        }
+
+        let partition_ns = i64::try_from(config.partition.as_nanos()).unwrap_or(i64::MAX).max(1);
+        let wal_config = wal::Config {
+            dir: data_dir.join("wal"),
+            segment_bytes_max: config.wal_segment_bytes_max,
+            record_bytes_max: config.wal_record_bytes_max,
+            queue_len_max: 256,
+            sync: config.wal_sync,
+        };
+        let mut replayed_rows = 0usize;
+        let replayed = wal::replay(&wal_config, |seq, kind, payload| {
+            if kind != wal::KIND_LINE_PROTOCOL {
+                return Err(format!("unknown record kind {kind}"));
+            }
+            let record = LpRecord::decode(payload).map_err(|e| e.to_string())?;
+            let dropped = |table: &str| seq <= manifest.state().dropped_seq(record.database, table);
+            let prepared = prepare(
+                &catalog,
+                record.database,
+                record.lines,
+                record.precision,
+                record.default_time_ns,
+                partition_ns,
+                &dropped,
+            );
+            if prepared.wal_lines.is_empty() && prepared.rejected.is_empty() {
+                // Every line belonged to a table dropped since.
+                return Ok(());
+            }
+            if let Some(bad) = prepared.rejected.first() {
+                // Cannot happen for records this server wrote; refuse rather than drop data.
+                return Err(format!(
+                    "record {seq} no longer fits the catalog: line {}: {}",
+                    bad.line_number, bad.error_message
+                ));
+            }
+            if !grow_catalog(&mut catalog, record.database, &prepared.additions) {
+                return Err(format!("record {seq} conflicts with the catalog"));
+            }
+            for pending in prepared.rows.finish() {
+                let db = record.database.to_string();
+                let watermark = persisted
+                    .get(&(db.clone(), pending.table.clone(), pending.partition))
+                    .copied()
+                    .unwrap_or(0);
+                if seq <= watermark {
+                    continue;
+                }
+                let schema = catalog
+                    .table(&db, &pending.table)
+                    .expect("grown above")
+                    .arrow_schema_with_seq()
+                    .clone();
+                let data = tables.entry((db, pending.table.clone())).or_insert_with(|| TableData {
+                    buffer: TableBuffer::new(i64::MIN),
+                    files: Vec::new(),
+                    dropped: false,
+                    last: None,
+                });
+                data.buffer.append(&pending, seq, &schema);
+                replayed_rows += pending.batch.num_rows();
+            }
+            Ok(())
+        })
+        .map_err(|e| startup("replaying the WAL", &e))?;
+        let next_seq = replayed.next_seq.max(manifest.state().wal_seq + 1);
+        tracing::info!(
+            records = replayed.records,
+            rows = replayed_rows,
+            truncated_bytes = replayed.truncated_bytes,
+            next_seq,
+            "wal replayed"
+        );
+        let (wal, wal_thread) =
+            Wal::start(wal_config, next_seq).map_err(|e| startup("starting the WAL", &e))?;
+
+        let buffered: usize = tables.values().map(|t| t.buffer.bytes()).sum();
+        let file_counter = tables.values().map(|t| t.files.len() as u64).sum();
+        let kib_max = in_flight_kib_max(config.buffer_bytes_max);
+        let engine = Arc::new(Engine {
+            config,
+            catalog: RwLock::new(Arc::new(catalog)),
+            schema_lock: Mutex::new(()),
+            write_gate: tokio::sync::RwLock::new(()),
+            tables: RwLock::new(
+                tables.into_iter().map(|(k, v)| (k, Arc::new(RwLock::new(v)))).collect(),
+            ),
+            wal: Mutex::new(Some(wal)),
+            wal_thread: Mutex::new(Some(wal_thread)),
+            store,
+            manifest: tokio::sync::Mutex::new(manifest),
+            buffered_bytes: AtomicUsize::new(buffered),
+            applied_seq: AtomicU64::new(next_seq - 1),
+            file_counter: AtomicU64::new(file_counter),
+            subscribers: RwLock::new(Vec::new()),
+            persist_wakeup: Arc::new(tokio::sync::Notify::new()),
+            in_flight_kib: tokio::sync::Semaphore::new(kib_max),
+        });
+        Ok(engine)
+    }
+}

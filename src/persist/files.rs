@@ -1,0 +1,33 @@
+//! A table's Parquet files in the object store: writing one (durably), reading one back whole,
+//! decoding it batch by batch, deleting one. The engine reaches its files only through these
+//! (it decides when; they do the I/O and the Parquet decoding).
+
+use bytes::Bytes;
+use object_store::path::Path;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+
+use super::store::Store;
+use super::Error;
+
+/// Writes (or replaces) a file, as `encode` made it; returns once it is durable.
+pub async fn put_file(store: &Store, path: &Path, bytes: Bytes) -> Result<(), Error> {
+    Ok(store.put(path, bytes).await?)
+}
+
+/// Reads a whole file; decode it with `decode_file`.
+pub async fn read_file(store: &Store, path: &Path) -> Result<Bytes, Error> {
+    Ok(store.get(path).await?)
+}
+
+/// The record batches of a file `read_file` read, decoded one at a time as the reader is
+/// iterated. CPU-heavy: run it off the I/O threads.
+pub fn decode_file(
+    bytes: Bytes,
+) -> Result<ParquetRecordBatchReader, parquet::errors::ParquetError> {
+    ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()
+}
+
+/// Deletes a file; one that is already gone is not an error.
+pub async fn delete_file(store: &Store, path: &Path) -> Result<(), Error> {
+    Ok(store.delete(path).await?)
+}
