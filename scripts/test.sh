@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs what the tests need, then runs
-# unit tests, the integration-test binary (real server, real clients) and the SQL logic tests.
+# the format and lint checks, unit tests, the integration-test binary (real server, real clients) and the SQL logic tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Real Postgres clients the integration tests drive.
@@ -10,4 +10,7 @@ command -v psql >/dev/null || apt_install postgresql-client
 # pgjdbc, driven by tests/clients/JdbcClient.java.
 command -v java >/dev/null || apt_install default-jre-headless
 [ -f /usr/share/java/postgresql.jar ] || apt_install libpostgresql-jdbc-java
+# Format and lints first: both are cheap next to the build, and fail fast.
+cargo fmt --check
+cargo clippy --locked --all-targets -- -D warnings
 cargo test --locked --all-targets "$@"

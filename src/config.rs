@@ -107,6 +107,7 @@ impl ServeArgs {
                 .unwrap_or(usize::MAX)
                 .saturating_add(1 << 16),
             sort_rows_min: self.buffer_sort_rows,
+            clock: std::sync::Arc::new(crate::clock::SystemClock),
         }
     }
 

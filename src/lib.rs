@@ -4,6 +4,7 @@
 
 pub mod buffer;
 pub mod catalog;
+pub mod clock;
 pub mod config;
 pub mod engine;
 mod error;
@@ -13,6 +14,7 @@ pub mod persist;
 pub mod pg;
 pub mod query;
 pub mod server;
+pub mod statement;
 pub mod wal;
 
 pub use error::ErrorKind;

@@ -174,6 +174,8 @@ fn rows_text(batch: &RecordBatch) -> Vec<String> {
 }
 
 #[test]
+// `vec![1..6]` is one range of rows, meant as such.
+#[allow(clippy::single_range_in_vec_init)]
 fn sorting_by_series_keeps_every_row_and_orders_by_tags_then_time() {
     // Two tags, dictionaries in different orders per batch, a null tag, a tag added later,
     // a repeated key (same series and time, later _seq).

@@ -247,7 +247,8 @@ impl TableSchema {
     }
 }
 
-fn check_name(what: &str, name: &str) -> Result<(), String> {
+/// Checks a column name (tag or field), by the same rules for line protocol and `CREATE TABLE`.
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
     if name.len() > NAME_BYTES_MAX {
         return Err(format!("{what} longer than {NAME_BYTES_MAX} bytes"));
     }

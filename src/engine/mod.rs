@@ -65,6 +65,8 @@ pub struct Config {
     pub wal_record_bytes_max: usize,
     /// Unsorted buffered rows a partition gathers before they are sorted by series.
     pub sort_rows_min: usize,
+    /// Where "now" comes from (the system clock; a manual one in tests).
+    pub clock: Arc<dyn crate::clock::Clock>,
 }
 
 impl Config {
@@ -79,6 +81,7 @@ impl Config {
             wal_segment_bytes_max: 1 << 20,
             wal_record_bytes_max: 64 << 20,
             sort_rows_min: crate::buffer::SORT_ROWS_MIN,
+            clock: Arc::new(crate::clock::SystemClock),
         }
     }
 }
@@ -235,6 +238,11 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The clock every "now" of the data path is read from.
+    pub fn clock(&self) -> &dyn crate::clock::Clock {
+        self.config.clock.as_ref()
     }
 
     pub fn store(&self) -> &Store {

@@ -23,7 +23,10 @@ use serde_json::json;
 
 use crate::engine::{self, RejectedLine, WriteOptions};
 use crate::line_protocol::Precision;
+use datafusion::sql::sqlparser::ast::{ObjectName, ObjectType, Statement};
+
 use crate::query::QueryEngine;
+use crate::statement::Command;
 use crate::ErrorKind;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -94,6 +97,8 @@ fn body_too_large(limit: usize) -> Response {
 }
 
 /// Decompresses a gzip body (bounded by the request limit) or returns it as is.
+// The error is the response to send as it is; it is built once per failed request.
+#[allow(clippy::result_large_err)]
 fn decode_body(headers: &HeaderMap, body: Bytes, limit: usize) -> Result<Bytes, Response> {
     let encoding = headers
         .get(header::CONTENT_ENCODING)
@@ -120,12 +125,6 @@ fn decode_body(headers: &HeaderMap, body: Bytes, limit: usize) -> Result<Bytes, 
             None,
         )),
     }
-}
-
-fn now_ns() -> i64 {
-    let since =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    i64::try_from(since.as_nanos()).unwrap_or(i64::MAX)
 }
 
 async fn write(
@@ -179,6 +178,7 @@ async fn write(
     }
 }
 
+#[allow(clippy::result_large_err)]
 fn precision_or_error(name: Option<&str>, default: Precision) -> Result<Precision, Response> {
     match name {
         None => Ok(default),
@@ -210,8 +210,12 @@ async fn write_v1(
         Ok(p) => p,
         Err(r) => return r,
     };
-    let options =
-        WriteOptions { precision, accept_partial: true, no_sync: false, default_time_ns: now_ns() };
+    let options = WriteOptions {
+        precision,
+        accept_partial: true,
+        no_sync: false,
+        default_time_ns: state.query.engine().clock().now_ns(),
+    };
     write(&state, &headers, params.db.as_deref(), "db", options, body).await
 }
 
@@ -233,8 +237,12 @@ async fn write_v2(
         Ok(p) => p,
         Err(r) => return r,
     };
-    let options =
-        WriteOptions { precision, accept_partial: true, no_sync: false, default_time_ns: now_ns() };
+    let options = WriteOptions {
+        precision,
+        accept_partial: true,
+        no_sync: false,
+        default_time_ns: state.query.engine().clock().now_ns(),
+    };
     write(&state, &headers, params.bucket.as_deref(), "bucket", options, body).await
 }
 
@@ -260,7 +268,7 @@ async fn write_v3(
         precision,
         accept_partial: params.accept_partial.unwrap_or(true),
         no_sync: params.no_sync.unwrap_or(false),
-        default_time_ns: now_ns(),
+        default_time_ns: state.query.engine().clock().now_ns(),
     };
     write(&state, &headers, params.db.as_deref(), "db", options, body).await
 }
@@ -303,32 +311,41 @@ async fn influxql(
     let Some(q) = params.q.or_else(form_q) else {
         return error_response(StatusCode::BAD_REQUEST, "missing required parameter \"q\"", None);
     };
-    let words: Vec<&str> = q.split_whitespace().collect();
-    let upper: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
-    match upper.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-        ["CREATE", "DATABASE", _, ..] => {
-            let name = words[2].trim_end_matches(';').trim_matches('"');
-            match state.query.engine().create_database(name).await {
-                Ok(_) => Json(json!({ "results": [{ "statement_id": 0 }] })).into_response(),
-                Err(e) => error_response(status_of(e.kind()), &e.to_string(), None),
-            }
-        }
-        ["DROP", "DATABASE", _, ..] => {
-            let name = words[2].trim_end_matches(';').trim_matches('"');
-            match state.query.engine().drop_database(name).await {
-                Ok(_) => Json(json!({ "results": [{ "statement_id": 0 }] })).into_response(),
-                Err(e) => error_response(status_of(e.kind()), &e.to_string(), None),
-            }
-        }
-        ["SHOW", "DATABASES"] | ["SHOW", "DATABASES;"] => {
-            let names: Vec<_> = state.query.engine().catalog().database_names().map(|n| json!([n])).collect();
-            Json(json!({ "results": [{ "statement_id": 0, "series": [{ "name": "databases", "columns": ["name"], "values": names }] }] })).into_response()
-        }
-        _ => error_response(
+    let only = || {
+        error_response(
             StatusCode::BAD_REQUEST,
             "only CREATE DATABASE, DROP DATABASE and SHOW DATABASES are supported on /query; send SQL to /api/v3/query_sql",
             None,
-        ),
+        )
+    };
+    // InfluxQL's database statements read as SQL; the pipeline parses them like any other.
+    let statement = match crate::statement::parse(&q) {
+        Ok(mut statements) if statements.len() == 1 => statements.remove(0),
+        _ => return only(),
+    };
+    let ok = || Json(json!({ "results": [{ "statement_id": 0 }] })).into_response();
+    let last_name = |name: &ObjectName| {
+        name.0.last().and_then(|p| p.as_ident()).map(|i| i.value.clone()).unwrap_or_default()
+    };
+    match statement {
+        Statement::CreateDatabase { db_name, .. } => {
+            match state.query.engine().create_database(&last_name(&db_name)).await {
+                Ok(_) => ok(),
+                Err(e) => error_response(status_of(e.kind()), &e.to_string(), None),
+            }
+        }
+        Statement::Drop { object_type: ObjectType::Database, names, .. } if names.len() == 1 => {
+            match state.query.engine().drop_database(&last_name(&names[0])).await {
+                Ok(_) => ok(),
+                Err(e) => error_response(status_of(e.kind()), &e.to_string(), None),
+            }
+        }
+        Statement::ShowDatabases { .. } => {
+            let names: Vec<_> =
+                state.query.engine().catalog().database_names().map(|n| json!([n])).collect();
+            Json(json!({ "results": [{ "statement_id": 0, "series": [{ "name": "databases", "columns": ["name"], "values": names }] }] })).into_response()
+        }
+        _ => only(),
     }
 }
 
@@ -448,13 +465,37 @@ async fn run_sql(state: &AppState, params: SqlParams, headers: &HeaderMap) -> Re
             .and_then(Format::from_accept)
             .unwrap_or(Format::Json),
     };
-    if let Some(result) = crate::query::ddl::execute(state.query.engine(), &db, &q).await {
-        return match result {
-            Ok(_) => Json(json!([])).into_response(),
-            Err(e) => error_response(status_of(e.kind()), &e.to_string(), None),
-        };
-    }
-    let (schema, batches) = match state.query.sql(&db, &q).await {
+    let command = match crate::statement::command(&q) {
+        Ok(Some(command)) => command,
+        Ok(None) => {
+            return error_response(StatusCode::BAD_REQUEST, "the query has no statement", None)
+        }
+        Err(e) => return error_response(status_of(e.kind()), &e.to_string(), None),
+    };
+    let statement = match command {
+        Command::Query(statement) => statement,
+        Command::Ddl(statement) => {
+            return match crate::query::ddl::execute(state.query.engine(), &db, *statement).await {
+                Ok(_) => Json(json!([])).into_response(),
+                Err(e) => error_response(status_of(e.kind()), &e.to_string(), None),
+            };
+        }
+        // Writes are committed as they happen; there is nothing to begin or end.
+        Command::Transaction(_) | Command::NoOp { .. } => return Json(json!([])).into_response(),
+        Command::Copy(_)
+        | Command::Cursor(_)
+        | Command::Show { .. }
+        | Command::Set(_)
+        | Command::Reset { .. } => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "COPY, cursors and session settings (SHOW, SET, RESET) need a Postgres \
+                 connection; HTTP queries have no session",
+                None,
+            )
+        }
+    };
+    let (schema, batches) = match state.query.run(&db, *statement).await {
         Ok(result) => result,
         Err(e) => {
             let status = status_of(e.kind());

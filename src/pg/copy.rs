@@ -6,8 +6,8 @@
 //!   line protocol and stored through `Engine::write_lp` like any other write. Every row is
 //!   checked before any is written; an error names the line and column, as PostgreSQL does.
 //!
-//! DataFusion's own parser reads `COPY` as its file-writing statement, so these are parsed with
-//! sqlparser's PostgreSQL dialect and answered here.
+//! The statement pipeline hands `COPY` here ([`from_statement`]); a `COPY` to or from a server
+//! file or program is refused, never left to DataFusion (whose `COPY` writes files).
 
 use std::sync::Arc;
 
@@ -17,7 +17,10 @@ use arrow::datatypes::{Field, Schema};
 use datafusion::sql::sqlparser::ast::{
     CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, CopyTarget, Statement,
 };
+use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+use datafusion::sql::sqlparser::parser::Parser;
 
+use super::sqlstate::SqlState;
 use crate::catalog::{ColumnKind, TableSchema};
 
 /// How COPY lines are written or read.
@@ -32,7 +35,8 @@ pub struct Format {
 /// A parsed `COPY … TO STDOUT`.
 #[derive(Debug, PartialEq)]
 pub struct CopyOut {
-    pub query: String,
+    /// The query whose rows are copied out (a table becomes `SELECT columns FROM table`).
+    pub query: Box<Statement>,
     pub format: Format,
 }
 
@@ -51,24 +55,24 @@ pub enum Copy {
     In(CopyIn),
 }
 
-/// `None` when `sql` is not a `COPY … TO STDOUT` or `COPY … FROM STDIN`; `Some(Err)` when it
-/// is one we cannot do.
-pub fn parse(sql: &str) -> Option<Result<Copy, String>> {
-    let Statement::Copy { source, to, target, options, legacy_options, .. } =
-        crate::query::parse_single(sql, "copy")?
-    else {
-        return None;
+/// The `COPY … TO STDOUT` or `COPY … FROM STDIN` a parsed `COPY` statement asks for, or why it
+/// cannot be done: a server-side file or program is never read or written (psql's `\copy`
+/// reads and writes the client's files through STDIN/STDOUT).
+pub fn from_statement(statement: Statement) -> Result<Copy, String> {
+    let Statement::Copy { source, to, target, options, legacy_options, .. } = statement else {
+        return Err("not a COPY statement".into());
     };
     if !matches!((&target, to), (CopyTarget::Stdout, true) | (CopyTarget::Stdin, false)) {
-        return None;
+        return Err(format!(
+            "COPY {} {target} is not supported: the server reads and writes no files or programs; \
+             use COPY … TO STDOUT or COPY … FROM STDIN (psql's \\copy)",
+            if to { "TO" } else { "FROM" }
+        ));
     }
-    let format = match parse_format(options, legacy_options) {
-        Ok(format) => format,
-        Err(message) => return Some(Err(message)),
-    };
-    Some(match (source, to) {
+    let format = parse_format(options, legacy_options)?;
+    match (source, to) {
         (CopySource::Query(query), true) => {
-            Ok(Copy::Out(CopyOut { query: query.to_string(), format }))
+            Ok(Copy::Out(CopyOut { query: Box::new(Statement::Query(query)), format }))
         }
         (CopySource::Table { table_name, columns }, true) => {
             let list = if columns.is_empty() {
@@ -76,7 +80,15 @@ pub fn parse(sql: &str) -> Option<Result<Copy, String>> {
             } else {
                 columns.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")
             };
-            Ok(Copy::Out(CopyOut { query: format!("SELECT {list} FROM {table_name}"), format }))
+            let sql = format!("SELECT {list} FROM {table_name}");
+            let mut parsed = Parser::parse_sql(&PostgreSqlDialect {}, &sql)
+                .map_err(|e| format!("COPY of {table_name}: {e}"))?;
+            match parsed.pop() {
+                Some(query) if parsed.is_empty() => {
+                    Ok(Copy::Out(CopyOut { query: Box::new(query), format }))
+                }
+                _ => Err(format!("COPY of {table_name}: not one table")),
+            }
         }
         (CopySource::Table { table_name, columns }, false) => {
             let table = table_name
@@ -92,7 +104,7 @@ pub fn parse(sql: &str) -> Option<Result<Copy, String>> {
             }))
         }
         (CopySource::Query(_), false) => Err("COPY FROM needs a table, not a query".to_string()),
-    })
+    }
 }
 
 fn parse_format(
@@ -142,11 +154,11 @@ fn parse_format(
 /// A COPY FROM input error, with the 1-based line it is on.
 #[derive(Debug, PartialEq)]
 pub struct InputError {
-    pub sqlstate: &'static str,
+    pub sqlstate: SqlState,
     pub message: String,
 }
 
-fn input_error(sqlstate: &'static str, message: String) -> InputError {
+fn input_error(sqlstate: SqlState, message: String) -> InputError {
     InputError { sqlstate, message }
 }
 
@@ -156,8 +168,12 @@ type Row = Vec<Option<String>>;
 /// Splits COPY text-format data into rows: tab (or `delimiter`) separated, `\N` (or `null`)
 /// for NULL, backslash escapes, `\.` ends the data.
 fn text_rows(data: &[u8], format: &Format) -> Result<Vec<(usize, Row)>, InputError> {
-    let text = std::str::from_utf8(data)
-        .map_err(|e| input_error("22021", format!("COPY data is not valid UTF-8: {e}")))?;
+    let text = std::str::from_utf8(data).map_err(|e| {
+        input_error(
+            SqlState::CharacterNotInRepertoire,
+            format!("COPY data is not valid UTF-8: {e}"),
+        )
+    })?;
     let mut rows = Vec::new();
     for (index, line) in text.split('\n').enumerate() {
         let line = line.strip_suffix('\r').unwrap_or(line);
@@ -217,8 +233,12 @@ fn unescape_text(raw: &str) -> String {
 /// Splits CSV data into rows: `"` quotes (doubled inside), quoted fields may span lines, an
 /// unquoted `null` string is NULL, `\.` alone on a line ends the data.
 fn csv_rows(data: &[u8], format: &Format) -> Result<Vec<(usize, Row)>, InputError> {
-    let text = std::str::from_utf8(data)
-        .map_err(|e| input_error("22021", format!("COPY data is not valid UTF-8: {e}")))?;
+    let text = std::str::from_utf8(data).map_err(|e| {
+        input_error(
+            SqlState::CharacterNotInRepertoire,
+            format!("COPY data is not valid UTF-8: {e}"),
+        )
+    })?;
     let delimiter = format.delimiter as char;
     let mut rows = Vec::new();
     let mut line = 1;
@@ -251,7 +271,7 @@ fn csv_rows(data: &[u8], format: &Format) -> Result<Vec<(usize, Row)>, InputErro
                             }
                             None => {
                                 return Err(input_error(
-                                    "22P04",
+                                    SqlState::BadCopyFileFormat,
                                     format!("line {start_line}: unterminated CSV quoted field"),
                                 ))
                             }
@@ -306,13 +326,13 @@ pub fn to_batch(
     for (i, name) in names.iter().enumerate() {
         let Ok(field) = table.arrow_schema().field_with_name(name) else {
             return Err(input_error(
-                "42703",
+                SqlState::UndefinedColumn,
                 format!("column \"{name}\" of relation \"{}\" does not exist", table.name),
             ));
         };
         if names[..i].contains(name) {
             return Err(input_error(
-                "42701",
+                SqlState::DuplicateColumn,
                 format!("column \"{name}\" specified more than once"),
             ));
         }
@@ -331,13 +351,13 @@ pub fn to_batch(
     for (line, row) in &rows {
         if row.len() < names.len() {
             return Err(input_error(
-                "22P04",
+                SqlState::BadCopyFileFormat,
                 format!("line {line}: missing data for column \"{}\"", names[row.len()]),
             ));
         }
         if row.len() > names.len() {
             return Err(input_error(
-                "22P04",
+                SqlState::BadCopyFileFormat,
                 format!("line {line}: extra data after last expected column"),
             ));
         }
@@ -364,7 +384,7 @@ pub fn to_batch(
                     .map(|r| (rows[r].0, columns[i][r].clone().unwrap_or_default()))
                     .unwrap_or((0, String::new()));
                 input_error(
-                    "22P02",
+                    SqlState::InvalidTextRepresentation,
                     format!(
                         "line {line}, column {}: invalid input syntax for type {}: \"{value}\"",
                         field.name(),
@@ -375,7 +395,8 @@ pub fn to_batch(
         arrays.push(cast);
     }
     let schema = Arc::new(Schema::new(fields));
-    RecordBatch::try_new(schema, arrays).map_err(|e| input_error("XX000", e.to_string()))
+    RecordBatch::try_new(schema, arrays)
+        .map_err(|e| input_error(SqlState::InternalError, e.to_string()))
 }
 
 fn pg_type_name(data_type: &arrow::datatypes::DataType) -> &'static str {
@@ -455,6 +476,13 @@ mod tests {
     use super::*;
     use crate::catalog::{Column, FieldType};
 
+    /// `None` when `sql` is not a COPY statement; otherwise what [`from_statement`] makes of it.
+    fn parse(sql: &str) -> Option<Result<Copy, String>> {
+        let mut statements = Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
+        let statement = statements.pop()?;
+        matches!(statement, Statement::Copy { .. }).then(|| from_statement(statement))
+    }
+
     fn out(sql: &str) -> CopyOut {
         match parse(sql).expect("a copy").expect("supported") {
             Copy::Out(out) => out,
@@ -473,16 +501,16 @@ mod tests {
     fn parses_what_psql_sends() {
         let copy = out("COPY  cpu TO STDOUT csv header");
         assert_eq!(
-            copy,
-            CopyOut {
-                query: "SELECT * FROM cpu".into(),
-                format: Format { csv: true, header: true, delimiter: b',', null: String::new() }
-            }
+            (copy.query.to_string(), copy.format),
+            (
+                "SELECT * FROM cpu".to_string(),
+                Format { csv: true, header: true, delimiter: b',', null: String::new() }
+            )
         );
         let copy = out("COPY (SELECT host FROM cpu) TO STDOUT");
         assert_eq!(
             (
-                copy.query.as_str(),
+                copy.query.to_string().as_str(),
                 copy.format.csv,
                 copy.format.delimiter,
                 copy.format.null.as_str()
@@ -491,7 +519,7 @@ mod tests {
         );
         let copy = out("COPY cpu (host, time) TO STDOUT WITH (FORMAT csv, DELIMITER ';')");
         assert_eq!(
-            (copy.query.as_str(), copy.format.delimiter),
+            (copy.query.to_string().as_str(), copy.format.delimiter),
             ("SELECT host, time FROM cpu", b';')
         );
         let copy = copy_in("COPY cpu (host, usage) FROM STDIN WITH (FORMAT csv, HEADER true)");
@@ -500,8 +528,10 @@ mod tests {
             ("cpu", vec!["host".to_string(), "usage".to_string()], true, true)
         );
         assert!(parse("SELECT 1").is_none());
-        assert!(parse("COPY cpu TO '/tmp/x.csv'").is_none());
-        assert!(parse("COPY cpu FROM '/tmp/x.csv'").is_none());
+        // Server files are refused, not left to DataFusion (which would write them).
+        assert!(parse("COPY cpu TO '/tmp/x.csv'").expect("a copy").is_err());
+        assert!(parse("COPY cpu FROM '/tmp/x.csv'").expect("a copy").is_err());
+        assert!(parse("COPY (SELECT 1) TO PROGRAM 'touch /tmp/x'").expect("a copy").is_err());
         assert!(parse("COPY cpu TO STDOUT WITH (FORMAT binary)").expect("a copy").is_err());
     }
 
@@ -551,7 +581,7 @@ mod tests {
     fn bad_rows_name_their_line_and_column() {
         let copy = copy_in("COPY cpu (host, usage) FROM STDIN");
         let err = to_batch(&copy, &cpu(), b"a\t1\nb\tlots\n").expect_err("not a number");
-        assert_eq!(err.sqlstate, "22P02");
+        assert_eq!(err.sqlstate.code(), "22P02");
         assert!(
             err.message.contains("line 2, column usage") && err.message.contains("\"lots\""),
             "{}",
@@ -559,16 +589,16 @@ mod tests {
         );
         let err = to_batch(&copy, &cpu(), b"a\t1\nb\n").expect_err("short row");
         assert_eq!(
-            (err.sqlstate, err.message.as_str()),
+            (err.sqlstate.code(), err.message.as_str()),
             ("22P04", "line 2: missing data for column \"usage\"")
         );
         let err = to_batch(&copy, &cpu(), b"a\t1\t2\n").expect_err("long row");
-        assert_eq!(err.sqlstate, "22P04");
+        assert_eq!(err.sqlstate.code(), "22P04");
         let err = to_batch(&copy_in("COPY cpu (host, nope) FROM STDIN"), &cpu(), b"a\t1\n")
             .expect_err("no column");
-        assert_eq!(err.sqlstate, "42703");
+        assert_eq!(err.sqlstate.code(), "42703");
         let err = to_batch(&copy_in("COPY cpu (host, usage) FROM STDIN CSV"), &cpu(), b"a,\"1\n")
             .expect_err("open quote");
-        assert_eq!(err.sqlstate, "22P04");
+        assert_eq!(err.sqlstate.code(), "22P04");
     }
 }

@@ -3,14 +3,21 @@
 //! Built on `datafusion-postgres` (pgwire + arrow-pg type encoding + datafusion-pg-catalog's
 //! `pg_catalog` and functions). What Sundial adds: the connection's database name selects a
 //! Sundial database (each has its own DataFusion session from `query`), a connection to a
-//! database that does not exist fails with 3D000, and every error carries a real SQLSTATE —
-//! this module is the only place that knows SQLSTATEs ([`sqlstate_of_kind`] maps error kinds
-//! exhaustively; [`sqlstate_of`] refines DataFusion errors).
+//! database that does not exist fails with 3D000, every statement goes through the statement
+//! pipeline (`crate::statement`) on both protocols alike, and every error carries a real
+//! SQLSTATE — this module is the only place that knows SQLSTATEs ([`sqlstate`] names them,
+//! [`sqlstate_of_kind`] maps error kinds exhaustively, [`sqlstate_of`] DataFusion's errors by
+//! variant).
+//!
+//! Queries are planned here (simple protocol) or at Parse (extended protocol) by
+//! `QueryEngine::plan`; datafusion-postgres then binds parameters, runs and encodes them. Its
+//! hooks handle cursors and transaction status only: `SET` and `SHOW` are Sundial's
+//! (`session`), so no connection can change a setting of the shared DataFusion session.
 
 mod copy;
 mod functions;
-mod rewrite;
 mod session;
+pub mod sqlstate;
 #[cfg(test)]
 mod tests;
 
@@ -20,15 +27,19 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use datafusion::error::DataFusionError;
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
+use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
+use datafusion_postgres::hooks::cursor::CursorStatementHook;
+use datafusion_postgres::hooks::transactions::TransactionStatementHook;
 use datafusion_postgres::pgwire;
-use datafusion_postgres::{DfSessionService, Parser};
+use datafusion_postgres::{DfSessionService, Parser, QueryHook};
 use futures::{Sink, SinkExt};
 use pgwire::api::auth::StartupHandler;
 use pgwire::api::copy::CopyHandler;
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
-use pgwire::api::results::{FieldInfo, Response};
+use pgwire::api::results::{FieldInfo, Response, Tag};
 use pgwire::api::stmt::QueryParser;
 use pgwire::api::store::PortalStore;
 use pgwire::api::{
@@ -37,87 +48,73 @@ use pgwire::api::{
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::copy::{CopyData, CopyDone, CopyFail};
 use pgwire::messages::PgWireBackendMessage;
+use pgwire::types::format::FormatOptions;
 use tokio_util::sync::CancellationToken;
 
 use crate::query::QueryEngine;
+use crate::statement::{self, Command};
 use crate::ErrorKind;
+use sqlstate::SqlState;
 
 /// The exhaustive map from error kinds to SQLSTATE classes.
-pub fn sqlstate_of_kind(kind: ErrorKind) -> &'static str {
+pub fn sqlstate_of_kind(kind: ErrorKind) -> SqlState {
     match kind {
-        ErrorKind::InvalidInput => "22023",
-        ErrorKind::NotFound => "42P01",
-        ErrorKind::AlreadyExists => "42P07",
-        ErrorKind::ObjectInUse => "55006",
-        ErrorKind::Unsupported => "0A000",
-        ErrorKind::ResourceExhausted => "53200",
-        ErrorKind::Unavailable => "57P03",
-        ErrorKind::Internal => "XX000",
+        ErrorKind::InvalidInput => SqlState::InvalidParameterValue,
+        ErrorKind::NotFound => SqlState::UndefinedTable,
+        ErrorKind::AlreadyExists => SqlState::DuplicateTable,
+        ErrorKind::ObjectInUse => SqlState::ObjectInUse,
+        ErrorKind::Unsupported => SqlState::FeatureNotSupported,
+        ErrorKind::ResourceExhausted => SqlState::OutOfMemory,
+        ErrorKind::Unavailable => SqlState::CannotConnectNow,
+        ErrorKind::Internal => SqlState::InternalError,
     }
 }
 
-/// The SQLSTATE of a DataFusion error, as precise as its variant and message allow.
-pub fn sqlstate_of(error: &DataFusionError) -> &'static str {
+/// The SQLSTATE of a DataFusion error, by its variant and structured fields. Missing tables
+/// and functions are found by the statement pipeline before DataFusion words them
+/// (`query::Error::UndefinedTable`, `UndefinedFunction`).
+pub fn sqlstate_of(error: &DataFusionError) -> SqlState {
+    use arrow::error::ArrowError;
     use datafusion::common::SchemaError;
-    let root = error.find_root();
-    match root {
-        DataFusionError::SQL(..) => "42601",
-        DataFusionError::SchemaError(e, _) if matches!(**e, SchemaError::FieldNotFound { .. }) => {
-            "42703"
-        }
-        DataFusionError::SchemaError(..) => "42P01",
-        DataFusionError::NotImplemented(_) => "0A000",
-        DataFusionError::ResourcesExhausted(_) => "53200",
-        DataFusionError::ArrowError(e, _)
-            if matches!(**e, arrow::error::ArrowError::DivideByZero) =>
-        {
-            "22012"
-        }
-        DataFusionError::ArrowError(e, _)
-            if matches!(
-                **e,
-                arrow::error::ArrowError::CastError(_) | arrow::error::ArrowError::ParseError(_)
-            ) =>
-        {
-            "22P02"
-        }
-        DataFusionError::Plan(message) => {
-            let message = message.to_ascii_lowercase();
-            if message.contains("table") && message.contains("not found") {
-                "42P01"
-            } else if message.contains("no field named")
-                || message.contains("column") && message.contains("not found")
-            {
-                "42703"
-            } else if message.contains("coerce")
-                || message.contains("type")
-                || message.contains("signature")
-            {
-                "42804"
-            } else if message.contains("function")
-                && (message.contains("invalid") || message.contains("not found"))
-            {
-                "42883"
-            } else {
-                "42601"
+    match error.find_root() {
+        DataFusionError::SQL(..) => SqlState::SyntaxError,
+        DataFusionError::SchemaError(e, _) => match **e {
+            SchemaError::FieldNotFound { .. } => SqlState::UndefinedColumn,
+            SchemaError::AmbiguousReference { .. } => SqlState::UndefinedColumn,
+            _ => SqlState::SyntaxError,
+        },
+        DataFusionError::NotImplemented(_) => SqlState::FeatureNotSupported,
+        DataFusionError::ResourcesExhausted(_) => SqlState::OutOfMemory,
+        DataFusionError::ArrowError(e, _) => match **e {
+            ArrowError::DivideByZero => SqlState::DivisionByZero,
+            ArrowError::CastError(_) | ArrowError::ParseError(_) => {
+                SqlState::InvalidTextRepresentation
             }
-        }
-        DataFusionError::Execution(message) => {
-            let message = message.to_ascii_lowercase();
-            if message.contains("divide by zero") || message.contains("division by zero") {
-                "22012"
-            } else if message.contains("cast") || message.contains("parse") {
-                "22P02"
-            } else {
-                "22023"
+            ArrowError::ComputeError(_) | ArrowError::InvalidArgumentError(_) => {
+                SqlState::InvalidParameterValue
             }
-        }
-        _ => "XX000",
+            _ => SqlState::InternalError,
+        },
+        // A plan DataFusion refuses for its types (no coercion, no function signature): the
+        // only plan errors left once the pipeline has checked tables and functions.
+        DataFusionError::Plan(_) => SqlState::DatatypeMismatch,
+        // Sundial's own errors raised inside DataFusion (a table function's missing table).
+        DataFusionError::External(e) => match e.downcast_ref::<crate::query::Error>() {
+            Some(crate::query::Error::UndefinedTable(_)) => SqlState::UndefinedTable,
+            Some(crate::query::Error::UndefinedFunction(_)) => SqlState::UndefinedFunction,
+            _ => SqlState::InternalError,
+        },
+        DataFusionError::Execution(_) => SqlState::InvalidParameterValue,
+        _ => SqlState::InternalError,
     }
 }
 
-fn user_error(code: &str, message: String) -> PgWireError {
-    PgWireError::UserError(Box::new(ErrorInfo::new("ERROR".to_string(), code.to_string(), message)))
+fn user_error(state: SqlState, message: impl Into<String>) -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new(
+        "ERROR".to_string(),
+        state.code().to_string(),
+        message.into(),
+    )))
 }
 
 /// Gives errors from datafusion-postgres a proper SQLSTATE; pgwire would send XX000.
@@ -129,11 +126,11 @@ fn with_sqlstate(error: PgWireError) -> PgWireError {
                 user_error(sqlstate_of(&df), df.to_string())
             }
             Err(other) => match other.downcast::<crate::query::Error>() {
-                Ok(q) => user_error(sqlstate_of_query(&q), q.to_string()),
+                Ok(q) => query_error(&q),
                 Err(other) => {
                     match other.downcast::<datafusion::sql::sqlparser::parser::ParserError>() {
-                        Ok(parse) => user_error("42601", parse.to_string()),
-                        Err(other) => user_error("XX000", other.to_string()),
+                        Ok(parse) => user_error(SqlState::SyntaxError, parse.to_string()),
+                        Err(other) => user_error(SqlState::InternalError, other.to_string()),
                     }
                 }
             },
@@ -156,83 +153,96 @@ fn with_sqlstate_in_rows(response: Response) -> Response {
     }
 }
 
-fn sqlstate_of_ddl(error: &crate::query::ddl::Error) -> &'static str {
+fn sqlstate_of_ddl(error: &crate::query::ddl::Error) -> SqlState {
     match error {
-        crate::query::ddl::Error::NotFound { what: "database", .. } => "3D000",
-        crate::query::ddl::Error::DatabaseExists(_) => "42P04",
+        crate::query::ddl::Error::NotFound { what: "database", .. } => SqlState::InvalidCatalogName,
+        crate::query::ddl::Error::DatabaseExists(_) => SqlState::DuplicateDatabase,
         other => sqlstate_of_kind(other.kind()),
     }
 }
 
-fn sqlstate_of_query(error: &crate::query::Error) -> &'static str {
+fn sqlstate_of_statement(error: &statement::Error) -> SqlState {
     match error {
-        crate::query::Error::DatabaseNotFound(_) => "3D000",
-        crate::query::Error::DataFusion(e) => sqlstate_of(e),
-        crate::query::Error::Unsupported(_) => "0A000",
+        statement::Error::Syntax(_) => SqlState::SyntaxError,
+        statement::Error::Unsupported(_) => SqlState::FeatureNotSupported,
     }
 }
 
-/// Session commands answered here rather than planned: `DEALLOCATE` of protocol-level
-/// prepared statements (psycopg sends it when its statement cache turns over; pgwire owns those
-/// statements), `DISCARD ALL` (connection pools send it on check-in), and savepoints, which
-/// SQLAlchemy and psycopg use for nested transactions. Writes are committed as they happen and
-/// reads see snapshots, so like `BEGIN`/`COMMIT` these change nothing.
-fn session_command(query: &str) -> Option<&'static str> {
-    let statement = query.trim().trim_end_matches(';').trim().to_ascii_uppercase();
-    let words: Vec<&str> = statement.split_whitespace().collect();
-    match words.as_slice() {
-        ["DEALLOCATE", ..] => Some("DEALLOCATE"),
-        ["DISCARD", "ALL"] => Some("DISCARD ALL"),
-        ["SAVEPOINT", _] => Some("SAVEPOINT"),
-        ["RELEASE", ..] => Some("RELEASE"),
-        ["ROLLBACK", "TO", ..] => Some("ROLLBACK"),
-        _ => None,
-    }
+fn statement_error(error: statement::Error) -> PgWireError {
+    user_error(sqlstate_of_statement(&error), error.to_string())
+}
+
+fn query_error(error: &crate::query::Error) -> PgWireError {
+    let state = match error {
+        crate::query::Error::DatabaseNotFound(_) => SqlState::InvalidCatalogName,
+        crate::query::Error::DataFusion(e) => sqlstate_of(e),
+        crate::query::Error::Unsupported(_) => SqlState::FeatureNotSupported,
+        crate::query::Error::Statement(e) => sqlstate_of_statement(e),
+        crate::query::Error::UndefinedTable(_) => SqlState::UndefinedTable,
+        crate::query::Error::UndefinedFunction(_) => SqlState::UndefinedFunction,
+    };
+    user_error(state, error.to_string())
+}
+
+/// The hooks of datafusion-postgres that Sundial keeps: cursors and transaction status.
+fn hooks() -> Vec<Arc<dyn QueryHook>> {
+    vec![Arc::new(CursorStatementHook), Arc::new(TransactionStatementHook)]
 }
 
 /// One DataFusion-backed session service per database, with `pg_catalog` installed.
 struct Databases {
     query: Arc<QueryEngine>,
-    services: Mutex<HashMap<String, Arc<DfSessionService>>>,
+    services: Mutex<HashMap<String, (SessionContext, Arc<DfSessionService>)>>,
     /// Describes statements; that needs only the plan, never a database.
     describer: Arc<Parser>,
 }
 
 impl Databases {
-    fn service(&self, db: &str) -> PgWireResult<Arc<DfSessionService>> {
+    fn service(&self, db: &str) -> PgWireResult<(SessionContext, Arc<DfSessionService>)> {
         if !self.query.engine().catalog().has_database(db) {
-            return Err(user_error("3D000", format!("database \"{db}\" does not exist")));
+            return Err(user_error(
+                SqlState::InvalidCatalogName,
+                format!("database \"{db}\" does not exist"),
+            ));
         }
         if let Some(service) = self.services.lock().expect("pg services lock").get(db) {
             return Ok(service.clone());
         }
-        let ctx =
-            self.query.context(db).map_err(|e| user_error(sqlstate_of_query(&e), e.to_string()))?;
+        let ctx = self.query.context(db).map_err(|e| query_error(&e))?;
         datafusion_postgres::datafusion_pg_catalog::pg_catalog::setup_pg_catalog(
             &ctx,
             db,
             datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider,
         )
-        .map_err(|e| user_error("XX000", format!("setting up pg_catalog: {e}")))?;
+        .map_err(|e| user_error(SqlState::InternalError, format!("setting up pg_catalog: {e}")))?;
         functions::register(&ctx);
-        let service = Arc::new(DfSessionService::new(Arc::new(ctx)));
+        let service = Arc::new(DfSessionService::new_with_hooks(Arc::new(ctx.clone()), hooks()));
+        let entry = (ctx, service);
         self.services
             .lock()
             .expect("pg services lock")
             .entry(db.to_string())
-            .or_insert(service.clone());
-        Ok(service)
+            .or_insert(entry.clone());
+        Ok(entry)
     }
 
-    fn for_client<C: ClientInfo>(&self, client: &C) -> PgWireResult<Arc<DfSessionService>> {
-        let db = client.metadata().get(METADATA_DATABASE).cloned().unwrap_or_default();
-        self.service(&db)
+    fn for_client<C: ClientInfo>(
+        &self,
+        client: &C,
+    ) -> PgWireResult<(SessionContext, Arc<DfSessionService>)> {
+        self.service(&database(client))
     }
+}
+
+/// The database the connection is to.
+fn database<C: ClientInfo + ?Sized>(client: &C) -> String {
+    client.metadata().get(METADATA_DATABASE).cloned().unwrap_or_default()
 }
 
 type Statement = <DfSessionService as ExtendedQueryHandler>::Statement;
 
-/// The query handlers: find the connection's database, delegate, attach SQLSTATEs.
+/// The query handlers: find the connection's database, run the statement pipeline, attach
+/// SQLSTATEs.
 pub struct Handler {
     databases: Arc<Databases>,
     parser: Arc<DatabaseParser>,
@@ -243,6 +253,25 @@ pub struct DatabaseParser {
     databases: Arc<Databases>,
 }
 
+/// The plan a statement that Sundial answers itself is described with: no columns, or the one
+/// column of a `SHOW`.
+fn described_plan(command: &Command) -> PgWireResult<LogicalPlan> {
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::common::ToDFSchema;
+    let fields = match command {
+        Command::Show { name } => {
+            vec![Field::new(session::show_column(name), DataType::Utf8, false)]
+        }
+        _ => Vec::new(),
+    };
+    let schema =
+        Schema::new(fields).to_dfschema().map_err(|e| PgWireError::ApiError(Box::new(e)))?;
+    Ok(LogicalPlan::EmptyRelation(datafusion::logical_expr::EmptyRelation {
+        produce_one_row: matches!(command, Command::Show { .. }),
+        schema: Arc::new(schema),
+    }))
+}
+
 #[async_trait]
 impl QueryParser for DatabaseParser {
     type Statement = Statement;
@@ -251,18 +280,56 @@ impl QueryParser for DatabaseParser {
         &self,
         client: &C,
         sql: &str,
-        types: &[Option<Type>],
+        _types: &[Option<Type>],
     ) -> PgWireResult<Option<Self::Statement>>
     where
         C: ClientInfo + Unpin + Send + Sync,
     {
-        if answered_here(sql) {
-            // No plan: `Handler::do_query` answers it when the portal runs.
-            return Ok(Some((sql.to_string(), None)));
-        }
-        let service = self.databases.for_client(client)?;
-        let sql = rewritten(&self.databases.query, client, sql)?;
-        service.query_parser().parse_sql(client, &sql, types).await.map_err(with_sqlstate)
+        let mut statements = match statement::parse(sql) {
+            Ok(statements) => statements,
+            // Answered when the portal runs (`Handler::run_portal`).
+            Err(_) if statement::quirks::command(sql).is_some() => {
+                return Ok(Some((sql.to_string(), None)))
+            }
+            Err(error) => return Err(statement_error(error)),
+        };
+        let parsed = match statements.len() {
+            0 => return Ok(None),
+            1 => statements.remove(0),
+            n => {
+                return Err(user_error(
+                    SqlState::SyntaxError,
+                    format!("cannot insert {n} commands into a prepared statement"),
+                ))
+            }
+        };
+        let command = statement::classify(parsed.clone()).map_err(statement_error)?;
+        let plan = match command {
+            Command::Query(query) => {
+                let (ctx, _) = self.databases.for_client(client)?;
+                self.databases
+                    .query
+                    .plan(&ctx, &database(client), *query)
+                    .await
+                    .map_err(|e| query_error(&e))?
+            }
+            Command::Cursor(_) | Command::Transaction(_) => {
+                let (ctx, _) = self.databases.for_client(client)?;
+                let mut planned = None;
+                for hook in hooks() {
+                    planned = hook.handle_extended_parse_query(&parsed, &ctx, client).await;
+                    if planned.is_some() {
+                        break;
+                    }
+                }
+                match planned {
+                    Some(plan) => plan.map_err(with_sqlstate)?,
+                    None => described_plan(&command)?,
+                }
+            }
+            other => described_plan(&other)?,
+        };
+        Ok(Some((sql.to_string(), Some((parsed, plan)))))
     }
 
     fn get_parameter_types(&self, stmt: &Self::Statement) -> PgWireResult<Vec<Type>> {
@@ -276,27 +343,6 @@ impl QueryParser for DatabaseParser {
     ) -> PgWireResult<Vec<FieldInfo>> {
         self.databases.describer.get_result_schema(stmt, column_format).map_err(with_sqlstate)
     }
-}
-
-/// The SQL to plan: Sundial's own rewrites (gap filling, last values), then client catalog
-/// queries.
-fn rewritten<'a, C: ClientInfo>(
-    query: &QueryEngine,
-    client: &C,
-    sql: &'a str,
-) -> PgWireResult<std::borrow::Cow<'a, str>> {
-    let db = client.metadata().get(METADATA_DATABASE).cloned().unwrap_or_default();
-    let sql =
-        query.rewrite(&db, sql).map_err(|e| user_error(sqlstate_of_query(&e), e.to_string()))?;
-    Ok(match rewrite::catalog_query(&sql) {
-        Some(catalog) => std::borrow::Cow::Owned(catalog),
-        None => sql,
-    })
-}
-
-/// Whether `sql` is a statement this module answers itself (see [`Handler::answer_here`]).
-fn answered_here(sql: &str) -> bool {
-    session_command(sql).is_some() || crate::query::ddl::is_ddl(sql) || copy::parse(sql).is_some()
 }
 
 /// COPY FROM data is rendered this many rows at a time…
@@ -332,7 +378,7 @@ impl CopyHandler for Handler {
             if state.error.is_none() {
                 if state.data.len() + copy_data.data.len() > bytes_max {
                     state.error = Some(copy::InputError {
-                        sqlstate: "54000",
+                        sqlstate: SqlState::ProgramLimitExceeded,
                         message: format!("COPY data exceeds {bytes_max} bytes; split it into several COPY statements"),
                     });
                     state.data = Vec::new();
@@ -354,8 +400,8 @@ impl CopyHandler for Handler {
         let state = progress.0.lock().expect("copy state lock").take();
         let Some(state) = state else {
             return Err(user_error(
-                "08P01",
-                "CopyDone without a COPY FROM STDIN in progress".into(),
+                SqlState::ProtocolViolation,
+                "CopyDone without a COPY FROM STDIN in progress",
             ));
         };
         let rows = self.finish_copy_in(state).await?;
@@ -372,36 +418,101 @@ impl CopyHandler for Handler {
     {
         let progress = client.session_extensions().get_or_insert_with(CopyInProgress::default);
         progress.0.lock().expect("copy state lock").take();
-        user_error("57014", format!("COPY from stdin failed: {}", fail.message))
+        user_error(SqlState::QueryCanceled, format!("COPY from stdin failed: {}", fail.message))
     }
 }
 
 impl Handler {
-    /// Session commands and DDL, on either protocol; `None` for everything DataFusion plans.
-    async fn answer_here<C: ClientInfo>(
-        &self,
-        client: &C,
-        sql: &str,
-    ) -> Option<PgWireResult<Response>> {
-        if let Some(tag) = session_command(sql) {
-            return Some(Ok(Response::Execution(pgwire::api::results::Tag::new(tag))));
+    /// Runs one command of the pipeline that Sundial answers itself or plans here, on either
+    /// protocol (the extended protocol hands its queries, cursors and transactions to
+    /// datafusion-postgres, which binds their parameters).
+    async fn execute<C>(&self, client: &mut C, command: Command) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        match command {
+            Command::Query(query) => self.run_query(client, *query).await,
+            Command::Ddl(ddl) => {
+                let engine = self.databases.query.engine();
+                crate::query::ddl::execute(engine, &database(client), *ddl)
+                    .await
+                    .map(|tag| Response::Execution(Tag::new(tag)))
+                    .map_err(|e| user_error(sqlstate_of_ddl(&e), e.to_string()))
+            }
+            Command::Copy(copy) => self.copy(client, copy::from_statement(*copy)).await,
+            Command::Show { name } => session::show(client, &name),
+            Command::Set(set) => session::set(client, &set).await,
+            Command::Reset { name } => session::reset(client, &name),
+            Command::Transaction(statement) | Command::Cursor(statement) => {
+                let (ctx, _) = self.databases.for_client(client)?;
+                for hook in hooks() {
+                    if let Some(response) = hook.handle_simple_query(&statement, &ctx, client).await
+                    {
+                        return response;
+                    }
+                }
+                Err(user_error(SqlState::FeatureNotSupported, format!("{statement}")))
+            }
+            Command::NoOp { tag } => Ok(Response::Execution(Tag::new(tag))),
         }
-        let db = client.metadata().get(METADATA_DATABASE).cloned().unwrap_or_default();
-        let result = crate::query::ddl::execute(self.databases.query.engine(), &db, sql).await?;
-        Some(
-            result
-                .map(|tag| Response::Execution(pgwire::api::results::Tag::new(tag)))
-                .map_err(|e| user_error(sqlstate_of_ddl(&e), e.to_string())),
-        )
+    }
+
+    /// Plans and runs a query of the simple protocol, guarded by the session's statement
+    /// timeout and CancelRequest while it plans and while its rows stream.
+    async fn run_query<C>(&self, client: &C, query: SqlStatement) -> PgWireResult<Response>
+    where
+        C: ClientInfo + Send + Sync,
+    {
+        let (ctx, _) = self.databases.for_client(client)?;
+        let db = database(client);
+        let is_insert = matches!(query, SqlStatement::Insert(_));
+        let running = self.running.start(client);
+        let engine = &self.databases.query;
+        let planned = running.guard(async {
+            let plan = engine.plan(&ctx, &db, query).await.map_err(|e| query_error(&e))?;
+            let df = ctx
+                .execute_logical_plan(plan)
+                .await
+                .map_err(|e| user_error(sqlstate_of(&e), e.to_string()))?;
+            if !is_insert {
+                return Ok(Ok(df));
+            }
+            // INSERT answers with the number of rows written.
+            let batches =
+                df.collect().await.map_err(|e| user_error(sqlstate_of(&e), e.to_string()))?;
+            let rows = batches
+                .first()
+                .and_then(|b| b.column_by_name("count"))
+                .and_then(|c| c.as_any().downcast_ref::<arrow::array::UInt64Array>())
+                .map_or(0, |counts| counts.value(0) as usize);
+            Ok(Err(rows))
+        });
+        match planned.await? {
+            Ok(df) => {
+                let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
+                let encoded = datafusion_postgres::arrow_pg::datatypes::df::encode_dataframe(
+                    df,
+                    &Format::UnifiedText,
+                    Some(options),
+                )
+                .await
+                .map_err(with_sqlstate)?;
+                Ok(running.guard_rows(with_sqlstate_in_rows(Response::Query(encoded))))
+            }
+            Err(rows) => Ok(Response::Execution(Tag::new("INSERT").with_oid(0).with_rows(rows))),
+        }
     }
 
     /// Answers a `COPY` statement on either protocol.
-    async fn copy<C: ClientInfo>(
+    async fn copy<C: ClientInfo + Send + Sync>(
         &self,
         client: &C,
         copy: Result<copy::Copy, String>,
     ) -> PgWireResult<Response> {
-        match copy.map_err(|message| user_error("0A000", message))? {
+        match copy.map_err(|message| user_error(SqlState::FeatureNotSupported, message))? {
             copy::Copy::Out(out) => self.copy_out(client, out).await,
             copy::Copy::In(copy_in) => self.copy_in(client, copy_in),
         }
@@ -412,7 +523,10 @@ impl Handler {
         let db = client.metadata().get(METADATA_DATABASE).cloned().unwrap_or_default();
         let Some(table) = self.databases.query.engine().catalog().table(&db, &copy.table).cloned()
         else {
-            return Err(user_error("42P01", format!("relation \"{}\" does not exist", copy.table)));
+            return Err(user_error(
+                SqlState::UndefinedTable,
+                format!("relation \"{}\" does not exist", copy.table),
+            ));
         };
         let columns = if copy.columns.is_empty() {
             table.arrow_schema().fields().len()
@@ -437,23 +551,21 @@ impl Handler {
         let engine = self.databases.query.engine();
         let Some(table) = engine.catalog().table(&state.db, &state.copy.table).cloned() else {
             return Err(user_error(
-                "42P01",
+                SqlState::UndefinedTable,
                 format!("relation \"{}\" does not exist", state.copy.table),
             ));
         };
         let batch = copy::to_batch(&state.copy, &table, &state.data)
             .map_err(|e| user_error(e.sqlstate, e.message))?;
         drop(state.data);
-        let now =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let default_time_ns = i64::try_from(now.as_nanos()).unwrap_or(i64::MAX);
+        let default_time_ns = engine.clock().now_ns();
         // Render everything first, so a bad row stores nothing; then write in bounded records.
         let mut chunks = Vec::new();
         let mut text = String::new();
         for offset in (0..batch.num_rows()).step_by(COPY_ROWS_PER_RENDER) {
             let rows = batch.slice(offset, COPY_ROWS_PER_RENDER.min(batch.num_rows() - offset));
             crate::query::insert::render(&table, &rows, default_time_ns, &mut text)
-                .map_err(|e| user_error("22023", e.to_string()))?;
+                .map_err(|e| user_error(SqlState::InvalidParameterValue, e.to_string()))?;
             if text.len() >= COPY_RECORD_BYTES {
                 chunks.push(std::mem::take(&mut text));
             }
@@ -472,7 +584,10 @@ impl Handler {
                     crate::engine::Error::Rejected(lines) => {
                         let reasons: Vec<_> =
                             lines.iter().map(|l| l.error_message.clone()).collect();
-                        user_error("22023", format!("COPY rejected: {}", reasons.join("; ")))
+                        user_error(
+                            SqlState::InvalidParameterValue,
+                            format!("COPY rejected: {}", reasons.join("; ")),
+                        )
                     }
                     other => user_error(sqlstate_of_kind(other.kind()), other.to_string()),
                 },
@@ -482,24 +597,34 @@ impl Handler {
         Ok(stored)
     }
 
-    /// Runs the query of a `COPY … TO STDOUT` and streams its rows, one `CopyData` per line.
-    async fn copy_out<C: ClientInfo>(
+    /// Runs the query of a `COPY … TO STDOUT` through the statement pipeline (so gap filling
+    /// and the last-value cache apply as anywhere) and streams its rows, one `CopyData` per
+    /// line.
+    async fn copy_out<C: ClientInfo + Send + Sync>(
         &self,
         client: &C,
         copy: copy::CopyOut,
     ) -> PgWireResult<Response> {
-        let db = client.metadata().get(METADATA_DATABASE).cloned().unwrap_or_default();
-        let ctx = self
-            .databases
-            .query
-            .context(&db)
-            .map_err(|e| user_error(sqlstate_of_query(&e), e.to_string()))?;
-        let df =
-            ctx.sql(&copy.query).await.map_err(|e| user_error(sqlstate_of(&e), e.to_string()))?;
-        let schema = df.schema().inner().clone();
-        let batches = df.collect().await.map_err(|e| user_error(sqlstate_of(&e), e.to_string()))?;
+        let (ctx, _) = self.databases.for_client(client)?;
+        let db = database(client);
+        let running = self.running.start(client);
+        let engine = &self.databases.query;
+        let (schema, batches) = running
+            .guard(async {
+                let plan =
+                    engine.plan(&ctx, &db, *copy.query).await.map_err(|e| query_error(&e))?;
+                let df = ctx
+                    .execute_logical_plan(plan)
+                    .await
+                    .map_err(|e| user_error(sqlstate_of(&e), e.to_string()))?;
+                let schema = df.schema().inner().clone();
+                let batches =
+                    df.collect().await.map_err(|e| user_error(sqlstate_of(&e), e.to_string()))?;
+                Ok((schema, batches))
+            })
+            .await?;
         let text = copy::render(&copy.format, &schema, &batches)
-            .map_err(|e| user_error("XX000", e.to_string()))?;
+            .map_err(|e| user_error(SqlState::InternalError, e.to_string()))?;
         // The completion tag counts CopyData messages, so a header line rides with the first row.
         let mut lines: Vec<&[u8]> = text.split_inclusive(|&b| b == b'\n').collect();
         let header_and_first: Vec<u8>;
@@ -530,26 +655,15 @@ impl SimpleQueryHandler for Handler {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        if let Some(copy) = copy::parse(query) {
-            return Ok(vec![self.copy(client, copy).await?]);
+        let commands = statement::commands(query).map_err(statement_error)?;
+        if commands.is_empty() {
+            return Ok(vec![Response::EmptyQuery]);
         }
-        if let Some(response) = self.answer_here(client, query).await {
-            return Ok(vec![response?]);
+        let mut responses = Vec::with_capacity(commands.len());
+        for command in commands {
+            responses.push(self.execute(client, command).await?);
         }
-        if let Some(response) = session::show(client, query) {
-            return Ok(vec![response?]);
-        }
-        if let Some(response) = session::reset(client, query) {
-            return Ok(vec![response]);
-        }
-        let service = self.databases.for_client(client)?;
-        let query = rewritten(&self.databases.query, client, query)?;
-        let running = self.running.start(client);
-        let responses = running
-            .guard(SimpleQueryHandler::do_query(service.as_ref(), client, &query))
-            .await
-            .map_err(with_sqlstate)?;
-        Ok(responses.into_iter().map(|r| running.guard_rows(with_sqlstate_in_rows(r))).collect())
+        Ok(responses)
     }
 }
 
@@ -574,21 +688,33 @@ impl ExtendedQueryHandler for Handler {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        if let (sql, None) = &portal.statement.statement {
-            if let Some(copy) = copy::parse(sql) {
-                return self.copy(client, copy).await;
+        let parsed = match &portal.statement.statement {
+            (sql, None) => {
+                return match statement::quirks::command(sql) {
+                    Some(command) => self.execute(client, command).await,
+                    None => Ok(Response::EmptyQuery),
+                }
             }
-            if let Some(response) = self.answer_here(client, sql).await {
-                return response;
+            (_, Some((parsed, _))) => parsed,
+        };
+        // Classifying the parsed statement again is a match on its AST, not a parse.
+        match statement::classify(parsed.clone()).map_err(statement_error)? {
+            Command::Query(_) | Command::Cursor(_) | Command::Transaction(_) => {
+                let (_, service) = self.databases.for_client(client)?;
+                let running = self.running.start(client);
+                let response = running
+                    .guard(ExtendedQueryHandler::do_query(
+                        service.as_ref(),
+                        client,
+                        portal,
+                        max_rows,
+                    ))
+                    .await
+                    .map_err(with_sqlstate)?;
+                Ok(running.guard_rows(with_sqlstate_in_rows(response)))
             }
+            other => self.execute(client, other).await,
         }
-        let service = self.databases.for_client(client)?;
-        let running = self.running.start(client);
-        let response = running
-            .guard(ExtendedQueryHandler::do_query(service.as_ref(), client, portal, max_rows))
-            .await
-            .map_err(with_sqlstate)?;
-        Ok(running.guard_rows(with_sqlstate_in_rows(response)))
     }
 }
 
@@ -600,7 +726,8 @@ pub struct Handlers {
 
 impl Handlers {
     pub fn new(query: Arc<QueryEngine>) -> Handlers {
-        let describer = DfSessionService::new(Arc::new(SessionContext::new())).query_parser();
+        let describer = DfSessionService::new_with_hooks(Arc::new(SessionContext::new()), vec![])
+            .query_parser();
         let databases = Arc::new(Databases {
             query: query.clone(),
             services: Mutex::new(HashMap::new()),

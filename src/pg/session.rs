@@ -23,6 +23,10 @@ use pgwire::messages::startup::SecretKey;
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use tokio_util::sync::CancellationToken;
 
+use datafusion::sql::sqlparser::ast::{Expr, Set, Statement, Value};
+use pgwire::messages::startup::ParameterStatus;
+
+use super::sqlstate::SqlState;
 use crate::query::functions::{PG_VERSION, PG_VERSION_NUM};
 use crate::query::QueryEngine;
 
@@ -32,7 +36,7 @@ const METADATA_STATEMENT_TIMEOUT: &str = "statement_timeout_ms";
 fn query_canceled(reason: &str) -> PgWireError {
     PgWireError::UserError(Box::new(ErrorInfo::new(
         "ERROR".into(),
-        "57014".into(),
+        SqlState::QueryCanceled.code().into(),
         format!("canceling statement due to {reason}"),
     )))
 }
@@ -73,7 +77,7 @@ impl StartupHandler for Startup {
         if !self.query.engine().catalog().has_database(&db) {
             let error = ErrorInfo::new(
                 "FATAL".into(),
-                "3D000".into(),
+                SqlState::InvalidCatalogName.code().into(),
                 format!("database \"{db}\" does not exist"),
             );
             client.send(PgWireBackendMessage::ErrorResponse(error.into())).await?;
@@ -101,23 +105,55 @@ pub fn show_response(name: &str, value: &str) -> PgWireResult<Response> {
     Ok(Response::Query(QueryResponse::new(fields, futures::stream::iter([Ok(row)]))))
 }
 
-/// `SHOW` for the settings whose value is Sundial's rather than datafusion-postgres's.
-pub fn show<C: ClientInfo>(client: &C, sql: &str) -> Option<PgWireResult<Response>> {
-    let statement = sql.trim().trim_end_matches(';').trim();
-    let (keyword, rest) = statement.split_once(char::is_whitespace)?;
-    if !keyword.eq_ignore_ascii_case("show") {
-        return None;
+/// Settings a client may set that PostgreSQL reports back with a `ParameterStatus`, by their
+/// lowercase name, with the name it reports.
+const REPORTED: &[(&str, &str)] = &[
+    ("application_name", "application_name"),
+    ("client_encoding", "client_encoding"),
+    ("datestyle", "DateStyle"),
+    ("intervalstyle", "IntervalStyle"),
+    ("timezone", "TimeZone"),
+    ("extra_float_digits", "extra_float_digits"),
+    ("search_path", "search_path"),
+    ("bytea_output", "bytea_output"),
+];
+
+/// Connection metadata that is the protocol's, not a setting: `SET`/`RESET` of these names is
+/// refused, so a client cannot move its connection to another database by `SET database`.
+const PROTECTED: &[&str] =
+    &["database", "user", "options", "replication", METADATA_STATEMENT_TIMEOUT];
+
+fn protected(name: &str) -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new(
+        "ERROR".into(),
+        SqlState::CantChangeRuntimeParam.code().into(),
+        format!("parameter \"{name}\" cannot be changed"),
+    )))
+}
+
+/// The column a `SHOW name` answers in.
+pub fn show_column(name: &str) -> String {
+    if name == "timezone" || name == "time zone" {
+        "TimeZone".to_string()
+    } else {
+        name.to_string()
     }
-    let name = rest.trim().trim_matches('"').to_ascii_lowercase();
+}
+
+/// `SHOW name`: Sundial's values for what the server is, the connection's own settings, and
+/// PostgreSQL's defaults for the rest that clients ask about.
+pub fn show<C: ClientInfo>(client: &C, name: &str) -> PgWireResult<Response> {
     let metadata = |key: &str, default: &str| {
         client.metadata().get(key).cloned().unwrap_or_else(|| default.to_string())
     };
-    let value = match name.as_str() {
+    let value = match name {
         "server_version" => PG_VERSION.to_string(),
         "server_version_num" => PG_VERSION_NUM.to_string(),
         "server_encoding" => "UTF8".to_string(),
         "client_encoding" => metadata("client_encoding", "UTF8"),
         "timezone" | "time zone" => metadata("timezone", "UTC"),
+        "datestyle" => metadata("datestyle", "ISO, MDY"),
+        "search_path" => metadata("search_path", "\"$user\", public"),
         "standard_conforming_strings" => "on".to_string(),
         "integer_datetimes" => "on".to_string(),
         "max_identifier_length" => "63".to_string(),
@@ -125,45 +161,132 @@ pub fn show<C: ClientInfo>(client: &C, sql: &str) -> Option<PgWireResult<Respons
         | "transaction isolation level"
         | "default_transaction_isolation" => "read committed".to_string(),
         "is_superuser" => "on".to_string(),
+        "statement_timeout" => match client.metadata().get(METADATA_STATEMENT_TIMEOUT) {
+            Some(ms) => format!("{ms}ms"),
+            None => "0".to_string(),
+        },
+        other => match client.metadata().get(other) {
+            Some(value) => value.clone(),
+            None => {
+                return Err(PgWireError::UserError(Box::new(ErrorInfo::new(
+                    "ERROR".into(),
+                    SqlState::UndefinedObject.code().into(),
+                    format!("unrecognized configuration parameter \"{other}\""),
+                ))))
+            }
+        },
+    };
+    show_response(&show_column(name), &value)
+}
+
+/// A setting's value as text: `'ISO'`, `ISO`, `300`, `'5s'`.
+fn value_text(expr: &Expr) -> String {
+    match expr {
+        Expr::Value(v) => match &v.value {
+            Value::SingleQuotedString(s) | Value::DoubleQuotedString(s) => s.clone(),
+            other => other.to_string(),
+        },
+        Expr::Identifier(i) => i.value.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// `statement_timeout` in milliseconds: a number is milliseconds; `ms`, `s`, `min`, `h`
+/// units as PostgreSQL reads them. `None` when it is not a duration.
+fn timeout_ms(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let factor = match unit.trim() {
+        "" | "ms" => 1,
+        "s" => 1_000,
+        "min" => 60_000,
+        "h" => 3_600_000,
         _ => return None,
     };
-    let column = if name.starts_with("time") && name.ends_with("zone") {
-        "TimeZone".to_string()
-    } else {
-        name
+    number.checked_mul(factor)
+}
+
+/// `SET name = value` and `SET TIME ZONE`: the connection's own settings, kept in its metadata
+/// (so no other connection sees them), reported back as PostgreSQL does.
+pub async fn set<C>(client: &mut C, statement: &Statement) -> PgWireResult<Response>
+where
+    C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
+    C::Error: Debug,
+    PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+{
+    let (name, value) = match statement {
+        Statement::Set(Set::SingleAssignment { variable, values, .. }) => {
+            let name = variable.to_string().trim_matches('"').to_ascii_lowercase();
+            let value = values.iter().map(value_text).collect::<Vec<_>>().join(", ");
+            (name, value)
+        }
+        Statement::Set(Set::SetTimeZone { value, .. }) => {
+            ("timezone".to_string(), value_text(value))
+        }
+        Statement::Set(Set::SetNames { charset_name, .. }) => {
+            ("client_encoding".to_string(), charset_name.to_string())
+        }
+        other => {
+            return Err(PgWireError::UserError(Box::new(ErrorInfo::new(
+                "ERROR".into(),
+                SqlState::FeatureNotSupported.code().into(),
+                format!("{other} is not supported"),
+            ))))
+        }
     };
-    Some(show_response(&column, &value))
+    let name = if name == "time zone" { "timezone".to_string() } else { name };
+    if PROTECTED.contains(&name.as_str()) {
+        return Err(protected(&name));
+    }
+    if name == "statement_timeout" {
+        let Some(ms) = timeout_ms(&value) else {
+            return Err(PgWireError::UserError(Box::new(ErrorInfo::new(
+                "ERROR".into(),
+                SqlState::InvalidParameterValue.code().into(),
+                format!("invalid value for parameter \"statement_timeout\": \"{value}\""),
+            ))));
+        };
+        if ms == 0 {
+            client.metadata_mut().remove(METADATA_STATEMENT_TIMEOUT);
+        } else {
+            client.metadata_mut().insert(METADATA_STATEMENT_TIMEOUT.to_string(), ms.to_string());
+        }
+        return Ok(Response::Execution(pgwire::api::results::Tag::new("SET")));
+    }
+    client.metadata_mut().insert(name.clone(), value.clone());
+    if let Some((_, reported)) = REPORTED.iter().find(|(key, _)| *key == name) {
+        let status = ParameterStatus::new(reported.to_string(), value);
+        client.send(PgWireBackendMessage::ParameterStatus(status)).await?;
+    }
+    Ok(Response::Execution(pgwire::api::results::Tag::new("SET")))
 }
 
 /// `RESET name` and `RESET ALL`: the session's own value goes, the default is back.
-pub fn reset<C: ClientInfo>(client: &mut C, sql: &str) -> Option<Response> {
-    let statement = sql.trim().trim_end_matches(';').trim();
-    let (keyword, rest) = statement.split_once(char::is_whitespace)?;
-    if !keyword.eq_ignore_ascii_case("reset") {
-        return None;
+pub fn reset<C: ClientInfo>(client: &mut C, name: &str) -> PgWireResult<Response> {
+    if PROTECTED.contains(&name) {
+        return Err(protected(name));
     }
-    let name = rest.trim().trim_matches('"').to_ascii_lowercase();
-    let keys: &[&str] = match name.as_str() {
-        "all" => &[
-            METADATA_STATEMENT_TIMEOUT,
-            "timezone",
-            "datestyle",
-            "intervalstyle",
-            "bytea_output",
-            "extra_float_digits",
-            "search_path",
-        ],
-        "statement_timeout" => &[METADATA_STATEMENT_TIMEOUT],
-        "time zone" => &["timezone"],
-        other if other.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') => &[],
-        _ => return None,
-    };
     let metadata = client.metadata_mut();
-    for key in keys {
-        metadata.remove(*key);
+    match name {
+        "all" => {
+            metadata.remove(METADATA_STATEMENT_TIMEOUT);
+            for (key, _) in REPORTED {
+                metadata.remove(*key);
+            }
+        }
+        "statement_timeout" => {
+            metadata.remove(METADATA_STATEMENT_TIMEOUT);
+        }
+        "time zone" => {
+            metadata.remove("timezone");
+        }
+        other => {
+            metadata.remove(other);
+        }
     }
-    metadata.remove(&name);
-    Some(Response::Execution(pgwire::api::results::Tag::new("RESET")))
+    Ok(Response::Execution(pgwire::api::results::Tag::new("RESET")))
 }
 
 /// Queries running now, by connection, so a CancelRequest (which arrives on a connection of

@@ -36,45 +36,36 @@ impl Error {
     }
 }
 
-/// Whether `sql` is a statement [`execute`] handles.
-pub fn is_ddl(sql: &str) -> bool {
-    matches!(statement(sql), Some(Statement::CreateDatabase { .. } | Statement::CreateTable(_)))
-        || matches!(
-            statement(sql),
-            Some(Statement::Drop { object_type: ObjectType::Table | ObjectType::Database, .. })
-        )
-}
-
-fn statement(sql: &str) -> Option<Statement> {
-    super::parse_single(sql, "create").or_else(|| super::parse_single(sql, "drop"))
-}
-
 /// The unquoted last part of a name (`public.cpu` → `cpu`, `"my db"` → `my db`).
 fn last_name(name: &ObjectName) -> String {
     name.0.last().and_then(|p| p.as_ident()).map(|i| i.value.clone()).unwrap_or_default()
 }
 
-/// Runs `sql` if it is a DDL statement handled here; returns the command tag.
-pub async fn execute(engine: &Engine, db: &str, sql: &str) -> Option<Result<&'static str, Error>> {
-    match statement(sql)? {
+/// Runs a DDL statement of the pipeline (a `Command::Ddl`); returns the command tag.
+pub async fn execute(
+    engine: &Engine,
+    db: &str,
+    statement: Statement,
+) -> Result<&'static str, Error> {
+    match statement {
         Statement::CreateDatabase { db_name, if_not_exists, .. } => {
             let name = last_name(&db_name);
-            Some(match engine.create_database(&name).await {
+            match engine.create_database(&name).await {
                 Ok(false) if !if_not_exists => Err(Error::DatabaseExists(name)),
                 Ok(_) => Ok("CREATE DATABASE"),
                 Err(e) => Err(e.into()),
-            })
+            }
         }
         Statement::CreateTable(create) => {
-            Some(create_table(engine, db, create).await.map(|()| "CREATE TABLE"))
+            create_table(engine, db, create).await.map(|()| "CREATE TABLE")
         }
         Statement::Drop { object_type: ObjectType::Table, if_exists, names, .. } => {
-            Some(drop_tables(engine, db, &names, if_exists).await)
+            drop_tables(engine, db, &names, if_exists).await
         }
         Statement::Drop { object_type: ObjectType::Database, if_exists, names, .. } => {
-            Some(drop_databases(engine, db, &names, if_exists).await)
+            drop_databases(engine, db, &names, if_exists).await
         }
-        _ => None,
+        other => Err(Error::Invalid(format!("not a DDL statement: {other}"))),
     }
 }
 
@@ -168,6 +159,11 @@ async fn create_table(engine: &Engine, db: &str, create: CreateTable) -> Result<
                 )))
             }
         };
+        // The rules line protocol names follow: `_seq` (the hidden write order) is reserved.
+        crate::catalog::check_name("column", &name).map_err(Error::Invalid)?;
+        if name.is_empty() {
+            return Err(Error::Invalid("a column name is empty".into()));
+        }
         if columns.iter().any(|c: &Column| c.name == name) {
             return Err(Error::Invalid(format!("column \"{name}\" is declared twice")));
         }

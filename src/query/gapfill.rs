@@ -8,30 +8,44 @@
 //! every group, a left join, and window functions (`last_value … IGNORE NULLS`) for the fills.
 //! The query's own `ORDER BY` and `LIMIT` apply to the filled rows.
 
+use std::ops::ControlFlow;
+
 use datafusion::sql::sqlparser::ast::{
-    BinaryOperator, Expr, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr, Query,
-    SelectItem, SetExpr, Statement,
+    visit_expressions, BinaryOperator, Expr, FunctionArg, FunctionArgExpr, FunctionArguments,
+    GroupByExpr, Query, SelectItem, SetExpr, Statement,
 };
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 
 const TIME_TYPE: &str = "'Timestamp(ns, \"UTC\")'";
 
-/// `None` when `sql` does not use `date_bin_gapfill`; otherwise the rewritten SQL, or why it
-/// cannot be gap filled.
-pub fn rewrite(sql: &str) -> Option<Result<String, String>> {
-    if !sql.to_ascii_lowercase().contains("date_bin_gapfill") {
-        return None;
+/// Whether `statement` calls `date_bin_gapfill` anywhere.
+fn uses_gapfill(statement: &Statement) -> bool {
+    visit_expressions(statement, |e| match function_name(e) {
+        Some(name) if name == "date_bin_gapfill" => ControlFlow::Break(()),
+        _ => ControlFlow::Continue(()),
+    })
+    .is_break()
+}
+
+/// Rewrites a query that uses `date_bin_gapfill` in place (untouched otherwise); the error says
+/// why it cannot be gap filled.
+pub fn rewrite(statement: &mut Statement) -> Result<(), String> {
+    if !uses_gapfill(statement) {
+        return Ok(());
     }
-    let statements = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
-        Ok(statements) => statements,
-        // DataFusion reports the syntax error itself.
-        Err(_) => return None,
+    let Statement::Query(query) = statement else {
+        return Err("date_bin_gapfill works in a single SELECT statement".into());
     };
-    let [Statement::Query(query)] = statements.as_slice() else {
-        return Some(Err("date_bin_gapfill works in a single SELECT statement".into()));
+    let sql = rewrite_query(query)?;
+    // The rewrite is built as text; it is Sundial's own SQL, so it parses.
+    let parsed = Parser::parse_sql(&PostgreSqlDialect {}, &sql)
+        .map_err(|e| format!("gap filling produced a query that does not parse: {e}"))?;
+    let Ok([Statement::Query(rewritten)]) = <[Statement; 1]>::try_from(parsed) else {
+        return Err("gap filling produced something other than one query".to_string());
     };
-    Some(rewrite_query(query))
+    *query = rewritten;
+    Ok(())
 }
 
 enum Fill {
@@ -334,6 +348,18 @@ fn rewrite_query(query: &Query) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `None` when `sql` does not use `date_bin_gapfill`; otherwise the rewritten SQL as built.
+    fn rewrite(sql: &str) -> Option<Result<String, String>> {
+        let statements = Parser::parse_sql(&PostgreSqlDialect {}, sql).expect("parses");
+        if !uses_gapfill(&statements[0]) {
+            return None;
+        }
+        let [Statement::Query(query)] = statements.as_slice() else {
+            return Some(Err("date_bin_gapfill works in a single SELECT statement".into()));
+        };
+        Some(rewrite_query(query))
+    }
 
     #[test]
     fn leaves_other_queries_alone_and_explains_what_it_needs() {

@@ -164,9 +164,7 @@ impl DataSink for LineProtocolSink {
         mut data: SendableRecordBatchStream,
         _context: &Arc<TaskContext>,
     ) -> Result<u64> {
-        let now =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let default_time_ns = i64::try_from(now.as_nanos()).unwrap_or(i64::MAX);
+        let default_time_ns = self.engine.clock().now_ns();
         // One request per batch keeps each write within the WAL's record limit.
         let mut rows = 0u64;
         while let Some(batch) = data.next().await {

@@ -54,7 +54,9 @@ impl TableFunctionImpl for LastCacheFunction {
             return plan_err!("last_cache takes a table name and optionally tags, as in last_cache('cpu') or last_cache('cpu', 'host')");
         };
         let Some(schema) = self.engine.catalog().table(&self.db, table).cloned() else {
-            return plan_err!("table '{table}' not found");
+            return Err(DataFusionError::External(Box::new(super::Error::UndefinedTable(
+                table.to_string(),
+            ))));
         };
         if let Some(other) =
             per.iter().find(|t| schema.column(t).is_none_or(|c| c.kind != ColumnKind::Tag))
@@ -251,18 +253,18 @@ fn lastpoint_table(query: &Query, catalog: &Catalog, db: &str) -> Option<(String
     (leads_with_keys && then_latest).then_some((table_name, keys))
 }
 
-/// `sql` reading `last_cache('t')` in place of `t`, when it is a "last point per series" query.
-pub fn rewrite(sql: &str, catalog: &Catalog, db: &str) -> Option<String> {
-    if !sql.to_ascii_lowercase().contains("distinct on") {
-        return None;
-    }
+/// Makes a "last point per series" query read `last_cache('t', keys…)` in place of `t`;
+/// whether it was one.
+pub fn rewrite(statement: &mut Statement, catalog: &Catalog, db: &str) -> bool {
+    rewrite_lastpoint(statement, catalog, db).is_some()
+}
+
+fn rewrite_lastpoint(statement: &mut Statement, catalog: &Catalog, db: &str) -> Option<()> {
     let dialect = datafusion::sql::sqlparser::dialect::PostgreSqlDialect {};
-    let mut statements =
-        datafusion::sql::sqlparser::parser::Parser::parse_sql(&dialect, sql).ok()?;
-    let query = match statements.as_mut_slice() {
-        [Statement::Query(query)] => query,
+    let query = match statement {
+        Statement::Query(query) => query,
         // EXPLAIN [ANALYZE] shows the plan the query itself gets.
-        [Statement::Explain { statement, .. }] => match statement.as_mut() {
+        Statement::Explain { statement, .. } => match statement.as_mut() {
             Statement::Query(query) => query,
             _ => return None,
         },
@@ -288,12 +290,21 @@ pub fn rewrite(sql: &str, catalog: &Catalog, db: &str) -> Option<String> {
     select.from[0].relation = replacement.from[0].relation.clone();
     // last_cache(t, keys…) keeps one row per key already.
     select.distinct = None;
-    Some(statements[0].to_string())
+    Some(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The rewritten SQL, or `None` when the query is not a last point per series.
+    fn rewrite(sql: &str, catalog: &Catalog, db: &str) -> Option<String> {
+        let dialect = datafusion::sql::sqlparser::dialect::PostgreSqlDialect {};
+        let mut statements =
+            datafusion::sql::sqlparser::parser::Parser::parse_sql(&dialect, sql).ok()?;
+        let [statement] = statements.as_mut_slice() else { return None };
+        super::rewrite(statement, catalog, db).then(|| statement.to_string())
+    }
     use crate::catalog::{Column, FieldType, TableSchema};
 
     fn catalog() -> Catalog {

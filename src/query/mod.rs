@@ -42,9 +42,18 @@ use datafusion::physical_plan::union::UnionExec;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::common::TableReference;
+use datafusion::execution::context::SQLOptions;
+use datafusion::logical_expr::dml::InsertOp;
+use datafusion::logical_expr::{LogicalPlan, WriteOp};
+use datafusion::sql::parser::Statement as DfStatement;
+use datafusion::sql::sqlparser::ast::Statement;
+
 use crate::buffer::{adapt, dedup, time_range};
 use crate::catalog::{ParquetFile, SEQ_COLUMN, TIME_COLUMN};
 use crate::engine::{Engine, PartitionSnapshot};
+use crate::statement::{Command, RewriteContext};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -68,6 +77,12 @@ pub enum Error {
     DataFusion(#[from] DataFusionError),
     #[error("{0}")]
     Unsupported(String),
+    #[error(transparent)]
+    Statement(#[from] crate::statement::Error),
+    #[error("relation \"{0}\" does not exist")]
+    UndefinedTable(String),
+    #[error("function {0} does not exist")]
+    UndefinedFunction(String),
 }
 
 impl Error {
@@ -77,6 +92,10 @@ impl Error {
         match self {
             Error::DatabaseNotFound(_) => ErrorKind::NotFound,
             Error::Unsupported(_) => ErrorKind::Unsupported,
+            Error::Statement(e) => e.kind(),
+            // As DataFusion's own planning error was: 400 over HTTP, not the 404 of a database.
+            Error::UndefinedTable(_) => ErrorKind::InvalidInput,
+            Error::UndefinedFunction(_) => ErrorKind::InvalidInput,
             Error::DataFusion(e) => match e.find_root() {
                 DataFusionError::SQL(..)
                 | DataFusionError::Plan(_)
@@ -107,6 +126,11 @@ impl QueryEngine {
         let url = url::Url::parse(&engine.store().datafusion_url)
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
         runtime.register_object_store(&url, engine.store().inner.clone());
+        // DataFusion registers the whole local filesystem as `file://`; Sundial's queries read
+        // only Sundial's own store, so no query can name a server file.
+        let file =
+            url::Url::parse("file:///").map_err(|e| DataFusionError::External(Box::new(e)))?;
+        let _ = runtime.object_store_registry.deregister_store(&file);
         Ok(QueryEngine { engine, runtime, config, contexts: Mutex::new(HashMap::new()) })
     }
 
@@ -151,28 +175,122 @@ impl QueryEngine {
         Ok(ctx)
     }
 
-    /// What Sundial does to a query of `db` before DataFusion plans it: gap filling, and the
-    /// last-value cache for "last point per series" queries.
-    pub fn rewrite<'a>(&self, db: &str, sql: &'a str) -> Result<std::borrow::Cow<'a, str>, Error> {
-        let sql = match gapfill::rewrite(sql) {
-            None => std::borrow::Cow::Borrowed(sql),
-            Some(Ok(rewritten)) => std::borrow::Cow::Owned(rewritten),
-            Some(Err(message)) => return Err(Error::Unsupported(message)),
+    /// Plans one query of the statement pipeline (a [`Command::Query`]) in `ctx`: Sundial's
+    /// rewrites on the AST, then DataFusion's planner, then the check that the plan only reads
+    /// or inserts (no DDL, no `COPY … TO` a file, no statements that change the session).
+    ///
+    /// [`Command::Query`]: crate::statement::Command::Query
+    pub async fn plan(
+        &self,
+        ctx: &SessionContext,
+        db: &str,
+        mut statement: Statement,
+    ) -> Result<LogicalPlan, Error> {
+        let catalog = self.engine.catalog();
+        crate::statement::rewrite(&mut statement, &RewriteContext { catalog: &catalog, db })?;
+        let state = ctx.state();
+        let statement = DfStatement::Statement(Box::new(statement));
+        // Every table the statement names must exist: said here, typed, rather than in words
+        // DataFusion may change.
+        for table in state.resolve_table_references(&statement)? {
+            // Table functions (`range`, `last_cache`, `generate_series`) are named like tables.
+            let function = matches!(&table, TableReference::Bare { table }
+                if state.table_functions().contains_key(table.as_ref()));
+            if !function && !ctx.table_exist(table.clone())? {
+                return Err(Error::UndefinedTable(table.to_string()));
+            }
+        }
+        let kept = statement.clone();
+        let plan = match state.statement_to_plan(statement).await {
+            Ok(plan) => plan,
+            Err(error) => return Err(undefined_function(&state, &kept).unwrap_or(error.into())),
         };
-        Ok(match last_cache::rewrite(&sql, &self.engine.catalog(), db) {
-            Some(rewritten) => std::borrow::Cow::Owned(rewritten),
-            None => sql,
-        })
+        verify_read_or_insert(&plan)?;
+        Ok(plan)
     }
 
-    /// Plans and runs `sql`, returning every result batch and the result schema.
-    pub async fn sql(&self, db: &str, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>), Error> {
+    /// Plans and runs one query of `db`, returning every result batch and the result schema.
+    pub async fn run(
+        &self,
+        db: &str,
+        statement: Statement,
+    ) -> Result<(SchemaRef, Vec<RecordBatch>), Error> {
         let ctx = self.context(db)?;
-        let sql = self.rewrite(db, sql)?;
-        let df = ctx.sql(&sql).await?;
+        let plan = self.plan(&ctx, db, statement).await?;
+        let df = ctx.execute_logical_plan(plan).await?;
         let schema: SchemaRef = df.schema().inner().clone();
         let batches = df.collect().await?;
         Ok((schema, batches))
+    }
+
+    /// Plans and runs `sql`, one query, through the statement pipeline.
+    pub async fn sql(&self, db: &str, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>), Error> {
+        match crate::statement::command(sql)? {
+            Some(Command::Query(statement)) => self.run(db, *statement).await,
+            Some(_) => Err(Error::Unsupported("not a query".into())),
+            None => Err(Error::Unsupported("no statement".into())),
+        }
+    }
+}
+
+/// A function `statement` calls that `state` does not know, as the error to report when its
+/// planning failed.
+fn undefined_function(
+    state: &datafusion::execution::SessionState,
+    statement: &DfStatement,
+) -> Option<Error> {
+    use datafusion::sql::sqlparser::ast::{visit_expressions, Expr as SqlExpr};
+    let DfStatement::Statement(statement) = statement else { return None };
+    let mut unknown = None;
+    let _ = visit_expressions(statement.as_ref(), |expr| {
+        if let SqlExpr::Function(f) = expr {
+            let name = f.name.0.last().and_then(|p| p.as_ident()).map(|i| {
+                if i.quote_style.is_some() {
+                    i.value.clone()
+                } else {
+                    i.value.to_lowercase()
+                }
+            });
+            if let Some(name) = name {
+                let known = state.scalar_functions().contains_key(&name)
+                    || state.aggregate_functions().contains_key(&name)
+                    || state.window_functions().contains_key(&name);
+                if !known {
+                    unknown = Some(name);
+                    return std::ops::ControlFlow::Break(());
+                }
+            }
+        }
+        std::ops::ControlFlow::Continue(())
+    });
+    unknown.map(Error::UndefinedFunction)
+}
+
+/// The allowlist's second line: whatever reached DataFusion as a query may read, explain and
+/// insert, nothing else (the pipeline refuses other statements before planning).
+fn verify_read_or_insert(plan: &LogicalPlan) -> Result<(), Error> {
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_statements(false)
+        .with_allow_dml(true)
+        .verify_plan(plan)?;
+    let mut refused = None;
+    plan.apply(|node| {
+        Ok(match node {
+            LogicalPlan::Copy(_) => {
+                refused = Some("COPY … TO a file");
+                TreeNodeRecursion::Stop
+            }
+            LogicalPlan::Dml(dml) if dml.op != WriteOp::Insert(InsertOp::Append) => {
+                refused = Some("UPDATE, DELETE and INSERT OVERWRITE");
+                TreeNodeRecursion::Stop
+            }
+            _ => TreeNodeRecursion::Continue,
+        })
+    })?;
+    match refused {
+        Some(what) => Err(Error::Unsupported(format!("{what} is not supported"))),
+        None => Ok(()),
     }
 }
 
@@ -530,24 +648,4 @@ pub fn plain(
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok((target, converted))
-}
-
-/// Parses `sql` with sqlparser's PostgreSQL dialect when it is one statement starting with
-/// `keyword`: for the statements Sundial answers itself (COPY TO STDOUT, CREATE DATABASE/TABLE)
-/// rather than DataFusion's parser, which reads them differently.
-pub fn parse_single(
-    sql: &str,
-    keyword: &str,
-) -> Option<datafusion::sql::sqlparser::ast::Statement> {
-    let head = sql.trim_start().get(..keyword.len())?;
-    if !head.eq_ignore_ascii_case(keyword) {
-        return None;
-    }
-    let dialect = datafusion::sql::sqlparser::dialect::PostgreSqlDialect {};
-    let mut statements =
-        datafusion::sql::sqlparser::parser::Parser::parse_sql(&dialect, sql).ok()?;
-    if statements.len() != 1 {
-        return None;
-    }
-    statements.pop()
 }

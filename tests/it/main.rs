@@ -6,5 +6,6 @@ mod harness;
 mod pg;
 mod query;
 mod slt;
+mod statements;
 mod tidy;
 mod write;

@@ -1,4 +1,5 @@
-//! Client catalog queries rewritten into shapes DataFusion plans.
+//! Client catalog queries rewritten into shapes DataFusion plans (the last rewrite of the
+//! statement pipeline, for every front end).
 //!
 //! ORMs read column details with correlated scalar subqueries that select one value without
 //! aggregating (SQLAlchemy: `(SELECT pg_get_expr(adbin, adrelid) FROM pg_attrdef WHERE adrelid
@@ -23,8 +24,8 @@ use std::ops::ControlFlow;
 use std::collections::BTreeMap;
 
 use datafusion::sql::sqlparser::ast::{
-    visit_expressions, visit_expressions_mut, AccessExpr, BinaryOperator, Expr, GroupByExpr, Query,
-    SelectItem, SetExpr, Statement, TableFactor, Value,
+    visit_expressions, visit_expressions_mut, visit_relations, AccessExpr, BinaryOperator, Expr,
+    GroupByExpr, ObjectName, Query, SelectItem, SetExpr, Statement, TableFactor, Value,
 };
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::parser::Parser;
@@ -63,10 +64,55 @@ fn finds_nothing(query: &Query) -> bool {
             }
         }
     }
-    let by_collation =
-        select.selection.as_ref().is_some_and(|w| w.to_string().contains("attcollation"));
+    let by_collation = select.selection.as_ref().is_some_and(names_column_attcollation);
     !tables.is_empty() && tables.iter().all(|t| EMPTY_TABLES.contains(&t.as_str()))
         || tables.iter().any(|t| t == "pg_collation") && by_collation
+}
+
+/// Whether `expr` reads a column named `attcollation`.
+fn names_column_attcollation(expr: &Expr) -> bool {
+    let found = visit_expressions(expr, |e| {
+        let name = match e {
+            Expr::Identifier(i) => Some(&i.value),
+            Expr::CompoundIdentifier(parts) => parts.last().map(|i| &i.value),
+            _ => None,
+        };
+        if name.is_some_and(|n| n.eq_ignore_ascii_case("attcollation")) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    });
+    found.is_break()
+}
+
+/// Whether `statement` names a relation or function in `pg_catalog` (or pgjdbc's
+/// `information_schema._pg_expandarray`): only those are client catalog queries.
+fn names_pg_catalog(statement: &Statement) -> bool {
+    let is_catalog = |name: &ObjectName| {
+        name.0
+            .first()
+            .and_then(|p| p.as_ident())
+            .is_some_and(|i| i.value.eq_ignore_ascii_case("pg_catalog"))
+            || name
+                .0
+                .last()
+                .and_then(|p| p.as_ident())
+                .is_some_and(|i| i.value.eq_ignore_ascii_case("_pg_expandarray"))
+    };
+    let relation = visit_relations(statement, |name| {
+        if is_catalog(name) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    });
+    relation.is_break()
+        || visit_expressions(statement, |e| match e {
+            Expr::Function(f) if is_catalog(&f.name) => ControlFlow::Break(()),
+            _ => ControlFlow::Continue(()),
+        })
+        .is_break()
 }
 
 fn is_null(expr: &Expr) -> bool {
@@ -136,15 +182,14 @@ fn keep_placeholders(
     }
 }
 
-/// The rewritten SQL, or `None` when nothing needed rewriting.
-pub fn catalog_query(sql: &str) -> Option<String> {
-    if !sql.to_ascii_lowercase().contains("pg_catalog") {
-        return None;
+/// Rewrites a client catalog query in place; whether anything changed.
+pub fn rewrite(statement: &mut Statement) -> bool {
+    if !names_pg_catalog(statement) {
+        return false;
     }
     let dialect = PostgreSqlDialect {};
-    let mut statements = Parser::parse_sql(&dialect, sql).ok()?;
     let mut changed = false;
-    for statement in &mut statements {
+    {
         let before = placeholders(statement);
         // Post-order: subqueries become NULL before the CASE around them is looked at.
         let _ = visit_expressions_mut(statement, |expr| {
@@ -227,14 +272,23 @@ pub fn catalog_query(sql: &str) -> Option<String> {
             }
             ControlFlow::Continue(())
         });
-        keep_placeholders(statement, before, &dialect);
+        if changed {
+            keep_placeholders(statement, before, &dialect);
+        }
     }
-    changed.then(|| statements.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("; "))
+    changed
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The rewritten SQL, or `None` when nothing needed rewriting.
+    fn catalog_query(sql: &str) -> Option<String> {
+        let mut statements = Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
+        let changed = statements.iter_mut().fold(false, |changed, s| rewrite(s) | changed);
+        changed.then(|| statements.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("; "))
+    }
 
     #[test]
     fn wraps_correlated_lookups_in_catalog_queries_only() {
