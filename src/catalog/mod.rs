@@ -26,6 +26,33 @@ pub const COLUMNS_PER_TABLE_MAX: usize = 2_000;
 pub const TABLES_PER_DATABASE_MAX: usize = 10_000;
 pub const NAME_BYTES_MAX: usize = 512;
 
+/// Why a line or a name does not fit the catalog. The messages are what a rejected line reports.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("{what} longer than {NAME_BYTES_MAX} bytes")]
+    NameTooLong { what: &'static str },
+    #[error("{what} \"{SEQ_COLUMN}\" is reserved")]
+    Reserved { what: &'static str },
+    #[error("{what} name is empty")]
+    EmptyObjectName { what: &'static str },
+    #[error("{what} name longer than {NAME_BYTES_MAX} bytes")]
+    ObjectNameTooLong { what: &'static str },
+    #[error("{what} name \"{name}\" contains '/', '\\' or a control character")]
+    ObjectNameCharacter { what: &'static str, name: String },
+    #[error("{what} name \"{name}\" is not allowed")]
+    ObjectNameNotAllowed { what: &'static str, name: String },
+    #[error("\"{key}\" is a {field_type} field in table \"{table}\", not a tag")]
+    FieldNotTag { key: String, field_type: &'static str, table: String },
+    #[error("\"{key}\" is used as both a tag and a field")]
+    TagAndField { key: String },
+    #[error("field \"{key}\" is {expected} in table \"{table}\", got {got}")]
+    FieldType { key: String, expected: &'static str, table: String, got: &'static str },
+    #[error("\"{key}\" is a tag in table \"{table}\", not a field")]
+    TagNotField { key: String, table: String },
+    #[error("table \"{table}\" would exceed {COLUMNS_PER_TABLE_MAX} columns")]
+    TooManyColumns { table: String },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FieldType {
@@ -168,7 +195,7 @@ impl TableSchema {
     /// Checks `line` against this schema plus `pending` (columns this batch added before it),
     /// and returns the columns the line would add. Nothing changes unless the caller applies
     /// them, so a rejected line leaves no trace.
-    pub fn check_line(&self, line: &Line<'_>, pending: &[Column]) -> Result<Vec<Column>, String> {
+    pub fn check_line(&self, line: &Line<'_>, pending: &[Column]) -> Result<Vec<Column>, Error> {
         let lookup = |name: &str| -> Option<ColumnKind> {
             self.column(name)
                 .map(|c| c.kind)
@@ -180,11 +207,11 @@ impl TableSchema {
             match lookup(key) {
                 Some(ColumnKind::Tag) => {}
                 Some(ColumnKind::Field(t)) => {
-                    return Err(format!(
-                        "\"{key}\" is a {} field in table \"{}\", not a tag",
-                        t.name(),
-                        self.name
-                    ))
+                    return Err(Error::FieldNotTag {
+                        key: key.to_string(),
+                        field_type: t.name(),
+                        table: self.name.clone(),
+                    })
                 }
                 None => added.push(Column { name: key.to_string(), kind: ColumnKind::Tag }),
             }
@@ -196,24 +223,24 @@ impl TableSchema {
             }
             check_name("field key", key)?;
             if line.tags.iter().any(|(k, _)| k == key) {
-                return Err(format!("\"{key}\" is used as both a tag and a field"));
+                return Err(Error::TagAndField { key: key.to_string() });
             }
             let wanted = FieldType::of(value);
             match lookup(key) {
                 Some(ColumnKind::Field(t)) if t == wanted => {}
                 Some(ColumnKind::Field(t)) => {
-                    return Err(format!(
-                        "field \"{key}\" is {} in table \"{}\", got {}",
-                        t.name(),
-                        self.name,
-                        wanted.name()
-                    ))
+                    return Err(Error::FieldType {
+                        key: key.to_string(),
+                        expected: t.name(),
+                        table: self.name.clone(),
+                        got: wanted.name(),
+                    })
                 }
                 Some(ColumnKind::Tag) => {
-                    return Err(format!(
-                        "\"{key}\" is a tag in table \"{}\", not a field",
-                        self.name
-                    ))
+                    return Err(Error::TagNotField {
+                        key: key.to_string(),
+                        table: self.name.clone(),
+                    })
                 }
                 None => {
                     added.push(Column { name: key.to_string(), kind: ColumnKind::Field(wanted) })
@@ -221,10 +248,7 @@ impl TableSchema {
             }
         }
         if self.columns.len() + pending.len() + added.len() > COLUMNS_PER_TABLE_MAX {
-            return Err(format!(
-                "table \"{}\" would exceed {COLUMNS_PER_TABLE_MAX} columns",
-                self.name
-            ));
+            return Err(Error::TooManyColumns { table: self.name.clone() });
         }
         Ok(added)
     }
@@ -248,29 +272,29 @@ impl TableSchema {
 }
 
 /// Checks a column name (tag or field), by the same rules for line protocol and `CREATE TABLE`.
-pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+pub fn check_name(what: &'static str, name: &str) -> Result<(), Error> {
     if name.len() > NAME_BYTES_MAX {
-        return Err(format!("{what} longer than {NAME_BYTES_MAX} bytes"));
+        return Err(Error::NameTooLong { what });
     }
     if name == SEQ_COLUMN {
-        return Err(format!("{what} \"{SEQ_COLUMN}\" is reserved"));
+        return Err(Error::Reserved { what });
     }
     Ok(())
 }
 
 /// Checks a database or table name.
-pub fn check_object_name(what: &str, name: &str) -> Result<(), String> {
+pub fn check_object_name(what: &'static str, name: &str) -> Result<(), Error> {
     if name.is_empty() {
-        return Err(format!("{what} name is empty"));
+        return Err(Error::EmptyObjectName { what });
     }
     if name.len() > NAME_BYTES_MAX {
-        return Err(format!("{what} name longer than {NAME_BYTES_MAX} bytes"));
+        return Err(Error::ObjectNameTooLong { what });
     }
     if name.chars().any(|c| c.is_control() || c == '/' || c == '\\') {
-        return Err(format!("{what} name \"{name}\" contains '/', '\\' or a control character"));
+        return Err(Error::ObjectNameCharacter { what, name: name.to_string() });
     }
     if name == "." || name == ".." {
-        return Err(format!("{what} name \"{name}\" is not allowed"));
+        return Err(Error::ObjectNameNotAllowed { what, name: name.to_string() });
     }
     Ok(())
 }

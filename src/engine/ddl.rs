@@ -46,7 +46,7 @@ impl Engine {
         columns: Vec<Column>,
         if_not_exists: bool,
     ) -> Result<bool, Error> {
-        let invalid = |what: &'static str, name: &str, reason: String| Error::InvalidName {
+        let invalid = |what: &'static str, name: &str, reason: catalog::Error| Error::InvalidName {
             what,
             name: name.into(),
             reason,

@@ -89,7 +89,7 @@ impl Config {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{what} \"{name}\" is invalid: {reason}")]
-    InvalidName { what: &'static str, name: String, reason: String },
+    InvalidName { what: &'static str, name: String, reason: crate::catalog::Error },
     #[error("database \"{0}\" not found")]
     DatabaseNotFound(String),
     #[error("table \"{0}\" already exists")]

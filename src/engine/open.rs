@@ -16,6 +16,19 @@ use crate::persist::manifest::Manifest;
 use crate::persist::store::Store;
 use crate::wal::{self, Wal};
 
+/// Why a WAL record cannot be replayed: startup stops rather than drop acknowledged rows.
+#[derive(Debug, thiserror::Error)]
+enum ReplayError {
+    #[error("unknown record kind {0}")]
+    UnknownKind(u8),
+    #[error(transparent)]
+    Record(#[from] super::record::RecordError),
+    #[error("record {seq} no longer fits the catalog: line {line}: {reason}")]
+    NoLongerFits { seq: u64, line: usize, reason: String },
+    #[error("record {seq} conflicts with the catalog")]
+    Conflicts { seq: u64 },
+}
+
 impl Engine {
     /// Opens the data directory: loads the manifest, replays the WAL, starts the WAL writer.
     pub async fn open(config: Config) -> Result<Arc<Engine>, Error> {
@@ -71,9 +84,9 @@ impl Engine {
         let mut replayed_rows = 0usize;
         let replayed = wal::replay(&wal_config, |seq, kind, payload| {
             if kind != wal::KIND_LINE_PROTOCOL {
-                return Err(format!("unknown record kind {kind}"));
+                return Err(ReplayError::UnknownKind(kind));
             }
-            let record = LpRecord::decode(payload).map_err(|e| e.to_string())?;
+            let record = LpRecord::decode(payload)?;
             let dropped = |table: &str| seq <= manifest.state().dropped_seq(record.database, table);
             let prepared = prepare(
                 &catalog,
@@ -90,13 +103,14 @@ impl Engine {
             }
             if let Some(bad) = prepared.rejected.first() {
                 // Cannot happen for records this server wrote; refuse rather than drop data.
-                return Err(format!(
-                    "record {seq} no longer fits the catalog: line {}: {}",
-                    bad.line_number, bad.error_message
-                ));
+                return Err(ReplayError::NoLongerFits {
+                    seq,
+                    line: bad.line_number,
+                    reason: bad.error_message.clone(),
+                });
             }
             if !grow_catalog(&mut catalog, record.database, &prepared.additions) {
-                return Err(format!("record {seq} conflicts with the catalog"));
+                return Err(ReplayError::Conflicts { seq });
             }
             for pending in prepared.rows.finish() {
                 let db = record.database.to_string();

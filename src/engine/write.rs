@@ -16,6 +16,19 @@ use crate::catalog::{self, Catalog, Column, TableSchema};
 use crate::line_protocol::{self, Line, Precision};
 use crate::wal;
 
+/// Why one line of a write is rejected; its message is the line's `error_message`.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum LineError {
+    #[error(transparent)]
+    Parse(#[from] line_protocol::ParseError),
+    #[error(transparent)]
+    Catalog(#[from] catalog::Error),
+    #[error("timestamp {timestamp} is out of range for precision {precision:?}")]
+    TimestampRange { timestamp: i64, precision: Precision },
+    #[error("database would exceed {} tables", catalog::TABLES_PER_DATABASE_MAX)]
+    TooManyTables,
+}
+
 /// Lines checked against a catalog and turned into rows.
 pub(super) struct Prepared {
     pub(super) wal_lines: Vec<u8>,
@@ -48,7 +61,7 @@ pub(super) fn prepare(
     let empty_tables: &mut HashMap<String, TableSchema> = &mut HashMap::new();
     let mut new_tables = 0usize;
     for (number, bytes) in line_protocol::lines(body) {
-        let parsed = line_protocol::parse_line(number, bytes, &mut line).map_err(|e| e.to_string());
+        let parsed = line_protocol::parse_line(number, bytes, &mut line).map_err(LineError::from);
         if parsed.is_ok() && skip(line.measurement.as_ref()) {
             continue;
         }
@@ -65,16 +78,13 @@ pub(super) fn prepare(
             let added = schema.check_line(&line, pending)?;
             let time_ns = match line.timestamp {
                 None => default_time_ns,
-                Some(t) => precision.to_nanos(t).ok_or_else(|| {
-                    format!("timestamp {t} is out of range for precision {precision:?}")
-                })?,
+                Some(t) => precision
+                    .to_nanos(t)
+                    .ok_or(LineError::TimestampRange { timestamp: t, precision })?,
             };
             if catalog.table(db, name).is_none() && !prepared.additions.contains_key(name) {
                 if catalog.table_count(db) + new_tables >= catalog::TABLES_PER_DATABASE_MAX {
-                    return Err(format!(
-                        "database would exceed {} tables",
-                        catalog::TABLES_PER_DATABASE_MAX
-                    ));
+                    return Err(LineError::TooManyTables);
                 }
                 new_tables += 1;
             }
@@ -94,7 +104,7 @@ pub(super) fn prepare(
                 prepared.wal_lines.extend_from_slice(bytes);
                 prepared.wal_lines.push(b'\n');
             }
-            Err(error_message) => {
+            Err(error) => {
                 let mut original = String::from_utf8_lossy(bytes).into_owned();
                 if original.len() > ORIGINAL_LINE_BYTES_MAX {
                     let mut cut = ORIGINAL_LINE_BYTES_MAX;
@@ -106,7 +116,7 @@ pub(super) fn prepare(
                 prepared.rejected.push(RejectedLine {
                     line_number: number,
                     original_line: original,
-                    error_message,
+                    error_message: error.to_string(),
                 });
             }
         }

@@ -160,7 +160,7 @@ async fn create_table(engine: &Engine, db: &str, create: CreateTable) -> Result<
             }
         };
         // The rules line protocol names follow: `_seq` (the hidden write order) is reserved.
-        crate::catalog::check_name("column", &name).map_err(Error::Invalid)?;
+        crate::catalog::check_name("column", &name).map_err(|e| Error::Invalid(e.to_string()))?;
         if name.is_empty() {
             return Err(Error::Invalid("a column name is empty".into()));
         }

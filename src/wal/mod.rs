@@ -213,9 +213,9 @@ fn valid_record_after(bytes: &[u8], seq_min: u64, record_bytes_max: usize) -> bo
 
 /// Replays every record in order, calling `f(seq, kind, payload)`. A torn tail of the last
 /// segment is cut off (and the cut synced); anything else that does not decode is an error.
-pub fn replay(
+pub fn replay<E: std::fmt::Display>(
     config: &Config,
-    mut f: impl FnMut(u64, u8, &[u8]) -> Result<(), String>,
+    mut f: impl FnMut(u64, u8, &[u8]) -> Result<(), E>,
 ) -> Result<Replayed, Error> {
     fs::create_dir_all(&config.dir).map_err(io_err(&config.dir))?;
     let segments = list_segments(&config.dir)?;
@@ -282,7 +282,7 @@ pub fn replay(
                             format!("sequence {seq} where {expected} was expected"),
                         ));
                     }
-                    f(seq, kind, payload).map_err(|reason| corrupt(offset, reason))?;
+                    f(seq, kind, payload).map_err(|reason| corrupt(offset, reason.to_string()))?;
                     records += 1;
                     expected += 1;
                     offset += used;

@@ -26,7 +26,7 @@ fn replay_all(config: &Config) -> Result<Vec<(u64, Vec<u8>)>, Error> {
     replay(config, |seq, kind, payload| {
         assert_eq!(kind, KIND_LINE_PROTOCOL);
         got.push((seq, payload.to_vec()));
-        Ok(())
+        Ok::<(), String>(())
     })?;
     Ok(got)
 }
