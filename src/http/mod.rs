@@ -319,11 +319,22 @@ async fn influxql(
         )
     };
     // InfluxQL's database statements read as SQL; the pipeline parses them like any other.
+    let ok = || Json(json!({ "results": [{ "statement_id": 0 }] })).into_response();
     let statement = match crate::statement::parse(&q) {
         Ok(mut statements) if statements.len() == 1 => statements.remove(0),
-        _ => return only(),
+        _ => {
+            let engine = state.query.engine();
+            let done = match crate::statement::quirks::influxql_database(&q) {
+                Some((true, name)) => engine.create_database(&name).await.map(|_| ()),
+                Some((false, name)) => engine.drop_database(&name).await.map(|_| ()),
+                None => return only(),
+            };
+            return match done {
+                Ok(()) => ok(),
+                Err(e) => error_response(status_of(e.kind()), &e.to_string(), None),
+            };
+        }
     };
-    let ok = || Json(json!({ "results": [{ "statement_id": 0 }] })).into_response();
     let last_name = |name: &ObjectName| {
         name.0.last().and_then(|p| p.as_ident()).map(|i| i.value.clone()).unwrap_or_default()
     };
@@ -484,6 +495,7 @@ async fn run_sql(state: &AppState, params: SqlParams, headers: &HeaderMap) -> Re
         Command::Transaction(_) | Command::NoOp { .. } => return Json(json!([])).into_response(),
         Command::Copy(_)
         | Command::Cursor(_)
+        | Command::Declare { .. }
         | Command::Show { .. }
         | Command::Set(_)
         | Command::Reset { .. } => {

@@ -32,6 +32,7 @@ use datafusion::prelude::SessionContext;
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use datafusion_postgres::hooks::cursor::CursorStatementHook;
 use datafusion_postgres::hooks::transactions::TransactionStatementHook;
+use datafusion_postgres::hooks::HookClient;
 use datafusion_postgres::pgwire;
 use datafusion_postgres::{DfSessionService, Parser, QueryHook};
 use futures::{Sink, SinkExt};
@@ -40,13 +41,14 @@ use pgwire::api::copy::CopyHandler;
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::results::{FieldInfo, Response, Tag};
-use pgwire::api::stmt::QueryParser;
+use pgwire::api::stmt::{QueryParser, StoredStatement};
 use pgwire::api::store::PortalStore;
 use pgwire::api::{
     ClientInfo, ClientPortalStore, ConnectionManager, PgWireServerHandlers, Type, METADATA_DATABASE,
 };
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::copy::{CopyData, CopyDone, CopyFail};
+use pgwire::messages::response::TransactionStatus;
 use pgwire::messages::PgWireBackendMessage;
 use pgwire::types::format::FormatOptions;
 use tokio_util::sync::CancellationToken;
@@ -184,7 +186,22 @@ fn query_error(error: &crate::query::Error) -> PgWireError {
     user_error(state, error.to_string())
 }
 
-/// The hooks of datafusion-postgres that Sundial keeps: cursors and transaction status.
+/// Whether `command` is refused because an earlier statement of the transaction failed (as
+/// PostgreSQL does until `COMMIT` or `ROLLBACK`).
+fn in_failed_transaction<C: ClientInfo>(client: &C, command: &Command) -> bool {
+    client.transaction_status() == TransactionStatus::Error
+        && !matches!(command, Command::Transaction(_) | Command::NoOp { tag: "ROLLBACK" })
+}
+
+fn failed_transaction() -> PgWireError {
+    user_error(
+        SqlState::InFailedSqlTransaction,
+        "current transaction is aborted, commands ignored until end of transaction block",
+    )
+}
+
+/// The hooks of datafusion-postgres that Sundial keeps: cursors (FETCH, CLOSE) and
+/// transaction status.
 fn hooks() -> Vec<Arc<dyn QueryHook>> {
     vec![Arc::new(CursorStatementHook), Arc::new(TransactionStatementHook)]
 }
@@ -433,8 +450,12 @@ impl Handler {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
+        if in_failed_transaction(client, &command) {
+            return Err(failed_transaction());
+        }
         match command {
             Command::Query(query) => self.run_query(client, *query).await,
+            Command::Declare { cursor, query } => self.declare(client, cursor, *query).await,
             Command::Ddl(ddl) => {
                 let engine = self.databases.query.engine();
                 crate::query::ddl::execute(engine, &database(client), *ddl)
@@ -458,6 +479,47 @@ impl Handler {
             }
             Command::NoOp { tag } => Ok(Response::Execution(Tag::new(tag))),
         }
+    }
+
+    /// `DECLARE name CURSOR FOR <query>`: the query is planned like any other and its rows wait
+    /// in a cursor portal for `FETCH` (datafusion-postgres's cursor hook answers FETCH/CLOSE).
+    async fn declare<C>(
+        &self,
+        client: &mut C,
+        cursor: String,
+        query: SqlStatement,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let (ctx, _) = self.databases.for_client(client)?;
+        let db = database(client);
+        let text = query.to_string();
+        let running = self.running.start(&*client);
+        let engine = &self.databases.query;
+        let df = running
+            .guard(async {
+                let plan = engine.plan(&ctx, &db, query).await.map_err(|e| query_error(&e))?;
+                ctx.execute_logical_plan(plan)
+                    .await
+                    .map_err(|e| user_error(sqlstate_of(&e), e.to_string()))
+            })
+            .await?;
+        let rows = datafusion_postgres::arrow_pg::datatypes::df::encode_dataframe(
+            df,
+            &Format::UnifiedText,
+            None,
+        )
+        .await
+        .map_err(with_sqlstate)?;
+        let stored = Arc::new(StoredStatement::new(cursor.clone(), (text, None), vec![]));
+        let portal = Portal::new_cursor(cursor, stored);
+        portal.start(rows).await;
+        HookClient::portal_store(client).put_portal(Arc::new(portal));
+        Ok(Response::Execution(Tag::new("DECLARE CURSOR")))
     }
 
     /// Plans and runs a query of the simple protocol, guarded by the session's statement
@@ -698,7 +760,11 @@ impl ExtendedQueryHandler for Handler {
             (_, Some((parsed, _))) => parsed,
         };
         // Classifying the parsed statement again is a match on its AST, not a parse.
-        match statement::classify(parsed.clone()).map_err(statement_error)? {
+        let command = statement::classify(parsed.clone()).map_err(statement_error)?;
+        if in_failed_transaction(client, &command) {
+            return Err(failed_transaction());
+        }
+        match command {
             Command::Query(_) | Command::Cursor(_) | Command::Transaction(_) => {
                 let (_, service) = self.databases.for_client(client)?;
                 let running = self.running.start(client);

@@ -161,6 +161,19 @@ pub fn show<C: ClientInfo>(client: &C, name: &str) -> PgWireResult<Response> {
         | "transaction isolation level"
         | "default_transaction_isolation" => "read committed".to_string(),
         "is_superuser" => "on".to_string(),
+        // What pgwire reports at startup and drivers ask again (pgjdbc's targetServerType,
+        // SQLAlchemy's get_readonly), with PostgreSQL's defaults.
+        "transaction_read_only" | "default_transaction_read_only" | "in_hot_standby" => {
+            "off".to_string()
+        }
+        "intervalstyle" => metadata("intervalstyle", "postgres"),
+        "bytea_output" => metadata("bytea_output", "hex"),
+        "extra_float_digits" => metadata("extra_float_digits", "1"),
+        "application_name" => metadata("application_name", ""),
+        "session_authorization" => metadata("user", "sundial"),
+        "lc_collate" | "lc_ctype" | "lc_messages" | "lc_monetary" | "lc_numeric" | "lc_time" => {
+            "C".to_string()
+        }
         "statement_timeout" => match client.metadata().get(METADATA_STATEMENT_TIMEOUT) {
             Some(ms) => format!("{ms}ms"),
             None => "0".to_string(),
@@ -195,17 +208,23 @@ fn value_text(expr: &Expr) -> String {
 /// units as PostgreSQL reads them. `None` when it is not a duration.
 fn timeout_ms(text: &str) -> Option<u64> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    if text.eq_ignore_ascii_case("default") {
+        return Some(0);
+    }
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let number: u64 = number.parse().ok()?;
+    let number: f64 = number.parse().ok()?;
     let factor = match unit.trim() {
-        "" | "ms" => 1,
-        "s" => 1_000,
-        "min" => 60_000,
-        "h" => 3_600_000,
+        "" | "ms" => 1.0,
+        "s" => 1_000.0,
+        "min" => 60_000.0,
+        "h" => 3_600_000.0,
+        "d" => 86_400_000.0,
         _ => return None,
     };
-    number.checked_mul(factor)
+    let ms = (number * factor).round();
+    // At most a year: beyond it a deadline is as good as none.
+    (ms.is_finite() && (0.0..=31_536_000_000.0).contains(&ms)).then_some(ms as u64)
 }
 
 /// `SET name = value` and `SET TIME ZONE`: the connection's own settings, kept in its metadata
@@ -253,6 +272,19 @@ where
         } else {
             client.metadata_mut().insert(METADATA_STATEMENT_TIMEOUT.to_string(), ms.to_string());
         }
+        return Ok(Response::Execution(pgwire::api::results::Tag::new("SET")));
+    }
+    if name == "client_encoding"
+        && !matches!(value.to_ascii_uppercase().as_str(), "UTF8" | "UTF-8" | "UNICODE")
+    {
+        return Err(PgWireError::UserError(Box::new(ErrorInfo::new(
+            "ERROR".into(),
+            SqlState::FeatureNotSupported.code().into(),
+            format!("client_encoding \"{value}\" is not supported: Sundial speaks UTF8 only"),
+        ))));
+    }
+    if value.eq_ignore_ascii_case("default") {
+        client.metadata_mut().remove(&name);
         return Ok(Response::Execution(pgwire::api::results::Tag::new("SET")));
     }
     client.metadata_mut().insert(name.clone(), value.clone());
@@ -398,5 +430,30 @@ impl CancelHandler for Cancel {
     async fn on_cancel_request(&self, request: CancelRequest) {
         self.running.cancel(request.pid, &request.secret_key);
         self.connections.cancel(request.pid, &request.secret_key).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::timeout_ms;
+
+    #[test]
+    fn statement_timeout_values_read_as_postgresql_reads_them() {
+        let cases = [
+            ("300", Some(300)),
+            ("2s", Some(2_000)),
+            ("1.5s", Some(1_500)),
+            ("1min", Some(60_000)),
+            ("0", Some(0)),
+            ("DEFAULT", Some(0)),
+            ("", None),
+            ("5 parsecs", None),
+            ("-1", None),
+            ("99999999999999999999d", None),
+            ("1.2.3", None),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(timeout_ms(text), expected, "{text:?}");
+        }
     }
 }

@@ -26,6 +26,7 @@ pub enum SqlState {
     ProgramLimitExceeded,
     OutOfMemory,
     QueryCanceled,
+    InFailedSqlTransaction,
     CannotConnectNow,
     InternalError,
 }
@@ -56,6 +57,7 @@ impl SqlState {
             SqlState::ProgramLimitExceeded => "54000",
             SqlState::OutOfMemory => "53200",
             SqlState::QueryCanceled => "57014",
+            SqlState::InFailedSqlTransaction => "25P02",
             SqlState::CannotConnectNow => "57P03",
             SqlState::InternalError => "XX000",
         }

@@ -252,7 +252,10 @@ fn undefined_function(
                 }
             });
             if let Some(name) = name {
-                let known = state.scalar_functions().contains_key(&name)
+                // Functions DataFusion's SQL planner handles itself rather than by registry.
+                const PLANNED: &[&str] = &["unnest", "struct", "grouping", "rollup", "cube"];
+                let known = PLANNED.contains(&name.as_str())
+                    || state.scalar_functions().contains_key(&name)
                     || state.aggregate_functions().contains_key(&name)
                     || state.window_functions().contains_key(&name);
                 if !known {
@@ -283,6 +286,15 @@ fn verify_read_or_insert(plan: &LogicalPlan) -> Result<(), Error> {
             }
             LogicalPlan::Dml(dml) if dml.op != WriteOp::Insert(InsertOp::Append) => {
                 refused = Some("UPDATE, DELETE and INSERT OVERWRITE");
+                TreeNodeRecursion::Stop
+            }
+            // INSERT only into Sundial's tables (pg_catalog's would take rows into memory and
+            // keep none).
+            LogicalPlan::Dml(dml)
+                if datafusion::datasource::source_as_provider(&dml.target)
+                    .map_or(true, |p| !p.is::<Table>()) =>
+            {
+                refused = Some("INSERT into anything but a Sundial table");
                 TreeNodeRecursion::Stop
             }
             _ => TreeNodeRecursion::Continue,

@@ -19,7 +19,7 @@ pub mod quirks;
 
 use std::sync::OnceLock;
 
-use datafusion::sql::sqlparser::ast::{ObjectType, Reset, Set, Statement};
+use datafusion::sql::sqlparser::ast::{DeclareType, ObjectType, Reset, Set, SetExpr, Statement};
 use datafusion::sql::sqlparser::parser::ParserError;
 use datafusion_postgres::datafusion_pg_catalog::sql::PostgresCompatibilityParser;
 
@@ -60,7 +60,10 @@ pub enum Command {
     /// `BEGIN`, `START TRANSACTION`, `COMMIT`, `ROLLBACK`: writes are committed as they happen
     /// and reads see snapshots, so these only move the protocol's transaction status.
     Transaction(Box<Statement>),
-    /// `DECLARE … CURSOR`, `FETCH`, `CLOSE` (Postgres protocol only).
+    /// `DECLARE name CURSOR FOR <query>` (Postgres protocol only): the query goes through
+    /// `QueryEngine::plan` like any other.
+    Declare { cursor: String, query: Box<Statement> },
+    /// `FETCH`, `CLOSE` of a declared cursor (Postgres protocol only).
     Cursor(Box<Statement>),
     /// Statements that change nothing here and are answered with their tag: `DEALLOCATE`
     /// (psycopg's statement cache; pgwire owns prepared statements), `DISCARD ALL` (pools on
@@ -138,10 +141,17 @@ pub fn classify(statement: Statement) -> Result<Command, Error> {
         Statement::ShowVariable { ref variable } => {
             let name = variable.iter().map(|i| i.value.to_ascii_lowercase()).collect::<Vec<_>>();
             let name = name.join(" ");
-            let engine_setting = variable.first().is_some_and(|i| {
-                let first = i.value.to_ascii_lowercase();
-                first == "datafusion" || first.starts_with("datafusion.")
+            // DataFusion answers `SHOW datafusion.…` by building SQL from the name: only plain
+            // names go there (a quoted one could carry SQL, or panic its planner).
+            let plain = variable.iter().all(|i| {
+                i.quote_style.is_none()
+                    && i.value.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
             });
+            let engine_setting = plain
+                && variable.first().is_some_and(|i| {
+                    let first = i.value.to_ascii_lowercase();
+                    first == "datafusion" || first.starts_with("datafusion.")
+                });
             if engine_setting || name == "all" {
                 // DataFusion answers these from its settings table: a read.
                 Command::Query(boxed(statement))
@@ -161,7 +171,10 @@ pub fn classify(statement: Statement) -> Result<Command, Error> {
                 Command::Set(boxed(statement))
             }
             Set::SetTimeZone { .. } | Set::SetNames { .. } => Command::Set(boxed(statement)),
-            Set::SetTransaction { .. } => Command::NoOp { tag: "SET" },
+            // One user, no roles yet (authentication comes with the security work).
+            Set::SetTransaction { .. } | Set::SetRole { .. } | Set::SetSessionAuthorization(_) => {
+                Command::NoOp { tag: "SET" }
+            }
             _ => return Err(unsupported(&format!("{statement}"))),
         },
         Statement::Reset(reset) => Command::Reset {
@@ -201,11 +214,33 @@ pub fn classify(statement: Statement) -> Result<Command, Error> {
         Statement::ReleaseSavepoint { .. } => Command::NoOp { tag: "RELEASE" },
         Statement::Deallocate { .. } => Command::NoOp { tag: "DEALLOCATE" },
         Statement::Discard { .. } => Command::NoOp { tag: "DISCARD ALL" },
-        Statement::Declare { .. } | Statement::Fetch { .. } | Statement::Close { .. } => {
-            Command::Cursor(boxed(statement))
+        Statement::Declare { mut stmts } => {
+            let declare = match stmts.pop() {
+                Some(d) if stmts.is_empty() && d.declare_type == Some(DeclareType::Cursor) => d,
+                _ => return Err(unsupported("DECLARE of anything but one cursor")),
+            };
+            match (declare.names.as_slice(), declare.for_query) {
+                ([name], Some(query)) if !writes(&query.body) => Command::Declare {
+                    cursor: name.value.clone(),
+                    query: Box::new(Statement::Query(query)),
+                },
+                _ => return Err(unsupported("DECLARE without one name and a FOR query")),
+            }
         }
+        Statement::Fetch { .. } | Statement::Close { .. } => Command::Cursor(boxed(statement)),
         other => return Err(unsupported(&statement_kind(&other))),
     })
+}
+
+/// Whether a query's body is an `INSERT`, `UPDATE`, `DELETE` or `MERGE` (sqlparser reads those
+/// as queries after `WITH` or inside `DECLARE … CURSOR FOR`).
+fn writes(body: &SetExpr) -> bool {
+    match body {
+        SetExpr::Insert(_) | SetExpr::Update(_) | SetExpr::Delete(_) | SetExpr::Merge(_) => true,
+        SetExpr::Query(query) => writes(&query.body),
+        SetExpr::SetOperation { left, right, .. } => writes(left) || writes(right),
+        _ => false,
+    }
 }
 
 /// A statement's leading words (`CREATE EXTERNAL TABLE`, `UPDATE`), for messages.

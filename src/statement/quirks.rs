@@ -22,3 +22,36 @@ pub fn command(sql: &str) -> Option<Command> {
     };
     Some(Command::NoOp { tag })
 }
+
+/// A database statement of InfluxQL on the v1 `/query` endpoint that SQL does not parse:
+/// Telegraf and the influx 1.x CLI send `CREATE DATABASE name WITH DURATION 30d …` (retention
+/// clauses, which Sundial does not keep). `true` for CREATE, `false` for DROP, with the name.
+pub fn influxql_database(q: &str) -> Option<(bool, String)> {
+    let words: Vec<&str> = q.split_whitespace().collect();
+    let upper: Vec<String> = words.iter().take(2).map(|w| w.to_ascii_uppercase()).collect();
+    let create = match upper.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["CREATE", "DATABASE"] => true,
+        ["DROP", "DATABASE"] => false,
+        _ => return None,
+    };
+    let name = words.get(2)?.trim_end_matches(';').trim_matches('"');
+    (!name.is_empty()).then(|| (create, name.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn influxql_database_statements_with_retention_clauses() {
+        assert_eq!(
+            influxql_database("CREATE DATABASE \"telegraf\" WITH DURATION 30d"),
+            Some((true, "telegraf".to_string()))
+        );
+        assert_eq!(influxql_database("drop database x;"), Some((false, "x".to_string())));
+        assert_eq!(influxql_database("CREATE DATABASE"), None);
+        assert_eq!(influxql_database("SELECT 1"), None);
+        assert!(matches!(command("DISCARD ALL"), Some(Command::NoOp { tag: "DISCARD ALL" })));
+        assert!(command("SELECT 1").is_none());
+    }
+}

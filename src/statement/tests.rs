@@ -16,6 +16,7 @@ fn kind(sql: &str) -> &'static str {
         Ok(Command::Reset { .. }) => "reset",
         Ok(Command::Transaction(_)) => "transaction",
         Ok(Command::Cursor(_)) => "cursor",
+        Ok(Command::Declare { .. }) => "declare",
         Ok(Command::NoOp { .. }) => "noop",
         Err(Error::Syntax(_)) => "syntax",
         Err(Error::Unsupported(_)) => "unsupported",
@@ -58,7 +59,9 @@ fn each_statement_has_one_command() {
         ("RELEASE SAVEPOINT s", "noop"),
         ("DEALLOCATE p", "noop"),
         ("DISCARD ALL", "noop"),
-        ("DECLARE c CURSOR FOR SELECT 1", "cursor"),
+        ("DECLARE c CURSOR FOR SELECT 1", "declare"),
+        ("SET ROLE admin", "noop"),
+        (r#"SHOW "datafusion.runtime.'; SELECT 1; --""#, "show"),
         ("FETCH 10 FROM c", "cursor"),
         ("CLOSE c", "cursor"),
         ("SELEC 1", "syntax"),
@@ -91,6 +94,8 @@ fn nothing_else_reaches_datafusion() {
         "EXPLAIN CREATE VIEW v AS SELECT 1",
         "CREATE FUNCTION f() RETURNS INT AS 'select 1' LANGUAGE SQL",
         "GRANT ALL ON cpu TO public",
+        "DECLARE c CURSOR FOR DELETE FROM cpu",
+        "DECLARE c CURSOR FOR UPDATE cpu SET usage = 1",
     ];
     for sql in refused {
         let kind = kind(sql);

@@ -65,6 +65,41 @@ async fn show_set_and_reset_answer_alike_on_both_protocols() {
         let error = client.batch_execute(sql).await.expect_err(sql);
         assert_eq!(error.code(), Some(&SqlState::CANT_CHANGE_RUNTIME_PARAM), "{sql}: {error:?}");
     }
+    // A SHOW whose name would be SQL inside DataFusion's settings query is only a name here.
+    let error = client
+        .simple_query(r#"SHOW "datafusion.runtime.'; SELECT 1; --""#)
+        .await
+        .expect_err("unknown setting");
+    assert_eq!(error.code(), Some(&SqlState::UNDEFINED_OBJECT), "{error:?}");
+    let row = client.query_one("SHOW transaction_read_only", &[]).await.expect("driver setting");
+    assert_eq!(row.get::<_, String>(0), "off");
+    let error = client.batch_execute("SET client_encoding = 'LATIN1'").await.expect_err("utf8");
+    assert_eq!(error.code(), Some(&SqlState::FEATURE_NOT_SUPPORTED), "{error:?}");
+
+    // Cursors: the declared query goes through the pipeline; a cursor over a write is refused.
+    client
+        .batch_execute("BEGIN; DECLARE c CURSOR FOR SELECT host FROM cpu ORDER BY host, time")
+        .await
+        .expect("declare");
+    let fetched = client.simple_query("FETCH 3 FROM c").await.expect("fetch");
+    assert_eq!(
+        rows(&fetched),
+        vec![vec![Some("a".to_string())], vec![Some("a".to_string())], vec![Some("b".to_string())]]
+    );
+    client.batch_execute("CLOSE c; COMMIT").await.expect("close");
+    let error =
+        client.batch_execute("DECLARE d CURSOR FOR DELETE FROM cpu").await.expect_err("refused");
+    assert_eq!(error.code(), Some(&SqlState::FEATURE_NOT_SUPPORTED), "{error:?}");
+
+    // After an error inside a transaction, both protocols refuse statements until it ends.
+    client.batch_execute("BEGIN").await.expect("begin");
+    client.batch_execute("SELECT nosuch FROM cpu").await.expect_err("fails");
+    let error = client.simple_query("SELECT 1").await.expect_err("aborted (simple)");
+    assert_eq!(error.code(), Some(&SqlState::IN_FAILED_SQL_TRANSACTION), "{error:?}");
+    let error = client.query("SELECT 1", &[]).await.expect_err("aborted (extended)");
+    assert_eq!(error.code(), Some(&SqlState::IN_FAILED_SQL_TRANSACTION), "{error:?}");
+    client.batch_execute("ROLLBACK").await.expect("rollback");
+
     // Transactions and savepoints are accepted on both protocols.
     client.batch_execute("BEGIN; SAVEPOINT s; RELEASE SAVEPOINT s; COMMIT").await.expect("tx");
     client.execute("BEGIN", &[]).await.expect("begin (extended)");
@@ -134,6 +169,7 @@ async fn no_sql_touches_server_files_or_other_sessions() {
         "UPDATE cpu SET usage = 0".to_string(),
         "DELETE FROM cpu".to_string(),
         "PREPARE p AS SELECT 1".to_string(),
+        "INSERT INTO pg_catalog.pg_am SELECT * FROM pg_catalog.pg_am".to_string(),
     ];
     // Over HTTP: a 400 with the reason, nothing done.
     for sql in &attacks {
@@ -177,4 +213,20 @@ async fn no_sql_touches_server_files_or_other_sessions() {
         .await
         .expect("request");
     assert_eq!(response.status().as_u16(), 400, "one statement per HTTP query");
+    // InfluxQL on v1 /query: retention clauses SQL does not parse still create the database.
+    let influxql = enc("CREATE DATABASE \"kept\" WITH DURATION 30d REPLICATION 1");
+    let response = client()
+        .post(format!("{}?q={influxql}", server.url("/query")))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status().as_u16(), 200);
+    let (status, _) = server.query_raw("kept", "SHOW TABLES", "json").await;
+    assert_eq!(status, 200, "database created");
+    let response = client()
+        .post(format!("{}?q={}", server.url("/query"), enc("DELETE FROM cpu")))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status().as_u16(), 400, "only database statements on /query");
 }
