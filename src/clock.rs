@@ -4,6 +4,7 @@
 //! of waiting for it.
 
 use std::fmt::Debug;
+#[cfg(test)]
 use std::sync::atomic::{AtomicI64, Ordering};
 
 /// A source of the current time.
@@ -25,11 +26,13 @@ impl Clock for SystemClock {
 }
 
 /// A clock that stands still until told otherwise, for tests.
+#[cfg(test)]
 #[derive(Debug, Default)]
 pub struct ManualClock {
     now_ns: AtomicI64,
 }
 
+#[cfg(test)]
 impl ManualClock {
     pub fn new(now_ns: i64) -> ManualClock {
         ManualClock { now_ns: AtomicI64::new(now_ns) }
@@ -45,6 +48,7 @@ impl ManualClock {
     }
 }
 
+#[cfg(test)]
 impl Clock for ManualClock {
     fn now_ns(&self) -> i64 {
         self.now_ns.load(Ordering::SeqCst)

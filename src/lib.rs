@@ -1,23 +1,26 @@
 //! Sundial: an embedded columnar time-series database server. Line protocol in over HTTP, a
 //! write-ahead log for durability, Arrow buffers in memory, Parquet on object storage, SQL out
 //! through DataFusion. `ARCHITECTURE.md` has the map; each module's header says what it owns.
+//!
+//! The crate's API is what `main.rs` needs (`config`, `server`); every other module is
+//! `pub(crate)`, so the compiler reports what nothing uses.
 
-pub mod buffer;
-pub mod catalog;
-pub mod clock;
+pub(crate) mod buffer;
+pub(crate) mod catalog;
+pub(crate) mod clock;
 pub mod config;
-pub mod engine;
+pub(crate) mod engine;
 mod error;
-pub mod http;
-pub mod line_protocol;
-pub mod persist;
-pub mod pg;
-pub mod query;
+pub(crate) mod http;
+pub(crate) mod line_protocol;
+pub(crate) mod persist;
+pub(crate) mod pg;
+pub(crate) mod query;
 pub mod server;
-pub mod statement;
-pub mod wal;
+pub(crate) mod statement;
+pub(crate) mod wal;
 
-pub use error::ErrorKind;
+pub(crate) use error::ErrorKind;
 
 /// Named crash points for recovery tests: when `SUNDIAL_CRASH_POINT` names this point, the
 /// process aborts here, as a power cut or kill -9 would stop it.

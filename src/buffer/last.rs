@@ -50,10 +50,6 @@ pub struct LastValues {
 }
 
 impl LastValues {
-    pub fn series(&self) -> usize {
-        self.points.len()
-    }
-
     /// Folds in another cache of the same table.
     pub fn merge(&mut self, other: LastValues) {
         for (key, point) in other.points {

@@ -463,11 +463,6 @@ impl TableBuffer {
         self.bytes
     }
 
-    /// Raises the floor (after startup found persisted files up to this time).
-    pub fn raise_floor(&mut self, time_ns: i64) {
-        self.floor_ns = self.floor_ns.max(time_ns);
-    }
-
     /// Appends a request's rows with their sequence number and returns them as stored (with
     /// `_seq`). `schema` is the table's current schema with `_seq`, used when small batches
     /// are merged.

@@ -42,7 +42,7 @@ use crate::buffer::TableBuffer;
 // `tests` takes this module's names with `use super::*`, `Column` among them.
 #[cfg(test)]
 use crate::catalog::Column;
-use crate::catalog::{Catalog, ParquetFile, TableSchema};
+use crate::catalog::{Catalog, ParquetFile};
 use crate::line_protocol::Precision;
 use crate::persist::manifest::Manifest;
 use crate::persist::store::Store;
@@ -155,7 +155,9 @@ pub struct WriteOutcome {
     pub rejected: Vec<RejectedLine>,
 }
 
-/// A durable write, as handed to subscribers (continuous views build on this).
+/// A durable write, as handed to subscribers (continuous views build on this; until they do,
+/// only the engine's tests subscribe).
+#[allow(dead_code)]
 pub struct CommittedWrite<'a> {
     pub database: &'a str,
     pub seq: u64,
@@ -195,7 +197,6 @@ pub struct PartitionSnapshot {
 
 /// A consistent view of a table for one query.
 pub struct TableSnapshot {
-    pub schema: Arc<TableSchema>,
     pub files: Vec<Arc<ParquetFile>>,
     pub partitions: Vec<PartitionSnapshot>,
 }
@@ -262,6 +263,7 @@ impl Engine {
     }
 
     /// Registers a callback that sees every write once it is durable, in sequence order.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn subscribe(&self, subscriber: Subscriber) {
         self.subscribers.write().expect("subscribers lock").push(subscriber);
     }

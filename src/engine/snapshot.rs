@@ -13,7 +13,7 @@ impl Engine {
         min_time_ns: i64,
         max_time_ns: i64,
     ) -> Option<TableSnapshot> {
-        let schema = self.catalog().table(db, table)?.clone();
+        self.catalog().table(db, table)?;
         let data = self.table_data(db, table)?;
         let data = data.read().expect("table lock");
         let partition_ns = self.partition_ns();
@@ -34,6 +34,6 @@ impl Engine {
             .filter(|f| f.max_time_ns >= min_time_ns && f.min_time_ns <= max_time_ns)
             .cloned()
             .collect();
-        Some(TableSnapshot { schema, files, partitions })
+        Some(TableSnapshot { files, partitions })
     }
 }

@@ -53,7 +53,7 @@ use datafusion::sql::sqlparser::ast::Statement;
 use crate::buffer::{adapt, dedup, time_range};
 use crate::catalog::{ParquetFile, SEQ_COLUMN, TIME_COLUMN};
 use crate::engine::{Engine, PartitionSnapshot};
-use crate::statement::{Command, RewriteContext};
+use crate::statement::RewriteContext;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -224,9 +224,10 @@ impl QueryEngine {
     }
 
     /// Plans and runs `sql`, one query, through the statement pipeline.
+    #[cfg(test)]
     pub async fn sql(&self, db: &str, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>), Error> {
         match crate::statement::command(sql)? {
-            Some(Command::Query(statement)) => self.run(db, *statement).await,
+            Some(crate::statement::Command::Query(statement)) => self.run(db, *statement).await,
             Some(_) => Err(Error::Unsupported("not a query".into())),
             None => Err(Error::Unsupported("no statement".into())),
         }

@@ -71,13 +71,6 @@ pub enum Command {
     NoOp { tag: &'static str },
 }
 
-impl Command {
-    /// Whether DataFusion plans this command.
-    pub fn is_query(&self) -> bool {
-        matches!(self, Command::Query(_))
-    }
-}
-
 fn parser() -> &'static PostgresCompatibilityParser {
     static PARSER: OnceLock<PostgresCompatibilityParser> = OnceLock::new();
     PARSER.get_or_init(PostgresCompatibilityParser::new)

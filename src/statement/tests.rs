@@ -107,7 +107,7 @@ fn nothing_else_reaches_datafusion() {
 fn several_statements_are_each_classified() {
     let parsed = commands("BEGIN; SELECT 1; COMMIT").expect("parses");
     assert_eq!(parsed.len(), 3);
-    assert!(parsed[1].is_query());
+    assert!(matches!(parsed[1], Command::Query(_)));
     assert!(commands("SELECT 1; CREATE SCHEMA s").is_err(), "one refused statement refuses all");
     assert!(command("SELECT 1; SELECT 2").is_err(), "one statement where one is expected");
     assert!(commands("").expect("empty").is_empty());

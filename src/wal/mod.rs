@@ -70,6 +70,7 @@ pub struct Config {
 }
 
 impl Config {
+    #[cfg(test)]
     pub fn for_tests(dir: PathBuf) -> Config {
         Config {
             dir,
@@ -378,6 +379,7 @@ impl Wal {
         Ok(doomed.len())
     }
 
+    #[cfg(test)]
     pub fn segment_count(&self) -> usize {
         self.segments.lock().expect("wal segment list lock").len()
     }
