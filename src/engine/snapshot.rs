@@ -18,16 +18,21 @@ impl Engine {
         let data = data.read().expect("table lock");
         let partition_ns = self.partition_ns();
         let lowest = crate::buffer::partition_of(min_time_ns, partition_ns);
-        let partitions = data
-            .buffer
-            .partitions
-            .range(lowest..=max_time_ns)
-            .map(|(&partition_ns, p)| PartitionSnapshot {
-                partition_ns,
-                batches: p.persisting.iter().chain(p.batches.iter()).cloned().collect(),
-                overlap: p.overlap || p.persisting_overlap,
-            })
-            .collect();
+        // A reversed range (`BETWEEN later AND earlier`) selects nothing; BTreeMap::range
+        // would panic on it.
+        let partitions = if lowest > max_time_ns {
+            Vec::new()
+        } else {
+            data.buffer
+                .partitions
+                .range(lowest..=max_time_ns)
+                .map(|(&partition_ns, p)| PartitionSnapshot {
+                    partition_ns,
+                    batches: p.persisting.iter().chain(p.batches.iter()).cloned().collect(),
+                    overlap: p.overlap || p.persisting_overlap,
+                })
+                .collect()
+        };
         let files = data
             .files
             .iter()
