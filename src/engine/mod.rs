@@ -99,7 +99,7 @@ pub enum Error {
     #[error("database \"{database}\" would exceed {tables_max} tables")]
     TooManyTables { database: String, tables_max: usize },
     #[error("no line was accepted")]
-    Rejected(Vec<RejectedLine>),
+    Rejected(Rejections),
     #[error("server is shutting down")]
     ShuttingDown,
     #[error(transparent)]
@@ -137,6 +137,40 @@ pub struct RejectedLine {
     pub error_message: String,
 }
 
+/// At most this many rejected lines are kept and reported per write; the rest are counted.
+pub const REJECTED_LINES_MAX: usize = 100;
+
+/// The lines of a write that were not stored: the first [`REJECTED_LINES_MAX`] of them, and
+/// how many there were (a body of millions of bad lines gets a bounded answer).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rejections {
+    pub lines: Vec<RejectedLine>,
+    pub total: usize,
+}
+
+impl Rejections {
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// Counts a rejected line; `line` makes its report only while fewer than the limit are kept.
+    pub fn push(&mut self, line: impl FnOnce() -> RejectedLine) {
+        self.total += 1;
+        if self.lines.len() < REJECTED_LINES_MAX {
+            self.lines.push(line());
+        }
+    }
+
+    /// "N lines rejected", saying how many are listed when not all are.
+    pub fn summary(&self) -> String {
+        if self.total > self.lines.len() {
+            format!("{} lines rejected (the first {} listed)", self.total, self.lines.len())
+        } else {
+            format!("{} lines rejected", self.total)
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct WriteOptions {
     pub precision: Precision,
@@ -152,7 +186,7 @@ pub struct WriteOptions {
 #[derive(Debug, Default)]
 pub struct WriteOutcome {
     pub lines_stored: usize,
-    pub rejected: Vec<RejectedLine>,
+    pub rejected: Rejections,
 }
 
 /// A durable write, as handed to subscribers (continuous views build on this; until they do,

@@ -101,7 +101,7 @@ impl Engine {
                 // Every line belonged to a table dropped since.
                 return Ok(());
             }
-            if let Some(bad) = prepared.rejected.first() {
+            if let Some(bad) = prepared.rejected.lines.first() {
                 // Cannot happen for records this server wrote; refuse rather than drop data.
                 return Err(ReplayError::NoLongerFits {
                     seq,

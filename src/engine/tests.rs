@@ -51,13 +51,13 @@ async fn rejected_lines_leave_no_trace_without_accept_partial() {
     let err =
         engine.write_lp("db", b"cpu u=1 1\ncpu u=2i 2", strict).await.expect_err("type conflict");
     match err {
-        Error::Rejected(lines) => assert_eq!(lines[0].line_number, 2),
+        Error::Rejected(rejected) => assert_eq!(rejected.lines[0].line_number, 2),
         other => panic!("unexpected {other}"),
     }
     assert!(engine.catalog().table("db", "cpu").is_none(), "nothing of the request was stored");
     let outcome =
         engine.write_lp("db", b"cpu u=1 1\ncpu u=2i 2", options()).await.expect("partial");
-    assert_eq!((outcome.lines_stored, outcome.rejected.len()), (1, 1));
+    assert_eq!((outcome.lines_stored, outcome.rejected.total), (1, 1));
     engine.close();
 }
 
@@ -238,5 +238,25 @@ async fn sorted_buffers_answer_like_unsorted_ones() {
     assert_eq!(engine.sort_buffers().await.expect("sort"), 1);
     assert_eq!(engine.sort_buffers().await.expect("sort"), 0, "nothing left to sort");
     assert_eq!(answers().await, late);
+    engine.close();
+}
+
+#[tokio::test]
+async fn a_flood_of_bad_lines_gets_a_bounded_report() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = Engine::open(Config::for_tests(dir.path().to_path_buf())).await.expect("open");
+    let body = "not line protocol\n".repeat(50_000) + "m v=1 1\n";
+    let options = WriteOptions {
+        precision: Precision::Nanosecond,
+        accept_partial: true,
+        no_sync: false,
+        default_time_ns: 0,
+    };
+    let outcome = engine.write_lp("db", body.as_bytes(), options).await.expect("partial write");
+    assert_eq!(outcome.lines_stored, 1);
+    assert_eq!(outcome.rejected.total, 50_000);
+    assert_eq!(outcome.rejected.lines.len(), REJECTED_LINES_MAX);
+    assert_eq!(outcome.rejected.lines[0].line_number, 1);
+    assert!(outcome.rejected.summary().contains("the first 100 listed"));
     engine.close();
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::record::LpRecord;
-use super::{in_flight_kib_max, CommittedWrite, Engine, Error, RejectedLine};
+use super::{in_flight_kib_max, CommittedWrite, Engine, Error, RejectedLine, Rejections};
 use super::{WriteOptions, WriteOutcome};
 use crate::buffer::{PendingBatch, RowsBuilder};
 use crate::catalog::{self, Catalog, Column, TableSchema};
@@ -32,7 +32,7 @@ pub(super) enum LineError {
 /// Lines checked against a catalog and turned into rows.
 pub(super) struct Prepared {
     pub(super) wal_lines: Vec<u8>,
-    pub(super) rejected: Vec<RejectedLine>,
+    pub(super) rejected: Rejections,
     /// New columns (and tables) these lines need, per table.
     pub(super) additions: BTreeMap<String, Vec<Column>>,
     pub(super) rows: RowsBuilder,
@@ -53,7 +53,7 @@ pub(super) fn prepare(
 ) -> Prepared {
     let mut prepared = Prepared {
         wal_lines: Vec::with_capacity(body.len()),
-        rejected: Vec::new(),
+        rejected: Rejections::default(),
         additions: BTreeMap::new(),
         rows: RowsBuilder::new(partition_ns),
     };
@@ -104,7 +104,7 @@ pub(super) fn prepare(
                 prepared.wal_lines.extend_from_slice(bytes);
                 prepared.wal_lines.push(b'\n');
             }
-            Err(error) => {
+            Err(error) => prepared.rejected.push(|| {
                 let mut original = String::from_utf8_lossy(bytes).into_owned();
                 if original.len() > ORIGINAL_LINE_BYTES_MAX {
                     let mut cut = ORIGINAL_LINE_BYTES_MAX;
@@ -113,12 +113,12 @@ pub(super) fn prepare(
                     }
                     original.truncate(cut);
                 }
-                prepared.rejected.push(RejectedLine {
+                RejectedLine {
                     line_number: number,
                     original_line: original,
                     error_message: error.to_string(),
-                });
-            }
+                }
+            }),
         }
     }
     prepared

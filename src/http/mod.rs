@@ -151,19 +151,19 @@ async fn write(
         Ok(outcome) => error_response(
             StatusCode::BAD_REQUEST,
             &format!(
-                "partial write of line protocol occurred: {} lines stored, {} rejected",
+                "partial write of line protocol occurred: {} lines stored, {}",
                 outcome.lines_stored,
-                outcome.rejected.len()
+                outcome.rejected.summary()
             ),
-            Some(&outcome.rejected),
+            Some(&outcome.rejected.lines),
         ),
-        Err(engine::Error::Rejected(lines)) => error_response(
+        Err(engine::Error::Rejected(rejected)) => error_response(
             StatusCode::BAD_REQUEST,
             &format!(
-                "parsing failed for write_lp endpoint: {} lines rejected, nothing stored",
-                lines.len()
+                "parsing failed for write_lp endpoint: {}, nothing stored",
+                rejected.summary()
             ),
-            Some(&lines),
+            Some(&rejected.lines),
         ),
         Err(engine::Error::Wal(e)) if matches!(*e, crate::wal::Error::RecordTooLarge { .. }) => {
             body_too_large(state.request_bytes_max)

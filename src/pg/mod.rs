@@ -643,9 +643,9 @@ impl Handler {
         for chunk in chunks.iter().filter(|c| !c.is_empty()) {
             let outcome = engine.write_lp(&state.db, chunk.as_bytes(), options).await.map_err(
                 |e| match e {
-                    crate::engine::Error::Rejected(lines) => {
+                    crate::engine::Error::Rejected(rejected) => {
                         let reasons: Vec<_> =
-                            lines.iter().map(|l| l.error_message.clone()).collect();
+                            rejected.lines.iter().map(|l| l.error_message.clone()).collect();
                         user_error(
                             SqlState::InvalidParameterValue,
                             format!("COPY rejected: {}", reasons.join("; ")),

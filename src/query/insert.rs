@@ -183,7 +183,8 @@ impl DataSink for LineProtocolSink {
             match self.engine.write_lp(&self.db, text.as_bytes(), options).await {
                 Ok(outcome) => rows += outcome.lines_stored as u64,
                 Err(crate::engine::Error::Rejected(lines)) => {
-                    let reasons: Vec<_> = lines.iter().map(|l| l.error_message.clone()).collect();
+                    let reasons: Vec<_> =
+                        lines.lines.iter().map(|l| l.error_message.clone()).collect();
                     return Err(DataFusionError::Execution(format!(
                         "insert rejected: {}",
                         reasons.join("; ")
