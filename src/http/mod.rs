@@ -48,7 +48,73 @@ pub fn router(query: Arc<QueryEngine>, request_bytes_max: usize) -> Router {
         .route("/query", get(influxql).post(influxql))
         .route("/api/v3/query_sql", get(query_get).post(query_post))
         .layer(DefaultBodyLimit::max(request_bytes_max))
+        .layer(axum::middleware::from_fn(refuse_cross_origin))
         .with_state(state)
+}
+
+/// Refuses what a web page could make a browser send here: a request from another origin
+/// (a page's `fetch` or form post carries its `Origin`), and one whose `Host` is a name other
+/// than `localhost` while it comes from a browser (DNS rebinding: evil.example resolving to
+/// 127.0.0.1 is the same origin to the browser). Clients that are not browsers (curl,
+/// Telegraf, influx clients, drivers) send no `Origin` and are not affected.
+async fn refuse_cross_origin(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match cross_origin(request.headers()) {
+        Some(reason) => error_response(StatusCode::FORBIDDEN, &reason, None),
+        None => next.run(request).await,
+    }
+}
+
+fn cross_origin(headers: &HeaderMap) -> Option<String> {
+    let origin = headers.get(header::ORIGIN)?;
+    let refused = || Some("requests from web pages are refused (Origin header)".to_string());
+    let Some(origin) = origin.to_str().ok().and_then(|o| url::Url::parse(o).ok()) else {
+        return refused();
+    };
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    let Ok(own) = url::Url::parse(&format!("{}://{host}", origin.scheme())) else {
+        return refused();
+    };
+    let local_name = match own.host() {
+        Some(url::Host::Ipv4(_) | url::Host::Ipv6(_)) => true,
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        None => false,
+    };
+    let same = origin.host() == own.host()
+        && origin.port_or_known_default() == own.port_or_known_default();
+    if same && local_name {
+        None
+    } else {
+        refused()
+    }
+}
+
+/// A statement that changes something, which a `GET` must not run (a link or an image in a
+/// web page makes a browser send `GET`s).
+fn changes_data(command: &Command) -> bool {
+    match command {
+        Command::Ddl(_) => true,
+        Command::Query(statement) => match statement.as_ref() {
+            Statement::Insert(_) => true,
+            Statement::Explain { analyze, statement, .. } => {
+                *analyze && matches!(statement.as_ref(), Statement::Insert(_))
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+fn use_post() -> Response {
+    let mut response = error_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "this statement changes data: send it with POST",
+        None,
+    );
+    response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
+    response
 }
 
 /// The single mapping from error kinds to HTTP status codes.
@@ -65,7 +131,9 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
 fn code_name(status: StatusCode) -> &'static str {
     match status.as_u16() {
         400 => "invalid",
+        403 => "forbidden",
         404 => "not found",
+        405 => "method not allowed",
         413 => "request too large",
         503 => "unavailable",
         _ => "internal error",
@@ -293,6 +361,7 @@ struct InfluxQlParams {
 /// The InfluxQL endpoint, for what v1 clients send before writing: `CREATE DATABASE`,
 /// `DROP DATABASE` (InfluxDB 1.x answers success when it does not exist) and `SHOW DATABASES`. SQL goes to `/api/v3/query_sql`.
 async fn influxql(
+    method: axum::http::Method,
     State(state): State<AppState>,
     Query(params): Query<InfluxQlParams>,
     headers: HeaderMap,
@@ -320,11 +389,17 @@ async fn influxql(
     };
     // InfluxQL's database statements read as SQL; the pipeline parses them like any other.
     let ok = || Json(json!({ "results": [{ "statement_id": 0 }] })).into_response();
+    // InfluxDB 1.x too takes CREATE and DROP only by POST.
+    let read_only = method == axum::http::Method::GET;
     let statement = match crate::statement::parse(&q) {
         Ok(mut statements) if statements.len() == 1 => statements.remove(0),
         _ => {
             let engine = state.query.engine();
-            let done = match crate::statement::quirks::influxql_database(&q) {
+            let quirk = crate::statement::quirks::influxql_database(&q);
+            if read_only && quirk.is_some() {
+                return use_post();
+            }
+            let done = match quirk {
                 Some((true, name)) => engine.create_database(&name).await.map(|_| ()),
                 Some((false, name)) => engine.drop_database(&name).await.map(|_| ()),
                 None => return only(),
@@ -338,6 +413,9 @@ async fn influxql(
     let last_name = |name: &ObjectName| {
         name.0.last().and_then(|p| p.as_ident()).map(|i| i.value.clone()).unwrap_or_default()
     };
+    if read_only && !matches!(statement, Statement::ShowDatabases { .. }) {
+        return use_post();
+    }
     match statement {
         Statement::CreateDatabase { db_name, .. } => {
             match state.query.engine().create_database(&last_name(&db_name)).await {
@@ -372,7 +450,7 @@ async fn query_get(
     Query(params): Query<SqlParams>,
     headers: HeaderMap,
 ) -> Response {
-    run_sql(&state, params, &headers).await
+    run_sql(&state, params, &headers, true).await
 }
 
 async fn query_post(
@@ -398,7 +476,7 @@ async fn query_post(
             }
         }
     }
-    run_sql(&state, merged, &headers).await
+    run_sql(&state, merged, &headers, false).await
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -450,7 +528,13 @@ impl Format {
     }
 }
 
-async fn run_sql(state: &AppState, params: SqlParams, headers: &HeaderMap) -> Response {
+/// Runs one statement of `/api/v3/query_sql`; `read_only` (a `GET`) refuses what changes data.
+async fn run_sql(
+    state: &AppState,
+    params: SqlParams,
+    headers: &HeaderMap,
+    read_only: bool,
+) -> Response {
     let Some(db) = params.db.filter(|d| !d.is_empty()) else {
         return error_response(StatusCode::BAD_REQUEST, "missing required parameter \"db\"", None);
     };
@@ -483,6 +567,9 @@ async fn run_sql(state: &AppState, params: SqlParams, headers: &HeaderMap) -> Re
         }
         Err(e) => return error_response(status_of(e.kind()), &e.to_string(), None),
     };
+    if read_only && changes_data(&command) {
+        return use_post();
+    }
     let statement = match command {
         Command::Query(statement) => statement,
         Command::Ddl(statement) => {

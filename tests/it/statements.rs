@@ -171,10 +171,16 @@ async fn no_sql_touches_server_files_or_other_sessions() {
         "PREPARE p AS SELECT 1".to_string(),
         "INSERT INTO pg_catalog.pg_am SELECT * FROM pg_catalog.pg_am".to_string(),
     ];
-    // Over HTTP: a 400 with the reason, nothing done.
+    // Over HTTP, by POST: a 400 with the reason, nothing done.
     for sql in &attacks {
-        let (status, body) = server.query_raw("st", sql, "json").await;
-        assert_eq!(status, 400, "{sql}: {body}");
+        let response = client()
+            .post(server.url("/api/v3/query_sql"))
+            .json(&serde_json::json!({"db": "st", "q": sql}))
+            .send()
+            .await
+            .expect("request");
+        let status = response.status().as_u16();
+        assert_eq!(status, 400, "{sql}: {}", response.text().await.unwrap_or_default());
     }
     // Over Postgres, both protocols: 0A000 (or a syntax error for DataFusion's own syntax).
     let pg = connect(&server, "st").await.expect("connect");
@@ -229,4 +235,77 @@ async fn no_sql_touches_server_files_or_other_sessions() {
         .await
         .expect("request");
     assert_eq!(response.status().as_u16(), 400, "only database statements on /query");
+}
+
+#[tokio::test]
+async fn browsers_cannot_change_data() {
+    let (_dir, server) = server_with_data().await;
+    let url = |q: &str| format!("{}?db=st&q={}", server.url("/api/v3/query_sql"), enc(q));
+    // A GET (a link, an image, a page's fetch without CORS) never changes anything.
+    for q in [
+        "DROP TABLE cpu",
+        "CREATE TABLE t (host TEXT, v DOUBLE PRECISION, PRIMARY KEY (host))",
+        "INSERT INTO cpu (host, usage) VALUES ('x', 1)",
+        "EXPLAIN ANALYZE INSERT INTO cpu (host, usage) VALUES ('x', 1)",
+    ] {
+        let response = client().get(url(q)).send().await.expect("request");
+        assert_eq!(response.status().as_u16(), 405, "{q}");
+        assert_eq!(response.headers()["allow"], "POST");
+    }
+    let response = client()
+        .get(format!("{}?q={}", server.url("/query"), enc("DROP DATABASE st")))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status().as_u16(), 405);
+    let response = client()
+        .get(format!("{}?q={}", server.url("/query"), enc("SHOW DATABASES")))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status().as_u16(), 200, "reads stay on GET");
+    assert_eq!(server.count("st", "SELECT count(*) FROM cpu").await, 4);
+
+    // A web page's POST carries its Origin: another site, or a rebound name, is refused.
+    let form = |origin: &str, host: Option<&str>| {
+        let mut request = client()
+            .post(server.url("/query"))
+            .header("Origin", origin)
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body("q=DROP+DATABASE+st");
+        if let Some(host) = host {
+            request = request.header("Host", host);
+        }
+        request
+    };
+    let port = server.url("/").rsplit(':').next().unwrap_or("").trim_end_matches('/').to_string();
+    let attacks = [
+        ("http://evil.example", None),
+        ("null", None),
+        ("http://evil.example", Some(format!("evil.example:{port}"))),
+    ];
+    for (origin, host) in &attacks {
+        let response = form(origin, host.as_deref()).send().await.expect("request");
+        assert_eq!(response.status().as_u16(), 403, "{origin} {host:?}");
+    }
+    for path in ["/api/v3/write_lp?db=st", "/write?db=st"] {
+        let response = client()
+            .post(server.url(path))
+            .header("Origin", "http://evil.example")
+            .body("cpu,host=z usage=1 1")
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status().as_u16(), 403, "{path}");
+    }
+    assert_eq!(server.count("st", "SELECT count(*) FROM cpu").await, 4, "nothing changed");
+    // The server's own origin (a page it would serve) is allowed.
+    let own = format!("http://127.0.0.1:{port}");
+    let response = client()
+        .post(format!("{}?q={}", server.url("/query"), enc("SHOW DATABASES")))
+        .header("Origin", own.as_str())
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status().as_u16(), 200);
 }
