@@ -41,6 +41,11 @@ impl Line<'_> {
     }
 }
 
+/// Tags and fields one line may name: no more than a table may have columns
+/// (`catalog::COLUMNS_PER_TABLE_MAX`). Checked while parsing, so the duplicate-key checks here
+/// and in the catalog stay bounded (a line of 200,000 fields once took 30 s of a core).
+pub const KEYS_PER_LINE_MAX: usize = 2_000;
+
 /// Where and why a line is malformed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("line {line}, column {column}: {message}")]
@@ -255,6 +260,9 @@ impl<'a> Parser<'a> {
             if key == "time" {
                 return Err(self.error(key_pos, "\"time\" cannot be a tag key"));
             }
+            if out.tags.len() >= KEYS_PER_LINE_MAX {
+                return Err(self.error(key_pos, format!("more than {KEYS_PER_LINE_MAX} tags")));
+            }
             if out.tags.iter().any(|(k, _)| *k == key) {
                 return Err(self.error(key_pos, format!("duplicate tag key \"{key}\"")));
             }
@@ -268,6 +276,12 @@ impl<'a> Parser<'a> {
             let key = self.key(Part::FieldKey)?;
             if key == "time" {
                 return Err(self.error(key_pos, "\"time\" cannot be a field key"));
+            }
+            if out.tags.len() + out.fields.len() >= KEYS_PER_LINE_MAX {
+                return Err(self.error(
+                    key_pos,
+                    format!("more than {KEYS_PER_LINE_MAX} tags and fields in one line"),
+                ));
             }
             let value = self.field_value(&key)?;
             out.fields.push((key, value));

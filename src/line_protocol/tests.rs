@@ -170,3 +170,22 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn a_line_names_at_most_as_many_keys_as_a_table_has_columns() {
+    assert_eq!(KEYS_PER_LINE_MAX, crate::catalog::COLUMNS_PER_TABLE_MAX);
+    let fields: Vec<String> = (0..200_000).map(|i| format!("f{i}=1")).collect();
+    let line = format!("m {} 1", fields.join(","));
+    let started = std::time::Instant::now();
+    let mut out = Line::default();
+    let error = parse_line(1, line.as_bytes(), &mut out).expect_err("too many fields");
+    assert!(error.message.contains("more than 2000"), "{error}");
+    let tags: Vec<String> = (0..200_000).map(|i| format!("t{i}=a")).collect();
+    let line = format!("m,{} v=1 1", tags.join(","));
+    let error = parse_line(1, line.as_bytes(), &mut out).expect_err("too many tags");
+    assert!(error.message.contains("more than 2000"), "{error}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "{:?}", started.elapsed());
+    let fields: Vec<String> = (0..1_999).map(|i| format!("f{i}=1")).collect();
+    let line = format!("m,t=a {} 1", fields.join(","));
+    parse_line(1, line.as_bytes(), &mut out).expect("2000 keys are allowed");
+}
