@@ -8,7 +8,7 @@
 //! Once stopped, no run starts, and `Scheduler::run` returns when the runs in progress have
 //! finished: a run is never cancelled halfway. A run that panics is logged; its job goes on.
 //!
-//! The engine runs two jobs: "persist" and "sort". Compaction, refreshing views, evaluating
+//! The engine runs one job, "persist" (persisting, then sorting buffered runs). Compaction, refreshing views, evaluating
 //! alerts and enforcing retention are meant to become further jobs on the same scheduler.
 
 use std::future::Future;
@@ -32,18 +32,18 @@ impl Engine {
     /// Background persistence: everything every `persist_interval`; the largest partitions
     /// whenever the buffer passes a quarter of its limit.
     ///
-    /// Two jobs on the `Scheduler`: "persist" runs every second and whenever a write finds
-    /// the buffer above a quarter of its limit (`persist_wakeup`); "sort" sorts buffered runs
-    /// (`sort_buffers`) after each persist run and on its own one-second cadence. Returns once
-    /// `shutdown` is cancelled and the runs in progress have finished.
+    /// One job on the `Scheduler`, "persist", run every second and whenever a write finds the
+    /// buffer above a quarter of its limit (`persist_wakeup`): it persists (everything every
+    /// `persist_interval`, else the largest partitions down to an eighth of the limit) and then
+    /// sorts buffered runs (`sort_buffers`), one after the other as the loop it replaced did, so
+    /// the two never compete for the cores with ingest at once. Returns once `shutdown` is
+    /// cancelled and a run in progress has finished.
     pub async fn persist_loop(self: Arc<Self>, shutdown: CancellationToken) {
         let mut last_full = Instant::now();
         let high_water = self.config.buffer_bytes_max / 4;
         let persist_interval = self.config.persist_interval;
-        let persisted = Arc::new(Notify::new());
 
         let engine = self.clone();
-        let sort_wakeup = persisted.clone();
         let persist = Job::new("persist", TICK, move || {
             // Decided when the run starts, as the loop this replaces did after each wait.
             let full = last_full.elapsed() >= persist_interval;
@@ -51,7 +51,6 @@ impl Engine {
                 last_full = Instant::now();
             }
             let engine = engine.clone();
-            let sort_wakeup = sort_wakeup.clone();
             async move {
                 let result = if full {
                     engine.persist_all().await.map(|_| ())
@@ -64,26 +63,15 @@ impl Engine {
                     tracing::error!(%error, "persist failed; rows stay buffered and in the WAL");
                     tokio::time::sleep(PERSIST_BACKOFF).await;
                 }
-                // Buffered rows are sorted after each persist run.
-                sort_wakeup.notify_one();
-            }
-        })
-        .concurrency(1)
-        .woken_by(self.persist_wakeup.clone());
-
-        let engine = self.clone();
-        let sort = Job::new("sort", TICK, move || {
-            let engine = engine.clone();
-            async move {
                 if let Err(error) = engine.sort_buffers().await {
                     tracing::error!(%error, "sorting buffered rows failed; they stay as they were");
                 }
             }
         })
         .concurrency(1)
-        .woken_by(persisted);
+        .woken_by(self.persist_wakeup.clone());
 
-        Scheduler::default().with(persist).with(sort).run(shutdown).await;
+        Scheduler::default().with(persist).run(shutdown).await;
     }
 }
 
