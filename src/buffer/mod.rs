@@ -276,8 +276,9 @@ impl RowsBuilder {
                 b.append_value(value);
             }
         }
+        let superseded = line.superseded_fields();
         for (index, (key, value)) in line.fields.iter().enumerate() {
-            if line.fields[index + 1..].iter().any(|(k, _)| k == key) {
+            if superseded.as_ref().is_some_and(|s| s[index]) {
                 continue; // a later occurrence of the same field wins
             }
             let column =

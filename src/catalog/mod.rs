@@ -196,10 +196,14 @@ impl TableSchema {
     /// and returns the columns the line would add. Nothing changes unless the caller applies
     /// them, so a rejected line leaves no trace.
     pub fn check_line(&self, line: &Line<'_>, pending: &[Column]) -> Result<Vec<Column>, Error> {
+        // Many pending columns (a new table of many keys) are looked up through a map.
+        let pending_by_name: Option<HashMap<&str, ColumnKind>> = (pending.len() > 32)
+            .then(|| pending.iter().map(|c| (c.name.as_str(), c.kind)).collect());
         let lookup = |name: &str| -> Option<ColumnKind> {
-            self.column(name)
-                .map(|c| c.kind)
-                .or_else(|| pending.iter().find(|c| c.name == name).map(|c| c.kind))
+            self.column(name).map(|c| c.kind).or_else(|| match &pending_by_name {
+                Some(by_name) => by_name.get(name).copied(),
+                None => pending.iter().find(|c| c.name == name).map(|c| c.kind),
+            })
         };
         let mut added = Vec::new();
         for (key, _) in &line.tags {
@@ -216,13 +220,20 @@ impl TableSchema {
                 None => added.push(Column { name: key.to_string(), kind: ColumnKind::Tag }),
             }
         }
+        // A key written twice in one line: only the last occurrence counts.
+        let superseded = line.superseded_fields();
+        let tags: Option<std::collections::HashSet<&str>> =
+            (line.tags.len() > 32).then(|| line.tags.iter().map(|(k, _)| k.as_ref()).collect());
         for (index, (key, value)) in line.fields.iter().enumerate() {
-            // A key written twice in one line: only the last occurrence counts.
-            if line.fields[index + 1..].iter().any(|(k, _)| k == key) {
+            if superseded.as_ref().is_some_and(|s| s[index]) {
                 continue;
             }
             check_name("field key", key)?;
-            if line.tags.iter().any(|(k, _)| k == key) {
+            let also_tag = match &tags {
+                Some(tags) => tags.contains(key.as_ref()),
+                None => line.tags.iter().any(|(k, _)| k == key),
+            };
+            if also_tag {
                 return Err(Error::TagAndField { key: key.to_string() });
             }
             let wanted = FieldType::of(value);

@@ -46,6 +46,37 @@ impl Line<'_> {
 /// and in the catalog stay bounded (a line of 200,000 fields once took 30 s of a core).
 pub const KEYS_PER_LINE_MAX: usize = 2_000;
 
+/// Up to this many keys, a duplicate is found by scanning the keys so far; past it, by a map.
+pub const KEYS_SCANNED_MAX: usize = 32;
+
+impl Line<'_> {
+    /// For each field, whether a later field of the same key supersedes it (the last written
+    /// wins). `None` when the line repeats no key (the common case, found without allocating
+    /// for short lines); linear time for long ones.
+    pub fn superseded_fields(&self) -> Option<Vec<bool>> {
+        let fields = &self.fields;
+        if fields.len() <= KEYS_SCANNED_MAX {
+            let repeats =
+                (0..fields.len()).any(|i| fields[i + 1..].iter().any(|(k, _)| *k == fields[i].0));
+            if !repeats {
+                return None;
+            }
+            let superseded = (0..fields.len())
+                .map(|i| fields[i + 1..].iter().any(|(k, _)| *k == fields[i].0))
+                .collect();
+            return Some(superseded);
+        }
+        let mut last: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        for (i, (k, _)) in fields.iter().enumerate() {
+            last.insert(k.as_ref(), i);
+        }
+        if last.len() == fields.len() {
+            return None;
+        }
+        Some(fields.iter().enumerate().map(|(i, (k, _))| last[k.as_ref()] != i).collect())
+    }
+}
+
 /// Where and why a line is malformed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("line {line}, column {column}: {message}")]
@@ -244,6 +275,9 @@ impl<'a> Parser<'a> {
 
     fn parse(&mut self, out: &mut Line<'a>) -> Result<(), ParseError> {
         let start = self.pos;
+        // Past a few tags, a duplicate is found through a set rather than by scanning the tags
+        // so far, so a line of many tags costs linear time.
+        let mut tag_keys: Option<std::collections::HashSet<String>> = None;
         out.measurement = self.name(Part::Measurement)?;
         if out.measurement.is_empty() {
             return Err(self.error(start, "missing measurement"));
@@ -263,7 +297,14 @@ impl<'a> Parser<'a> {
             if out.tags.len() >= KEYS_PER_LINE_MAX {
                 return Err(self.error(key_pos, format!("more than {KEYS_PER_LINE_MAX} tags")));
             }
-            if out.tags.iter().any(|(k, _)| *k == key) {
+            let duplicate = if out.tags.len() < KEYS_SCANNED_MAX {
+                out.tags.iter().any(|(k, _)| *k == key)
+            } else {
+                let seen = tag_keys
+                    .get_or_insert_with(|| out.tags.iter().map(|(k, _)| k.to_string()).collect());
+                !seen.insert(key.to_string())
+            };
+            if duplicate {
                 return Err(self.error(key_pos, format!("duplicate tag key \"{key}\"")));
             }
             out.tags.push((key, value));

@@ -189,3 +189,32 @@ fn a_line_names_at_most_as_many_keys_as_a_table_has_columns() {
     let line = format!("m,t=a {} 1", fields.join(","));
     parse_line(1, line.as_bytes(), &mut out).expect("2000 keys are allowed");
 }
+
+#[test]
+fn repeated_fields_are_found_in_linear_time_for_any_line_length() {
+    let mut out = Line::default();
+    parse_line(1, b"m a=1,b=2,a=3 1", &mut out).expect("parses");
+    assert_eq!(out.superseded_fields(), Some(vec![true, false, false]));
+    parse_line(1, b"m a=1,b=2 1", &mut out).expect("parses");
+    assert_eq!(out.superseded_fields(), None);
+    // The same past the scanned prefix, and a duplicate tag among many is still an error.
+    let many: Vec<String> = (0..100).map(|i| format!("f{i}={i}")).collect();
+    let line = format!("m {},f7=700,f99=990 1", many.join(","));
+    parse_line(1, line.as_bytes(), &mut out).expect("parses");
+    let superseded = out.superseded_fields().expect("repeats");
+    assert_eq!(superseded.iter().filter(|&&s| s).count(), 2);
+    assert!(superseded[7] && superseded[99] && !superseded[100] && !superseded[101]);
+    let tags: Vec<String> = (0..100).map(|i| format!("t{i}=a")).collect();
+    let line = format!("m,{},t50=b v=1 1", tags.join(","));
+    let error = parse_line(1, line.as_bytes(), &mut out).expect_err("duplicate tag");
+    assert!(error.message.contains("duplicate tag key \"t50\""), "{error}");
+    // Linear time: 1,999 keys per line, many lines.
+    let keys: Vec<String> = (0..1_999).map(|i| format!("k{i}=1")).collect();
+    let line = format!("m {} 1", keys.join(","));
+    let started = std::time::Instant::now();
+    for _ in 0..200 {
+        parse_line(1, line.as_bytes(), &mut out).expect("parses");
+        assert!(out.superseded_fields().is_none());
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "{:?}", started.elapsed());
+}
