@@ -52,11 +52,12 @@ pub fn router(query: Arc<QueryEngine>, request_bytes_max: usize) -> Router {
         .with_state(state)
 }
 
-/// Refuses what a web page could make a browser send here: a request from another origin
-/// (a page's `fetch` or form post carries its `Origin`), and one whose `Host` is a name other
-/// than `localhost` while it comes from a browser (DNS rebinding: evil.example resolving to
-/// 127.0.0.1 is the same origin to the browser). Clients that are not browsers (curl,
-/// Telegraf, influx clients, drivers) send no `Origin` and are not affected.
+/// Refuses what a web page could make a browser send here: a request from another origin or
+/// site (a page's `fetch`, form post or `<img>` carries `Origin` or `Sec-Fetch-Site`), and one
+/// whose `Host` is a name other than `localhost` while it comes from a browser (DNS
+/// rebinding: evil.example resolving to 127.0.0.1 is the same origin to the browser). Clients
+/// that are not browsers (curl, Telegraf, influx clients, drivers) send neither header and are
+/// not affected; an address typed into the browser (`Sec-Fetch-Site: none`) is not refused.
 async fn refuse_cross_origin(
     request: axum::extract::Request,
     next: axum::middleware::Next,
@@ -68,13 +69,27 @@ async fn refuse_cross_origin(
 }
 
 fn cross_origin(headers: &HeaderMap) -> Option<String> {
-    let origin = headers.get(header::ORIGIN)?;
+    // Browsers mark what they send: `Origin` on cross-origin requests and on every POST,
+    // `Sec-Fetch-Site` on all of them (`none` for an address typed by the user).
+    let fetch_site = headers.get("sec-fetch-site").map(|v| v.to_str().unwrap_or("invalid"));
+    let origin = headers.get(header::ORIGIN);
+    if origin.is_none() && fetch_site.is_none_or(|site| site == "none") {
+        return None;
+    }
     let refused = || Some("requests from web pages are refused (Origin header)".to_string());
-    let Some(origin) = origin.to_str().ok().and_then(|o| url::Url::parse(o).ok()) else {
+    if fetch_site.is_some_and(|site| site != "same-origin" && site != "none") {
         return refused();
+    }
+    let origin = match origin {
+        Some(origin) => match origin.to_str().ok().and_then(|o| url::Url::parse(o).ok()) {
+            Some(origin) => Some(origin),
+            None => return refused(),
+        },
+        None => None,
     };
+    let scheme = origin.as_ref().map_or("http", |o| o.scheme());
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
-    let Ok(own) = url::Url::parse(&format!("{}://{host}", origin.scheme())) else {
+    let Ok(own) = url::Url::parse(&format!("{scheme}://{host}")) else {
         return refused();
     };
     let local_name = match own.host() {
@@ -82,8 +97,9 @@ fn cross_origin(headers: &HeaderMap) -> Option<String> {
         Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
         None => false,
     };
-    let same = origin.host() == own.host()
-        && origin.port_or_known_default() == own.port_or_known_default();
+    let same = origin.as_ref().is_none_or(|origin| {
+        origin.host() == own.host() && origin.port_or_known_default() == own.port_or_known_default()
+    });
     if same && local_name {
         None
     } else {
@@ -390,7 +406,7 @@ async fn influxql(
     // InfluxQL's database statements read as SQL; the pipeline parses them like any other.
     let ok = || Json(json!({ "results": [{ "statement_id": 0 }] })).into_response();
     // InfluxDB 1.x too takes CREATE and DROP only by POST.
-    let read_only = method == axum::http::Method::GET;
+    let read_only = method != axum::http::Method::POST;
     let statement = match crate::statement::parse(&q) {
         Ok(mut statements) if statements.len() == 1 => statements.remove(0),
         _ => {

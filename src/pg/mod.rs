@@ -187,10 +187,20 @@ fn query_error(error: &crate::query::Error) -> PgWireError {
 }
 
 /// Whether `command` is refused because an earlier statement of the transaction failed (as
-/// PostgreSQL does until `COMMIT` or `ROLLBACK`).
+/// PostgreSQL does until `COMMIT` or `ROLLBACK`). Savepoint commands and session settings go
+/// through: pgwire keeps the failed status until the transaction ends (it has no way back
+/// for `ROLLBACK TO SAVEPOINT`), and psycopg's and SQLAlchemy's nested transactions send
+/// `ROLLBACK TO …; RELEASE …` in that state.
 fn in_failed_transaction<C: ClientInfo>(client: &C, command: &Command) -> bool {
     client.transaction_status() == TransactionStatus::Error
-        && !matches!(command, Command::Transaction(_) | Command::NoOp { tag: "ROLLBACK" })
+        && matches!(
+            command,
+            Command::Query(_)
+                | Command::Ddl(_)
+                | Command::Copy(_)
+                | Command::Declare { .. }
+                | Command::Cursor(_)
+        )
 }
 
 fn failed_transaction() -> PgWireError {
@@ -648,7 +658,11 @@ impl Handler {
                             rejected.lines.iter().map(|l| l.error_message.clone()).collect();
                         user_error(
                             SqlState::InvalidParameterValue,
-                            format!("COPY rejected: {}", reasons.join("; ")),
+                            format!(
+                                "COPY rejected, {}: {}",
+                                rejected.summary(),
+                                reasons.join("; ")
+                            ),
                         )
                     }
                     other => user_error(sqlstate_of_kind(other.kind()), other.to_string()),

@@ -245,7 +245,7 @@ where
             ("timezone".to_string(), value_text(value))
         }
         Statement::Set(Set::SetNames { charset_name, .. }) => {
-            ("client_encoding".to_string(), charset_name.to_string())
+            ("client_encoding".to_string(), charset_name.value.clone())
         }
         other => {
             return Err(PgWireError::UserError(Box::new(ErrorInfo::new(
@@ -274,6 +274,10 @@ where
         }
         return Ok(Response::Execution(pgwire::api::results::Tag::new("SET")));
     }
+    if value.eq_ignore_ascii_case("default") {
+        client.metadata_mut().remove(&name);
+        return Ok(Response::Execution(pgwire::api::results::Tag::new("SET")));
+    }
     if name == "client_encoding"
         && !matches!(value.to_ascii_uppercase().as_str(), "UTF8" | "UTF-8" | "UNICODE")
     {
@@ -282,10 +286,6 @@ where
             SqlState::FeatureNotSupported.code().into(),
             format!("client_encoding \"{value}\" is not supported: Sundial speaks UTF8 only"),
         ))));
-    }
-    if value.eq_ignore_ascii_case("default") {
-        client.metadata_mut().remove(&name);
-        return Ok(Response::Execution(pgwire::api::results::Tag::new("SET")));
     }
     client.metadata_mut().insert(name.clone(), value.clone());
     if let Some((_, reported)) = REPORTED.iter().find(|(key, _)| *key == name) {

@@ -186,7 +186,8 @@ impl DataSink for LineProtocolSink {
                     let reasons: Vec<_> =
                         lines.lines.iter().map(|l| l.error_message.clone()).collect();
                     return Err(DataFusionError::Execution(format!(
-                        "insert rejected: {}",
+                        "insert rejected, {}: {}",
+                        lines.summary(),
                         reasons.join("; ")
                     )));
                 }

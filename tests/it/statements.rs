@@ -264,6 +264,13 @@ async fn browsers_cannot_change_data() {
         .await
         .expect("request");
     assert_eq!(response.status().as_u16(), 200, "reads stay on GET");
+    // HEAD is a GET without the body: no change either (a page's no-cors HEAD has no Origin).
+    let response = client()
+        .head(format!("{}?q={}", server.url("/query"), enc("DROP DATABASE st")))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status().as_u16(), 405);
     assert_eq!(server.count("st", "SELECT count(*) FROM cpu").await, 4);
 
     // A web page's POST carries its Origin: another site, or a rebound name, is refused.
@@ -299,6 +306,21 @@ async fn browsers_cannot_change_data() {
         assert_eq!(response.status().as_u16(), 403, "{path}");
     }
     assert_eq!(server.count("st", "SELECT count(*) FROM cpu").await, 4, "nothing changed");
+    // A page's GET carries Sec-Fetch-Site: another site, or a rebound name, cannot read data.
+    let read = url("SELECT host FROM cpu");
+    let port_host = format!("evil.example:{port}");
+    for (site, host) in
+        [("cross-site", None), ("same-site", None), ("same-origin", Some(port_host.as_str()))]
+    {
+        let mut request = client().get(&read).header("Sec-Fetch-Site", site);
+        if let Some(host) = host {
+            request = request.header("Host", host);
+        }
+        assert_eq!(request.send().await.expect("request").status().as_u16(), 403, "{site}");
+    }
+    // An address typed into the browser is the user's own request.
+    let response = client().get(&read).header("Sec-Fetch-Site", "none").send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
     // The server's own origin (a page it would serve) is allowed.
     let own = format!("http://127.0.0.1:{port}");
     let response = client()
