@@ -306,6 +306,12 @@ impl Engine {
         self.wal.lock().expect("wal handle lock").clone().ok_or(Error::ShuttingDown)
     }
 
+    /// Every table's data, taken out of the tables lock so each can be worked on alone.
+    fn all_tables(&self) -> Vec<(TableKey, Arc<RwLock<TableData>>)> {
+        let tables = self.tables.read().expect("tables lock");
+        tables.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
     fn table_data(&self, db: &str, table: &str) -> Option<Arc<RwLock<TableData>>> {
         self.tables.read().expect("tables lock").get(&(db.to_string(), table.to_string())).cloned()
     }

@@ -146,13 +146,7 @@ impl Engine {
 
     /// Buffered partitions, largest first: (db, table, partition, bytes).
     fn buffered_partitions(&self) -> Vec<(String, String, i64, usize)> {
-        let tables: Vec<_> = self
-            .tables
-            .read()
-            .expect("tables lock")
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let tables = self.all_tables();
         let mut out = Vec::new();
         for ((db, table), data) in tables {
             for (&partition, p) in &data.read().expect("table lock").buffer.partitions {

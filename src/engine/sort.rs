@@ -9,13 +9,7 @@ impl Engine {
     /// blocking thread, so queries for a few series find their rows by binary search. A run
     /// that a persist or a merge moved meanwhile is left as it was. Returns the runs sorted.
     pub async fn sort_buffers(&self) -> Result<usize, Error> {
-        let tables: Vec<_> = self
-            .tables
-            .read()
-            .expect("tables lock")
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let tables = self.all_tables();
         let mut sorted_runs = 0;
         for ((db, table), data) in tables {
             loop {
