@@ -260,3 +260,38 @@ async fn a_flood_of_bad_lines_gets_a_bounded_report() {
     assert!(outcome.rejected.summary().contains("the first 100 listed"));
     engine.close();
 }
+
+/// A database created by its first write is recorded like one created explicitly: a drop in
+/// it is durable, and a restart after drop + rewrite with another type comes up (issue 10.3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drops_in_an_implicit_database_survive_restarts() {
+    for persist_before_restart in [false, true] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Config::for_tests(dir.path().to_path_buf());
+        let engine = Engine::open(config.clone()).await.expect("open");
+        engine.write_lp("db", b"gone,host=a v=1 10\nkept v=1 10", options()).await.expect("write");
+        assert!(engine.drop_table("db", "gone").await.expect("drop"));
+        engine.write_lp("db", b"gone,host=a v=1i 20", options()).await.expect("rewrite");
+        if persist_before_restart {
+            engine.persist_all().await.expect("persist");
+        }
+        engine.close();
+        drop(engine);
+
+        let engine = Engine::open(config.clone()).await.expect("restart after drop + rewrite");
+        let (buffered, persisted) = rows(&engine, "gone");
+        assert_eq!(buffered + persisted, 1, "only the row written after the drop");
+        let (buffered, persisted) = rows(&engine, "kept");
+        assert_eq!(buffered + persisted, 1);
+        // Drop the only table: the database itself stays, across a restart too.
+        engine.drop_table("db", "gone").await.expect("drop");
+        engine.drop_table("db", "kept").await.expect("drop");
+        engine.persist_all().await.expect("persist");
+        engine.close();
+        drop(engine);
+        let engine = Engine::open(config).await.expect("restart");
+        assert!(engine.catalog().has_database("db"), "the database outlives its tables");
+        assert!(engine.catalog().table("db", "gone").is_none());
+        engine.close();
+    }
+}

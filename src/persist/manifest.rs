@@ -139,10 +139,11 @@ impl State {
                 self.wal_seq = self.wal_seq.max(file.max_seq);
             }
             Op::DropTable { database, table, seq } => {
-                if let Some(db) = self.databases.get_mut(database) {
-                    db.tables.remove(table);
-                    db.dropped_tables.insert(table.clone(), *seq);
-                }
+                // The database existed when its table was dropped, even if it was created by
+                // a write no earlier commit named.
+                let db = self.databases.entry(database.clone()).or_default();
+                db.tables.remove(table);
+                db.dropped_tables.insert(table.clone(), *seq);
                 self.wal_seq = self.wal_seq.max(*seq);
             }
             Op::DropDatabase { database, seq } => {
@@ -216,8 +217,27 @@ impl Manifest {
         &self.state
     }
 
-    /// Durably records `ops` as the next commit. The caller serialises commits.
+    /// Durably records `ops` as the next commit. The caller serialises commits. A database
+    /// that an op names and no earlier commit created (a write created it) is created first
+    /// in the same commit, so the manifest knows every database any of its ops touched.
     pub async fn commit(&mut self, ops: Vec<Op>) -> Result<(), Error> {
+        let mut created = Vec::new();
+        for op in &ops {
+            let database = match op {
+                Op::CreateTable { database, .. }
+                | Op::AddFile { database, .. }
+                | Op::DropTable { database, .. } => database,
+                Op::CreateDatabase { .. } | Op::DropDatabase { .. } => continue,
+            };
+            if !self.state.databases.contains_key(database) && !created.contains(database) {
+                created.push(database.clone());
+            }
+        }
+        let ops = created
+            .into_iter()
+            .map(|database| Op::CreateDatabase { database })
+            .chain(ops)
+            .collect();
         let number = self.state.commit + 1;
         let commit = Commit { format: FORMAT_VERSION, commit: number, ops };
         let bytes = serde_json::to_vec(&commit).expect("manifest types serialise");

@@ -257,3 +257,34 @@ async fn sigterm_shuts_down_cleanly_and_restart_keeps_everything() {
     let server = server.restart();
     assert_eq!(server.count("st", "SELECT count(*) FROM m").await, 1000);
 }
+
+/// Issue 10.3, as reproduced: a drop in a database its first write created, then the table
+/// rewritten with another type, then SIGTERM (which persists) or SIGKILL (which does not):
+/// the server comes up every time, with only the row written after the drop.
+#[tokio::test]
+async fn restart_after_drop_and_retyped_rewrite_in_an_implicit_database() {
+    for kill in [false, true] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let mut server = Server::start(&data, &[]);
+        assert_eq!(server.write("/write?db=fresh", "gone,host=a v=1 1000").await.0, 204);
+        let (status, body) = server.execute("fresh", "DROP TABLE gone").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(server.write("/write?db=fresh", "gone,host=a v=1i 2000").await.0, 204);
+        if kill {
+            server.kill9();
+        } else {
+            assert_eq!(server.terminate(), Some(0));
+        }
+        let mut server = server.restart();
+        let rows = server.query("fresh", "SELECT v, time FROM gone").await;
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0]["v"], 1, "the integer row written after the drop");
+        let (status, body) = server.execute("fresh", "DROP TABLE gone").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(server.terminate(), Some(0));
+        let server = server.restart();
+        let (status, body) = server.query_raw("fresh", "SELECT 1 AS one", "json").await;
+        assert_eq!(status, 200, "the database outlives its last table: {body}");
+    }
+}

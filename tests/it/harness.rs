@@ -155,6 +155,19 @@ impl Server {
         (status, response.text().await.unwrap_or_default())
     }
 
+    /// Runs a statement by POST (as statements that change data must be sent).
+    pub async fn execute(&self, db: &str, sql: &str) -> (u16, String) {
+        let body = serde_json::json!({ "db": db, "q": sql, "format": "json" });
+        let response = client()
+            .post(self.url("/api/v3/query_sql"))
+            .json(&body)
+            .send()
+            .await
+            .expect("statement request");
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap_or_default())
+    }
+
     /// Runs SQL and returns the rows as JSON objects; panics on an error status.
     pub async fn query(&self, db: &str, sql: &str) -> Vec<serde_json::Value> {
         let (status, body) = self.query_raw(db, sql, "json").await;
