@@ -37,10 +37,8 @@ pub enum Error {
     EmptyObjectName { what: &'static str },
     #[error("{what} name longer than {NAME_BYTES_MAX} bytes")]
     ObjectNameTooLong { what: &'static str },
-    #[error("{what} name \"{name}\" contains '/', '\\' or a control character")]
+    #[error("{what} name \"{name}\" contains a control character")]
     ObjectNameCharacter { what: &'static str, name: String },
-    #[error("{what} name \"{name}\" is not allowed")]
-    ObjectNameNotAllowed { what: &'static str, name: String },
     #[error("\"{key}\" is a {field_type} field in table \"{table}\", not a tag")]
     FieldNotTag { key: String, field_type: &'static str, table: String },
     #[error("\"{key}\" is used as both a tag and a field")]
@@ -293,7 +291,9 @@ pub fn check_name(what: &'static str, name: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Checks a database or table name.
+/// Checks a database or table name: any UTF-8 but control characters, 1 to `NAME_BYTES_MAX`
+/// bytes. Names never become object paths (files are stored under the ids the manifest
+/// assigns), so `/`, `\\`, `%`, `?` or `..` are ordinary characters.
 pub fn check_object_name(what: &'static str, name: &str) -> Result<(), Error> {
     if name.is_empty() {
         return Err(Error::EmptyObjectName { what });
@@ -301,11 +301,8 @@ pub fn check_object_name(what: &'static str, name: &str) -> Result<(), Error> {
     if name.len() > NAME_BYTES_MAX {
         return Err(Error::ObjectNameTooLong { what });
     }
-    if name.chars().any(|c| c.is_control() || c == '/' || c == '\\') {
-        return Err(Error::ObjectNameCharacter { what, name: name.to_string() });
-    }
-    if name == "." || name == ".." {
-        return Err(Error::ObjectNameNotAllowed { what, name: name.to_string() });
+    if name.chars().any(char::is_control) {
+        return Err(Error::ObjectNameCharacter { what, name: name.escape_debug().to_string() });
     }
     Ok(())
 }

@@ -65,6 +65,9 @@ fn arrow_schema_orders_tags_fields_time() {
 fn object_names() {
     assert!(check_object_name("database", "telegraf").is_ok());
     assert!(check_object_name("database", "").is_err());
-    assert!(check_object_name("database", "a/b").is_err());
-    assert!(check_object_name("database", "..").is_err());
+    assert!(check_object_name("database", "a\nb").is_err());
+    assert!(check_object_name("table", &"x".repeat(NAME_BYTES_MAX + 1)).is_err());
+    for name in ["my-table.v1/x", "a\\b", "..", "cpu#1", "température", "a%b", "q?x", "%25"] {
+        assert!(check_object_name("table", name).is_ok(), "{name}");
+    }
 }

@@ -149,8 +149,7 @@ impl Engine {
             let mut data = data.write().expect("table lock");
             data.dropped = true;
             self.buffered_bytes.fetch_sub(data.buffer.bytes(), Ordering::Relaxed);
-            paths
-                .extend(data.files.iter().map(|f| object_store::path::Path::from(f.path.as_str())));
+            paths.extend(data.files.iter().map(|f| crate::persist::location(f)));
         }
         for path in paths {
             if let Err(error) = crate::persist::delete_file(&self.store, &path).await {

@@ -51,11 +51,8 @@ impl Engine {
             built.fold(&schema, batch);
         }
         for file in files {
-            let bytes = crate::persist::read_file(
-                &self.store,
-                &object_store::path::Path::from(file.path.as_str()),
-            )
-            .await?;
+            let bytes =
+                crate::persist::read_file(&self.store, &crate::persist::location(&file)).await?;
             let fold_schema = schema.clone();
             let partial = tokio::task::spawn_blocking(
                 move || -> Result<LastValues, parquet::errors::ParquetError> {

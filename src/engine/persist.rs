@@ -78,11 +78,8 @@ impl Engine {
             }
         };
         // Committed just before a drop, which removed it from the manifest again.
-        if let Err(error) = crate::persist::delete_file(
-            &self.store,
-            &object_store::path::Path::from(orphan.path.as_str()),
-        )
-        .await
+        if let Err(error) =
+            crate::persist::delete_file(&self.store, &crate::persist::location(&orphan)).await
         {
             tracing::warn!(%error, path = %orphan.path, "deleting the file of a dropped table failed");
         }
@@ -108,8 +105,20 @@ impl Engine {
         })
         .await
         .map_err(|e| Error::Internal(format!("persist task failed: {e}")))??;
+        let ids = {
+            let mut manifest = self.manifest.lock().await;
+            // Under the manifest lock, as a drop commits: a dropped table gets no ids (which
+            // would record it again).
+            if !self.table_data(db, table).is_some_and(|live| Arc::ptr_eq(&live, data)) {
+                return Ok(None);
+            }
+            manifest
+                .table_ids(db, table, schema.columns())
+                .await
+                .map_err(crate::persist::Error::from)?
+        };
         let n = self.file_counter.fetch_add(1, Ordering::Relaxed);
-        let path = crate::persist::file_path(db, table, partition_ns, max_seq, n);
+        let path = crate::persist::file_path(ids, partition_ns, max_seq, n);
         let bytes = encoded.bytes.len() as u64;
         crate::persist::put_file(&self.store, &path, encoded.bytes).await?;
         crate::crash_point("persist_after_parquet_write");

@@ -8,6 +8,14 @@ use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchR
 
 use super::store::Store;
 use super::Error;
+use crate::catalog::ParquetFile;
+
+/// The object path a manifest's file record names. The record holds the path as it is
+/// stored (already percent-encoded where a part needed it, as paths of files written before
+/// paths were made of ids may be), so it is parsed, never encoded a second time.
+pub fn location(file: &ParquetFile) -> Path {
+    Path::parse(&file.path).unwrap_or_else(|_| Path::from(file.path.as_str()))
+}
 
 /// Writes (or replaces) a file, as `encode` made it; returns once it is durable.
 pub async fn put_file(store: &Store, path: &Path, bytes: Bytes) -> Result<(), Error> {

@@ -30,12 +30,19 @@ pub enum Error {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TableState {
+    /// Assigned when the table first appears in the manifest; names its files' directory.
+    /// A table dropped and written again is a new table with a new id.
+    #[serde(default)]
+    pub id: u64,
     pub columns: Vec<Column>,
     pub files: Vec<ParquetFile>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DatabaseState {
+    /// Assigned like a table's id.
+    #[serde(default)]
+    pub id: u64,
     pub tables: BTreeMap<String, TableState>,
     /// Tables dropped, with the WAL sequence number of the drop: replay skips their rows up to it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -51,6 +58,9 @@ pub struct State {
     /// Highest WAL sequence number whose rows any commit recorded.
     pub wal_seq: u64,
     pub databases: BTreeMap<String, DatabaseState>,
+    /// The next database or table id (ids are never reused; 0 means none assigned yet).
+    #[serde(default)]
+    pub next_id: u64,
     /// Databases dropped, with the WAL sequence number of the drop.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub dropped_databases: BTreeMap<String, u64>,
@@ -109,31 +119,64 @@ impl State {
         db.max(table)
     }
 
+    /// The id of a table the manifest knows.
+    pub fn table_id(&self, database: &str, table: &str) -> Option<(u64, u64)> {
+        let db = self.databases.get(database)?;
+        Some((db.id, db.tables.get(table)?.id))
+    }
+
+    fn new_id(&mut self) -> u64 {
+        self.next_id = self.next_id.max(1);
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// Gives ids to databases and tables that have none (a checkpoint written before ids
+    /// existed), in name order, so every load of the same store assigns the same ones.
+    fn assign_missing_ids(&mut self) {
+        let mut next = self.next_id.max(1);
+        for db in self.databases.values_mut() {
+            for id in std::iter::once(&mut db.id).chain(db.tables.values_mut().map(|t| &mut t.id)) {
+                if *id == 0 {
+                    *id = next;
+                    next += 1;
+                }
+            }
+        }
+        self.next_id = next;
+    }
+
+    fn database(&mut self, database: &str) -> &mut DatabaseState {
+        if !self.databases.contains_key(database) {
+            let id = self.new_id();
+            self.databases.insert(database.to_string(), DatabaseState { id, ..Default::default() });
+        }
+        self.databases.get_mut(database).expect("inserted above")
+    }
+
+    fn table(&mut self, database: &str, table: &str) -> &mut TableState {
+        if self.databases.get(database).is_none_or(|db| !db.tables.contains_key(table)) {
+            let id = self.new_id();
+            let state = TableState { id, ..Default::default() };
+            self.database(database).tables.insert(table.to_string(), state);
+        }
+        self.database(database).tables.get_mut(table).expect("inserted above")
+    }
+
     fn apply(&mut self, op: &Op) {
         match op {
             Op::CreateDatabase { database } => {
-                self.databases.entry(database.clone()).or_default();
+                self.database(database);
             }
             Op::CreateTable { database, table, columns } => {
-                let table = self
-                    .databases
-                    .entry(database.clone())
-                    .or_default()
-                    .tables
-                    .entry(table.clone())
-                    .or_default();
+                let table = self.table(database, table);
                 if table.columns.is_empty() {
                     table.columns = columns.clone();
                 }
             }
             Op::AddFile { database, table, columns, file } => {
-                let table = self
-                    .databases
-                    .entry(database.clone())
-                    .or_default()
-                    .tables
-                    .entry(table.clone())
-                    .or_default();
+                let table = self.table(database, table);
                 table.columns = columns.clone();
                 table.files.push(file.clone());
                 self.wal_seq = self.wal_seq.max(file.max_seq);
@@ -141,7 +184,7 @@ impl State {
             Op::DropTable { database, table, seq } => {
                 // The database existed when its table was dropped, even if it was created by
                 // a write no earlier commit named.
-                let db = self.databases.entry(database.clone()).or_default();
+                let db = self.database(database);
                 db.tables.remove(table);
                 db.dropped_tables.insert(table.clone(), *seq);
                 self.wal_seq = self.wal_seq.max(*seq);
@@ -190,6 +233,7 @@ impl Manifest {
             if state.format != FORMAT_VERSION {
                 return Err(invalid(path, format!("unsupported format {}", state.format)));
             }
+            state.assign_missing_ids();
         }
         let commits = store.list(&Path::from(LOG_DIR)).await?;
         for path in commits {
@@ -215,6 +259,27 @@ impl Manifest {
 
     pub fn state(&self) -> &State {
         &self.state
+    }
+
+    /// The ids of a table, recording it first (a `create_table` with `columns`) if no commit
+    /// named it yet: a table's files are stored under its ids, so it needs them before its
+    /// first file is written.
+    pub async fn table_ids(
+        &mut self,
+        database: &str,
+        table: &str,
+        columns: &[Column],
+    ) -> Result<(u64, u64), Error> {
+        if let Some(ids) = self.state.table_id(database, table) {
+            return Ok(ids);
+        }
+        let op = Op::CreateTable {
+            database: database.into(),
+            table: table.into(),
+            columns: columns.to_vec(),
+        };
+        self.commit(vec![op]).await?;
+        Ok(self.state.table_id(database, table).expect("just created"))
     }
 
     /// Durably records `ops` as the next commit. The caller serialises commits. A database
@@ -257,5 +322,44 @@ impl Manifest {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(dir: &std::path::Path) -> Store {
+        Store::open(url::Url::from_directory_path(dir).expect("absolute").as_str()).expect("store")
+    }
+
+    /// Ids are assigned once and the same on every load, also for a checkpoint written before
+    /// ids existed; a table dropped and recreated gets a new one; a commit that names a
+    /// database a write created records the database first.
+    #[tokio::test]
+    async fn ids_are_stable_and_never_reused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(dir.path());
+        let old_checkpoint = r#"{"format": 1, "commit": 100, "wal_seq": 7, "databases": {
+            "b": {"tables": {"t": {"columns": [], "files": []}}},
+            "a": {"tables": {"y": {"columns": [], "files": []}, "x": {"columns": [], "files": []}}}}}"#;
+        store.put(&checkpoint_path(100), Bytes::from(old_checkpoint)).await.expect("checkpoint");
+
+        let mut manifest = Manifest::load(store.clone()).await.expect("load");
+        // Name order: a, a.x, a.y, b, b.t.
+        assert_eq!(manifest.state().table_id("a", "x"), Some((1, 2)));
+        assert_eq!(manifest.state().table_id("a", "y"), Some((1, 3)));
+        assert_eq!(manifest.state().table_id("b", "t"), Some((4, 5)));
+        assert_eq!(manifest.table_ids("new", "n", &[]).await.expect("ids"), (6, 7));
+        manifest
+            .commit(vec![Op::DropTable { database: "a".into(), table: "x".into(), seq: 9 }])
+            .await
+            .expect("drop");
+        assert_eq!(manifest.table_ids("a", "x", &[]).await.expect("ids"), (1, 8), "a new table");
+        let state = manifest.state().clone();
+
+        let reloaded = Manifest::load(store).await.expect("reload");
+        assert_eq!(reloaded.state(), &state);
+        assert_eq!(reloaded.state().wal_seq, 9);
     }
 }

@@ -9,7 +9,7 @@ mod files;
 pub mod manifest;
 pub mod store;
 
-pub use files::{decode_file, delete_file, put_file, read_file};
+pub use files::{decode_file, delete_file, location, put_file, read_file};
 
 use arrow::array::{Array, ArrayRef, TimestampNanosecondArray};
 use arrow::compute::{lexsort_to_indices, SortColumn, SortOptions};
@@ -178,10 +178,11 @@ fn time_range(times: &ArrayRef) -> (i64, i64) {
     (arrow::compute::min(times).unwrap_or(0), arrow::compute::max(times).unwrap_or(0))
 }
 
-/// Where a partition's file goes: `data/{db}/{table}/{partition}/{max_seq}-{n}.parquet`.
+/// Where a partition's file goes:
+/// `data/{database id}/{table id}/{YYYY-MM-DD}-{partition}/{max_seq}-{n}.parquet`. Only ids
+/// and numbers, never a user's name, so any name is stored and the path is plain ASCII.
 pub fn file_path(
-    db: &str,
-    table: &str,
+    (database_id, table_id): (u64, u64),
     partition_ns: i64,
     max_seq: u64,
     n: u64,
@@ -189,8 +190,8 @@ pub fn file_path(
     let day = chrono_like_date(partition_ns);
     object_store::path::Path::from_iter([
         "data".to_string(),
-        db.to_string(),
-        table.to_string(),
+        database_id.to_string(),
+        table_id.to_string(),
         format!("{day}-{partition_ns}"),
         format!("{max_seq:020}-{n}.parquet"),
     ])
@@ -219,6 +220,24 @@ mod tests {
 
     /// Both encoders (gather for in-order rows, merge for overlapping ones) write the same
     /// sorted rows when no key repeats.
+    #[test]
+    fn stored_paths_are_parsed_not_encoded_again() {
+        // A file of an older server stored under a table named `a%b`.
+        let file = crate::catalog::ParquetFile {
+            path: "data/db/a%25b/x.parquet".into(),
+            partition_ns: 0,
+            min_time_ns: 0,
+            max_time_ns: 0,
+            rows: 1,
+            bytes: 1,
+            max_seq: 1,
+            overlap: false,
+        };
+        assert_eq!(location(&file).as_ref(), "data/db/a%25b/x.parquet");
+        let path = file_path((3, 17), 0, 5, 1);
+        assert_eq!(path.as_ref(), "data/3/17/1970-01-01-0/00000000000000000005-1.parquet");
+    }
+
     #[test]
     fn gather_and_merge_encoders_agree() {
         let table = TableSchema::new(

@@ -393,7 +393,18 @@ impl Table {
             source = source.with_predicate(state.create_physical_expr(predicate, &df_schema)?);
         }
         let groups = split(
-            files.iter().map(|f| PartitionedFile::new(f.path.clone(), f.bytes)).collect(),
+            files
+                .iter()
+                .map(|f| {
+                    PartitionedFile::from(object_store::ObjectMeta {
+                        location: crate::persist::location(f),
+                        last_modified: chrono::DateTime::<chrono::Utc>::UNIX_EPOCH,
+                        size: f.bytes,
+                        e_tag: None,
+                        version: None,
+                    })
+                })
+                .collect(),
             state.config().target_partitions(),
         );
         let config = FileScanConfigBuilder::new(

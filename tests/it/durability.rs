@@ -288,3 +288,57 @@ async fn restart_after_drop_and_retyped_rewrite_in_an_implicit_database() {
         assert_eq!(status, 200, "the database outlives its last table: {body}");
     }
 }
+
+/// Issue 10.4: names of any characters (but control characters) up to the catalog's limit
+/// are stored, persisted and read back after a restart; files are named by ids.
+#[tokio::test]
+async fn any_name_is_persisted_and_read_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut server = Server::start(&data, &[]);
+    let long = "n".repeat(300);
+    let longest = "m".repeat(512);
+    let names = [
+        "cpu#1",
+        "température",
+        "a%b",
+        "q?x",
+        "%25",
+        "my-table.v1/x",
+        r"back\slash",
+        "..",
+        "Ω ≈ ç",
+        long.as_str(),
+        longest.as_str(),
+    ];
+    for (i, name) in names.iter().enumerate() {
+        // Line protocol escapes spaces and commas in a measurement.
+        let measurement = name.replace(' ', r"\ ").replace(',', r"\,");
+        let line = format!("{measurement},host=h v={i} {}", 1_000 + i);
+        let (status, body) = server.write("/write?db=names", line).await;
+        assert_eq!(status, 204, "{name}: {body}");
+    }
+    let too_long = format!("{} v=1 1", "x".repeat(513));
+    let (status, body) = server.write("/write?db=names", too_long).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("longer than 512 bytes"), "{body}");
+
+    assert_eq!(server.terminate(), Some(0));
+    let files = parquet_files(&data);
+    assert_eq!(files.len(), names.len(), "each table persisted at shutdown: {files:?}");
+    for file in &files {
+        let relative = file.strip_prefix(&data).expect("under the data directory");
+        assert!(
+            relative.to_str().is_some_and(|p| p.bytes().all(|b| b.is_ascii_graphic())),
+            "a file path of ids and numbers only: {relative:?}"
+        );
+    }
+    let server = server.restart();
+    for (i, name) in names.iter().enumerate() {
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        let rows = server.query("names", &format!("SELECT v FROM {quoted}")).await;
+        assert_eq!(rows.len(), 1, "{name}: {rows:?}");
+        assert_eq!(rows[0]["v"], i as f64, "{name}");
+    }
+    assert!(!server.stderr().contains("ERROR"), "{}", server.stderr());
+}
