@@ -230,6 +230,23 @@ async fn write(
         Ok(body) => body,
         Err(response) => return response,
     };
+    // As InfluxDB 3: a body that is not UTF-8 is refused whole, and one without a point too.
+    if let Err(e) = std::str::from_utf8(&body) {
+        let at = e.valid_up_to();
+        let line = body[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            &format!("the body is not valid UTF-8: line {line}, byte {} of the body", at + 1),
+            None,
+        );
+    }
+    if crate::line_protocol::lines(&body).next().is_none() {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "empty write: the body has no lines (only blank lines and comments)",
+            None,
+        );
+    }
     match state.query.engine().write_lp(db, &body, options).await {
         Ok(outcome) if outcome.rejected.is_empty() => StatusCode::NO_CONTENT.into_response(),
         Ok(outcome) => error_response(
@@ -260,6 +277,11 @@ async fn write(
             error_response(status, &e.to_string(), None)
         }
     }
+}
+
+/// The time of a point written without a timestamp: now, in the request's precision.
+fn receipt_time(state: &AppState, precision: Precision) -> i64 {
+    precision.truncate(state.query.engine().clock().now_ns())
 }
 
 #[allow(clippy::result_large_err)]
@@ -298,7 +320,7 @@ async fn write_v1(
         precision,
         accept_partial: true,
         no_sync: false,
-        default_time_ns: state.query.engine().clock().now_ns(),
+        default_time_ns: receipt_time(&state, precision),
     };
     write(&state, &headers, params.db.as_deref(), "db", options, body).await
 }
@@ -325,7 +347,7 @@ async fn write_v2(
         precision,
         accept_partial: true,
         no_sync: false,
-        default_time_ns: state.query.engine().clock().now_ns(),
+        default_time_ns: receipt_time(&state, precision),
     };
     write(&state, &headers, params.bucket.as_deref(), "bucket", options, body).await
 }
@@ -352,7 +374,7 @@ async fn write_v3(
         precision,
         accept_partial: params.accept_partial.unwrap_or(true),
         no_sync: params.no_sync.unwrap_or(false),
-        default_time_ns: state.query.engine().clock().now_ns(),
+        default_time_ns: receipt_time(&state, precision),
     };
     write(&state, &headers, params.db.as_deref(), "db", options, body).await
 }

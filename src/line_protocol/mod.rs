@@ -46,6 +46,9 @@ impl Line<'_> {
 /// and in the catalog stay bounded (a line of 200,000 fields once took 30 s of a core).
 pub const KEYS_PER_LINE_MAX: usize = 2_000;
 
+/// The longest string field value (as written, escapes included), as InfluxDB 3: 1 MiB.
+pub const STRING_BYTES_MAX: usize = 1 << 20;
+
 /// Up to this many keys, a duplicate is found by scanning the keys so far; past it, by a map.
 pub const KEYS_SCANNED_MAX: usize = 32;
 
@@ -143,6 +146,17 @@ impl Precision {
         })
     }
 
+    /// A time in nanoseconds cut down to a whole number of this precision's units: a point
+    /// written without a timestamp gets the receipt time in the precision it was written in
+    /// (as InfluxDB 3). `Auto` keeps nanoseconds.
+    pub fn truncate(self, ns: i64) -> i64 {
+        let unit = match self {
+            Precision::Auto => 1,
+            p => p.to_nanos(1).unwrap_or(1),
+        };
+        ns - ns.rem_euclid(unit)
+    }
+
     /// Converts a timestamp in this precision to nanoseconds; `None` when it overflows i64.
     pub fn to_nanos(self, value: i64) -> Option<i64> {
         let factor: i64 = match self {
@@ -171,18 +185,118 @@ impl Precision {
 }
 
 /// Splits a body into numbered lines, skipping blank lines and `#` comments, accepting CRLF
-/// and a missing final newline. Yields `(line_number, bytes)`; UTF-8 is checked per line by
-/// [`parse_line`] so one bad line does not reject its neighbours.
-pub fn lines(body: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
-    body.split(|&b| b == b'\n').enumerate().filter_map(|(index, line)| {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let trimmed = trim_start(line);
-        if trimmed.is_empty() || trimmed[0] == b'#' {
-            None
-        } else {
-            Some((index + 1, line))
+/// and a missing final newline. A newline inside a quoted string field value is part of the
+/// value, not the end of the line (as InfluxDB 3 reads it). Yields `(line_number, bytes)`, the
+/// number of the line a point starts on; UTF-8 is checked per line by [`parse_line`] so one bad
+/// line does not reject its neighbours.
+pub fn lines(body: &[u8]) -> Lines<'_> {
+    Lines { body, pos: 0, line: 1 }
+}
+
+/// The iterator [`lines`] returns.
+pub struct Lines<'a> {
+    body: &'a [u8],
+    pos: usize,
+    /// Number of the physical line at `pos`.
+    line: usize,
+}
+
+impl<'a> Iterator for Lines<'a> {
+    type Item = (usize, &'a [u8]);
+
+    fn next(&mut self) -> Option<(usize, &'a [u8])> {
+        while self.pos < self.body.len() {
+            let rest = &self.body[self.pos..];
+            let number = self.line;
+            let trimmed = trim_start(rest);
+            let (len, newlines) = if trimmed.first() == Some(&b'#') {
+                (memchr::memchr(b'\n', rest).unwrap_or(rest.len()), 0)
+            } else {
+                line_end(rest)
+            };
+            let line = &rest[..len];
+            // Past the line and its newline (if any).
+            self.pos += (len + 1).min(rest.len());
+            self.line += newlines + 1;
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let trimmed = trim_start(line);
+            if !trimmed.is_empty() && trimmed[0] != b'#' {
+                return Some((number, line));
+            }
         }
-    })
+        None
+    }
+}
+
+/// Length of the point that `rest` starts with, up to (not including) the newline that ends
+/// it, and how many newlines inside quoted string values it spans. Without a double quote
+/// before the first newline, that newline ends it.
+fn line_end(rest: &[u8]) -> (usize, usize) {
+    let first = memchr::memchr(b'\n', rest).unwrap_or(rest.len());
+    if memchr::memchr(b'"', &rest[..first]).is_none() {
+        return (first, 0);
+    }
+    #[derive(PartialEq)]
+    enum At {
+        /// Measurement and tags; `true` inside a tag value (where a tab is not a separator).
+        Key(bool),
+        /// The field set; `true` right after an unescaped `=` (where `"` opens a string).
+        Fields(bool),
+        String,
+        /// The timestamp and after.
+        Rest,
+    }
+    let mut at = At::Key(false);
+    let mut seen_field = false;
+    let mut newlines = 0;
+    let mut i = 0;
+    while i < rest.len() {
+        let b = rest[i];
+        if at == At::String {
+            match b {
+                b'\\' if matches!(rest.get(i + 1), Some(b'"' | b'\\')) => i += 1,
+                b'"' => at = At::Fields(false),
+                b'\n' => newlines += 1,
+                _ => {}
+            }
+            i += 1;
+            continue;
+        }
+        if b == b'\n' {
+            return (i, newlines);
+        }
+        if b == b'\\' && rest.get(i + 1).is_some_and(|&next| next != b'\n') {
+            // An escaped character never separates anything; skipping one that the parser
+            // keeps as a literal backslash + character changes nothing either.
+            i += 2;
+            if let At::Fields(_) = at {
+                at = At::Fields(false);
+                seen_field = true;
+            }
+            continue;
+        }
+        at = match at {
+            At::Key(_) if b == b' ' => At::Fields(false),
+            At::Key(false) if b == b'\t' => At::Fields(false),
+            At::Key(_) if b == b',' => At::Key(false),
+            At::Key(_) if b == b'=' => At::Key(true),
+            At::Fields(true) if b == b'"' => At::String,
+            At::Fields(_) if b == b' ' || b == b'\t' => {
+                if seen_field {
+                    At::Rest
+                } else {
+                    At::Fields(false)
+                }
+            }
+            At::Fields(_) => {
+                seen_field = true;
+                At::Fields(b == b'=')
+            }
+            other => other,
+        };
+        i += 1;
+    }
+    (rest.len(), newlines)
 }
 
 fn trim_start(mut bytes: &[u8]) -> &[u8] {
@@ -291,6 +405,12 @@ impl<'a> Parser<'a> {
             if value.is_empty() {
                 return Err(self.error(value_pos, format!("missing value for tag \"{key}\"")));
             }
+            if value.ends_with('\\') {
+                // It would escape whatever follows it wherever tags are written out again.
+                return Err(
+                    self.error(value_pos, format!("value of tag \"{key}\" ends in a backslash"))
+                );
+            }
             if key == "time" {
                 return Err(self.error(key_pos, "\"time\" cannot be a tag key"));
             }
@@ -393,13 +513,6 @@ impl<'a> Parser<'a> {
             if part.is_end(b) {
                 break;
             }
-            if b == b'"'
-                && matches!(part, Part::Measurement | Part::TagKey | Part::FieldKey)
-                && self.pos == start
-            {
-                return Err(self
-                    .error(self.pos, format!("{} cannot begin with a double quote", part.what())));
-            }
             self.pos += 1;
         }
         let raw = &self.text[start..self.pos];
@@ -450,6 +563,12 @@ impl<'a> Parser<'a> {
             }
         }
         let raw = &self.text[start..self.pos];
+        if raw.len() > STRING_BYTES_MAX {
+            return Err(self.error(
+                open,
+                format!("string for field \"{key}\" longer than {STRING_BYTES_MAX} bytes"),
+            ));
+        }
         self.pos += 1; // closing quote
         if !escaped {
             return Ok(FieldValue::String(Cow::Borrowed(raw)));

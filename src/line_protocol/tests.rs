@@ -73,7 +73,8 @@ fn escapes() {
     check(r"m,t=a\b f=1", r#"m="m" tag:"t"="a\\b" field:"f"=float:1.0"#);
     check(r"m=x f=1", r#"m="m=x" field:"f"=float:1.0"#);
     check(r"m,t=héllo f=1", r#"m="m" tag:"t"="héllo" field:"f"=float:1.0"#);
-    check(r"m,t=a\\ f=1", r#"m="m" tag:"t"="a\\" field:"f"=float:1.0"#);
+    // A tag value may not end in a backslash (InfluxDB 3 refuses it too).
+    check(r"m,t=a\\ f=1", "error: line 1, column 5: value of tag \"t\" ends in a backslash");
 }
 
 #[test]
@@ -110,7 +111,58 @@ fn bad_lines() {
     check("m f=1x,g=2", "error: line 1, column 5: invalid value \"1x\" for field \"f\"");
     check("m f=\"a\"b", "error: line 1, column 8: expected ',' or ' ' after field value");
     check("m,t=a", "error: line 1, column 6: missing field set");
-    check("\"m f=1", "error: line 1, column 1: measurement cannot begin with a double quote");
+    // As InfluxDB 3: a leading double quote is part of a measurement or key.
+    check("\"m f=1", r#"m="\"m" field:"f"=float:1.0"#);
+    check("m \"f\"=1i", r#"m="m" field:"\"f\""=int:1"#);
+    check("m,\"t=v f=1", r#"m="m" tag:"\"t"="v" field:"f"=float:1.0"#);
+    check("m,t=a\\\\,u=b f=1", "error: line 1, column 5: value of tag \"t\" ends in a backslash");
+    check("m,t=a\\b f=1", r#"m="m" tag:"t"="a\\b" field:"f"=float:1.0"#);
+}
+
+#[test]
+fn strings_up_to_a_mebibyte() {
+    let fits = format!("m f=\"{}\"", "x".repeat(STRING_BYTES_MAX));
+    let mut line = Line::default();
+    assert!(parse_line(1, fits.as_bytes(), &mut line).is_ok());
+    let over = format!("m f=\"{}\"", "x".repeat(STRING_BYTES_MAX + 1));
+    let err = parse_line(1, over.as_bytes(), &mut line).unwrap_err();
+    assert_eq!(err.message, format!("string for field \"f\" longer than {STRING_BYTES_MAX} bytes"));
+}
+
+#[test]
+fn newlines_inside_quoted_strings_do_not_end_the_line() {
+    let body = "a f=\"one\ntwo\"\nb,t=x\\ y f=\"q\\\"\n\" 5\r\n# \"c\nc f=1i\nd,t=\"v f=1\n\"e\" \"g\"=\"h\ni\"";
+    let got: Vec<(usize, String)> =
+        lines(body.as_bytes()).map(|(n, b)| (n, String::from_utf8(b.to_vec()).unwrap())).collect();
+    assert_eq!(
+        got,
+        vec![
+            (1, "a f=\"one\ntwo\"".to_string()),
+            (3, "b,t=x\\ y f=\"q\\\"\n\" 5".to_string()),
+            (6, "c f=1i".to_string()),
+            (7, "d,t=\"v f=1".to_string()),
+            (8, "\"e\" \"g\"=\"h\ni\"".to_string()),
+        ]
+    );
+    let mut line = Line::default();
+    parse_line(3, got[1].1.as_bytes(), &mut line).expect("parses");
+    assert_eq!(render(&line), r#"m="b" tag:"t"="x y" field:"f"=str:"q\"\n" ts=5"#);
+    parse_line(8, got[4].1.as_bytes(), &mut line).expect("parses");
+    assert_eq!(render(&line), r#"m="\"e\"" field:"\"g\""=str:"h\ni""#);
+    // An unterminated string takes the rest of the body: one bad line, not many.
+    let got: Vec<usize> = lines(b"a f=\"open\nb f=1\nc f=2").map(|(n, _)| n).collect();
+    assert_eq!(got, vec![1]);
+}
+
+#[test]
+fn receipt_time_in_the_request_precision() {
+    let ns = 1_700_000_123_456_789_012;
+    assert_eq!(Precision::Second.truncate(ns), 1_700_000_123_000_000_000);
+    assert_eq!(Precision::Millisecond.truncate(ns), 1_700_000_123_456_000_000);
+    assert_eq!(Precision::Microsecond.truncate(ns), 1_700_000_123_456_789_000);
+    assert_eq!(Precision::Nanosecond.truncate(ns), ns);
+    assert_eq!(Precision::Auto.truncate(ns), ns);
+    assert_eq!(Precision::Second.truncate(-1), -1_000_000_000);
 }
 
 #[test]

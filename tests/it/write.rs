@@ -242,3 +242,65 @@ async fn body_limit_gives_413_and_keeps_serving() {
     assert_eq!(response.status(), 413, "the decompressed size counts too");
     assert_eq!(server.write("/write?db=l", "m v=1 1").await.0, 204);
 }
+
+/// What InfluxDB 3 accepts and refuses beyond names (issue 10, line protocol): newlines in
+/// quoted strings, leading double quotes, receipt time in the request's precision, empty and
+/// non-UTF-8 bodies, strings over 1 MiB, tag values ending in a backslash.
+#[tokio::test]
+async fn line_protocol_as_influxdb_3_reads_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data"), &[]);
+    let body = "log,host=a msg=\"first\nsecond\" 1\n\"quoted,host=a \"v\"=1i 2\n";
+    assert_eq!(server.write("/write?db=lp", body).await, (204, String::new()));
+    let rows = server.query("lp", "SELECT msg FROM log").await;
+    assert_eq!(rows[0]["msg"], "first\nsecond");
+    let rows = server.query("lp", r#"SELECT """v""" FROM """quoted""#).await;
+    assert_eq!(rows[0]["\"v\""], 1);
+
+    for (precision, unit) in [("s", 1_000_000_000i64), ("ms", 1_000_000), ("us", 1_000)] {
+        let line = format!("receipt,p={precision} v=1");
+        let (status, body) =
+            server.write(&format!("/write?db=lp&precision={precision}"), line).await;
+        assert_eq!(status, 204, "{body}");
+        let rows = server
+            .query(
+                "lp",
+                &format!("SELECT CAST(time AS BIGINT) AS ns FROM receipt WHERE p = '{precision}'"),
+            )
+            .await;
+        let ns = rows[0]["ns"].as_i64().expect("ns");
+        assert_eq!(ns % unit, 0, "receipt time truncated to {precision}: {ns}");
+    }
+
+    for endpoint in ["/write?db=lp", "/api/v2/write?bucket=lp", "/api/v3/write_lp?db=lp"] {
+        for empty in ["", "\n\n", "# only a comment\n  \n"] {
+            let (status, body) = server.write(endpoint, empty).await;
+            assert_eq!(status, 400, "{endpoint} {empty:?}");
+            assert!(body.contains("empty write"), "{body}");
+        }
+        let (status, body) = server.write(endpoint, b"ok v=1 1\nbad,t=\xff v=2 2".to_vec()).await;
+        assert_eq!(status, 400, "{endpoint}");
+        assert!(body.contains("not valid UTF-8: line 2"), "{body}");
+    }
+    assert_eq!(
+        server
+            .count(
+                "lp",
+                "SELECT count(*) AS n FROM information_schema.tables WHERE table_name = 'ok'"
+            )
+            .await,
+        0,
+        "a non-UTF-8 body is refused whole"
+    );
+
+    let huge = format!("big v=\"{}\" 1\nbig v=\"small\" 2\n", "x".repeat((1 << 20) + 1));
+    let (status, body) = server.write("/write?db=lp", huge).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("line 1") && body.contains("longer than 1048576 bytes"), "{body}");
+    assert_eq!(server.count("lp", "SELECT count(*) FROM big").await, 1, "the other line is stored");
+
+    let (status, body) = server.write("/write?db=lp", "bs,t=a\\\\ v=1 1\nbs,t=b v=1 2").await;
+    assert_eq!(status, 400);
+    assert!(body.contains("ends in a backslash"), "{body}");
+    assert_eq!(server.count("lp", "SELECT count(*) FROM bs").await, 1);
+}
