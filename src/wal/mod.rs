@@ -173,7 +173,9 @@ enum Decoded<'a> {
     Bad(String),
 }
 
-fn decode_record(bytes: &[u8], record_bytes_max: usize) -> Decoded<'_> {
+/// Decodes the record at the start of `bytes`. Any length that fits in `bytes` is read: the
+/// limit a server has now may be lower than the one the record was written under.
+fn decode_record(bytes: &[u8]) -> Decoded<'_> {
     if bytes.len() < RECORD_HEADER_BYTES {
         return Decoded::Bad(format!(
             "{} bytes left, a record header needs {RECORD_HEADER_BYTES}",
@@ -181,9 +183,6 @@ fn decode_record(bytes: &[u8], record_bytes_max: usize) -> Decoded<'_> {
         ));
     }
     let len = u32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes")) as usize;
-    if len > record_bytes_max {
-        return Decoded::Bad(format!("record length {len} exceeds the limit {record_bytes_max}"));
-    }
     let total = RECORD_HEADER_BYTES + len;
     if bytes.len() < total {
         return Decoded::Bad(format!("record of {total} bytes but only {} left", bytes.len()));
@@ -205,9 +204,9 @@ fn decode_record(bytes: &[u8], record_bytes_max: usize) -> Decoded<'_> {
 
 /// Whether a valid record with a sequence number of at least `seq_min` starts anywhere in
 /// `bytes`: that tells mid-log corruption (fatal) from a torn tail (cut).
-fn valid_record_after(bytes: &[u8], seq_min: u64, record_bytes_max: usize) -> bool {
+fn valid_record_after(bytes: &[u8], seq_min: u64) -> bool {
     (0..bytes.len()).any(|offset| {
-        matches!(decode_record(&bytes[offset..], record_bytes_max),
+        matches!(decode_record(&bytes[offset..]),
             Decoded::Record { seq, .. } if seq >= seq_min && seq < seq_min.saturating_add(1 << 40))
     })
 }
@@ -275,7 +274,7 @@ pub fn replay<E: std::fmt::Display>(
         let mut expected = first_seq;
         let mut offset = SEGMENT_HEADER_BYTES;
         while offset < bytes.len() {
-            match decode_record(&bytes[offset..], config.record_bytes_max) {
+            match decode_record(&bytes[offset..]) {
                 Decoded::Record { seq, kind, payload, bytes: used } => {
                     if seq != expected {
                         return Err(corrupt(
@@ -289,13 +288,7 @@ pub fn replay<E: std::fmt::Display>(
                     offset += used;
                 }
                 Decoded::Bad(reason) => {
-                    if !last
-                        || valid_record_after(
-                            &bytes[offset + 1..],
-                            expected,
-                            config.record_bytes_max,
-                        )
-                    {
+                    if !last || valid_record_after(&bytes[offset + 1..], expected) {
                         return Err(corrupt(offset, reason));
                     }
                     tracing::warn!(path = %path.display(), offset, %reason, "cutting torn wal tail");

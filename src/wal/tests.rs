@@ -188,3 +188,17 @@ fn golden_fixture_decodes() {
         vec![(1, payloads[0]), (2, payloads[1])]
     );
 }
+
+/// A record written under a higher limit replays in full under a lower one (lowering
+/// `--request-max` between restarts): the tail is not mistaken for a torn one.
+#[test]
+fn records_above_a_lowered_limit_still_replay() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::for_tests(dir.path().join("wal"));
+    let big = vec![b'x'; 64 << 10];
+    write_records(&config, &[b"small".to_vec(), big.clone()]);
+    config.record_bytes_max = 1 << 10;
+    let got = replay_all(&config).expect("replay");
+    assert_eq!(got.len(), 2, "the large last record is kept");
+    assert_eq!(got[1].1, big);
+}
