@@ -59,7 +59,9 @@ pub struct ServeArgs {
     pub buffer_memory_max: u64,
 
     /// Time partition width: one day, so a query for recent data skips older days' files.
-    #[arg(long, env = "SUNDIAL_PARTITION_DURATION", default_value = "1d", value_parser = humantime::parse_duration)]
+    /// Fixed when the data directory is created (a later value is ignored with a warning);
+    /// 1 minute to 366 days.
+    #[arg(long, env = "SUNDIAL_PARTITION_DURATION", default_value = "1d", value_parser = parse_partition)]
     pub partition_duration: Duration,
 
     /// Everything buffered is persisted at least this often, which also bounds WAL replay.
@@ -85,6 +87,15 @@ pub struct ServeArgs {
     /// Log filter (tracing's EnvFilter syntax).
     #[arg(long, env = "SUNDIAL_LOG", default_value = "info")]
     pub log: String,
+}
+
+fn parse_partition(s: &str) -> Result<Duration, String> {
+    let width =
+        humantime::parse_duration(s).map_err(|e| format!("invalid duration \"{s}\": {e}"))?;
+    if width < Duration::from_secs(60) || width > Duration::from_secs(366 * 86_400) {
+        return Err(format!("partition duration \"{s}\" is not between 1 minute and 366 days"));
+    }
+    Ok(width)
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {

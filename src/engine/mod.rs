@@ -293,7 +293,7 @@ impl Engine {
     }
 
     fn partition_ns(&self) -> i64 {
-        i64::try_from(self.config.partition.as_nanos()).unwrap_or(i64::MAX).max(1)
+        partition_ns(self.config.partition)
     }
 
     /// Registers a callback that sees every write once it is durable, in sequence order.
@@ -326,4 +326,9 @@ impl Engine {
             }
         }
     }
+}
+
+/// A partition width in nanoseconds (at least 1).
+fn partition_ns(width: Duration) -> i64 {
+    i64::try_from(width.as_nanos()).unwrap_or(i64::MAX).max(1)
 }

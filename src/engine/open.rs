@@ -31,7 +31,7 @@ enum ReplayError {
 
 impl Engine {
     /// Opens the data directory: loads the manifest, replays the WAL, starts the WAL writer.
-    pub async fn open(config: Config) -> Result<Arc<Engine>, Error> {
+    pub async fn open(mut config: Config) -> Result<Arc<Engine>, Error> {
         let startup =
             |what: &str, e: &dyn std::fmt::Display| Error::Startup(format!("{what}: {e}"));
         std::fs::create_dir_all(&config.data_dir)
@@ -45,8 +45,11 @@ impl Engine {
                 .to_string(),
         };
         let store = Store::open(&url).map_err(|e| startup("opening the object store", &e))?;
-        let manifest =
+        let mut manifest =
             Manifest::load(store.clone()).await.map_err(|e| startup("loading the manifest", &e))?;
+        config.partition = partition_duration(&mut manifest, config.partition)
+            .await
+            .map_err(|e| startup("recording the partition duration", &e))?;
 
         let mut catalog = Catalog::default();
         let mut tables: HashMap<TableKey, TableData> = HashMap::new();
@@ -73,7 +76,7 @@ impl Engine {
             }
         }
 
-        let partition_ns = i64::try_from(config.partition.as_nanos()).unwrap_or(i64::MAX).max(1);
+        let partition_ns = super::partition_ns(config.partition);
         let wal_config = wal::Config {
             dir: data_dir.join("wal"),
             segment_bytes_max: config.wal_segment_bytes_max,
@@ -172,5 +175,34 @@ impl Engine {
             in_flight_kib: tokio::sync::Semaphore::new(kib_max),
         });
         Ok(engine)
+    }
+}
+
+/// The store's time partition width: the one its first start recorded, whatever the flag says
+/// now (files, replay's skip marks and merges are all per partition, so a different width
+/// would count persisted rows twice); recorded now if the store has none yet.
+async fn partition_duration(
+    manifest: &mut Manifest,
+    configured: std::time::Duration,
+) -> Result<std::time::Duration, crate::persist::manifest::Error> {
+    let configured_ns = super::partition_ns(configured);
+    match manifest.state().partition_ns {
+        Some(stored) => {
+            if stored != configured_ns {
+                tracing::warn!(
+                    configured = %humantime::format_duration(configured),
+                    stored = %humantime::format_duration(std::time::Duration::from_nanos(stored as u64)),
+                    "--partition-duration differs from the one this data directory was created \
+                     with; keeping the stored one"
+                );
+            }
+            Ok(std::time::Duration::from_nanos(stored as u64))
+        }
+        None => {
+            let op =
+                crate::persist::manifest::Op::SetPartitionDuration { partition_ns: configured_ns };
+            manifest.commit(vec![op]).await?;
+            Ok(configured)
+        }
     }
 }

@@ -58,6 +58,10 @@ pub struct State {
     /// Highest WAL sequence number whose rows any commit recorded.
     pub wal_seq: u64,
     pub databases: BTreeMap<String, DatabaseState>,
+    /// The time partition width every file of this store was written with, fixed by the first
+    /// start (`None` in stores that predate it, until their next start records it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_ns: Option<i64>,
     /// The next database or table id (ids are never reused; 0 means none assigned yet).
     #[serde(default)]
     pub next_id: u64,
@@ -91,6 +95,10 @@ pub enum Op {
         database: String,
         table: String,
         seq: u64,
+    },
+    /// The store's time partition width, recorded once by the first start.
+    SetPartitionDuration {
+        partition_ns: i64,
     },
     /// `DROP DATABASE`: every table of it, as `DropTable` each.
     DropDatabase {
@@ -188,6 +196,9 @@ impl State {
                 db.tables.remove(table);
                 db.dropped_tables.insert(table.clone(), *seq);
                 self.wal_seq = self.wal_seq.max(*seq);
+            }
+            Op::SetPartitionDuration { partition_ns } => {
+                self.partition_ns = Some(*partition_ns);
             }
             Op::DropDatabase { database, seq } => {
                 self.databases.remove(database);
@@ -292,7 +303,9 @@ impl Manifest {
                 Op::CreateTable { database, .. }
                 | Op::AddFile { database, .. }
                 | Op::DropTable { database, .. } => database,
-                Op::CreateDatabase { .. } | Op::DropDatabase { .. } => continue,
+                Op::CreateDatabase { .. }
+                | Op::DropDatabase { .. }
+                | Op::SetPartitionDuration { .. } => continue,
             };
             if !self.state.databases.contains_key(database) && !created.contains(database) {
                 created.push(database.clone());

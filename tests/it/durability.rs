@@ -342,3 +342,37 @@ async fn any_name_is_persisted_and_read_back() {
     }
     assert!(!server.stderr().contains("ERROR"), "{}", server.stderr());
 }
+
+/// Issue 10.8: restarting with another --partition-duration (or a lower --request-max) keeps
+/// every acknowledged row exactly once, also when rows are both in a file and in the WAL.
+#[tokio::test]
+async fn flags_changed_between_restarts_keep_every_row_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut server = Server::start_with_env(
+        &data,
+        &["--partition-duration", "1d", "--persist-interval", "1s"],
+        &[("SUNDIAL_CRASH_POINT", "persist_after_manifest_commit")],
+    );
+    let hour = 3_600_000_000_000i64;
+    // 48 hours in two days, and a write larger than the later --request-max.
+    let mut body: String = (0..48).map(|h| format!("m,host=a v={h} {}\n", h * hour)).collect();
+    body.extend((0..20_000).map(|i| format!("m,host=b v={i} {}\n", 1 + i)));
+    assert!(body.len() > 300 << 10);
+    assert_eq!(server.write("/write?db=f", body).await.0, 204);
+    // The first file is committed, then the server dies: its rows are in a file and the WAL.
+    assert!(server.wait_exit(Duration::from_secs(30)), "the crash point was reached");
+    assert_eq!(parquet_files(&data).len(), 1);
+    let args = ["--partition-duration", "1h", "--request-max", "100KiB"];
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let mut server = Server::spawn(data.clone(), args, Vec::new()).expect("starts, other flags");
+    assert_eq!(server.count("f", "SELECT count(*) FROM m").await, 20_048);
+    assert!(server.stderr().contains("keeping the stored one"), "{}", server.stderr());
+    assert_eq!(server.terminate(), Some(0));
+    let server = server.restart();
+    assert_eq!(server.count("f", "SELECT count(*) FROM m").await, 20_048, "after persisting");
+    let rows = server
+        .query("f", "SELECT count(DISTINCT date_bin(INTERVAL '1 day', time)) AS days FROM m")
+        .await;
+    assert_eq!(rows[0]["days"], 2);
+}
