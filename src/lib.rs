@@ -31,3 +31,13 @@ pub fn crash_point(name: &str) {
         std::process::abort();
     }
 }
+
+/// Injected I/O faults for recovery tests: while `SUNDIAL_FAULT_DIR` is set and holds a file
+/// named after this point, the operation there fails as a full disk would make it fail.
+pub(crate) fn fault(name: &str) -> std::io::Result<()> {
+    static DIR: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    match DIR.get_or_init(|| std::env::var_os("SUNDIAL_FAULT_DIR").map(Into::into)) {
+        Some(dir) if dir.join(name).exists() => Err(std::io::Error::from_raw_os_error(28)),
+        _ => Ok(()),
+    }
+}

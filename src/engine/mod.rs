@@ -302,6 +302,14 @@ impl Engine {
         self.subscribers.write().expect("subscribers lock").push(subscriber);
     }
 
+    /// Why writes cannot be made durable right now (the WAL cannot write), if so.
+    pub fn write_failure(&self) -> Option<String> {
+        match self.wal() {
+            Ok(wal) => wal.failure(),
+            Err(e) => Some(e.to_string()),
+        }
+    }
+
     fn wal(&self) -> Result<Wal, Error> {
         self.wal.lock().expect("wal handle lock").clone().ok_or(Error::ShuttingDown)
     }

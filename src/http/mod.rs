@@ -387,8 +387,17 @@ async fn ping() -> Response {
     response
 }
 
-async fn health() -> Response {
-    Json(json!({ "name": "sundial", "message": "ready for queries and writes", "status": "pass", "version": VERSION })).into_response()
+/// `pass` while writes can be made durable; `fail` (503) while the WAL cannot write, e.g. on
+/// a full disk, with the reason. Queries are answered either way.
+async fn health(State(state): State<AppState>) -> Response {
+    match state.query.engine().write_failure() {
+        None => Json(json!({ "name": "sundial", "message": "ready for queries and writes", "status": "pass", "version": VERSION })).into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "name": "sundial", "message": format!("writes are refused: {reason}"), "status": "fail", "version": VERSION })),
+        )
+            .into_response(),
+    }
 }
 
 #[derive(Deserialize, Default)]

@@ -36,8 +36,8 @@ pub enum Error {
     Corrupt { path: PathBuf, offset: u64, reason: String },
     #[error("wal record of {bytes} bytes exceeds the limit of {bytes_max}")]
     RecordTooLarge { bytes: usize, bytes_max: usize },
-    #[error("wal is stopped after an earlier write or sync failure; restart the server")]
-    Failed,
+    #[error("the wal cannot write: {reason}; writes resume once it can (retried every second)")]
+    Unavailable { reason: String },
     #[error("wal is shutting down")]
     ShuttingDown,
 }
@@ -46,7 +46,7 @@ impl Error {
     pub fn kind(&self) -> crate::ErrorKind {
         match self {
             Error::RecordTooLarge { .. } => crate::ErrorKind::ResourceExhausted,
-            Error::Failed | Error::ShuttingDown => crate::ErrorKind::Unavailable,
+            Error::Unavailable { .. } | Error::ShuttingDown => crate::ErrorKind::Unavailable,
             Error::Io { .. } | Error::Corrupt { .. } => crate::ErrorKind::Internal,
         }
     }
@@ -99,6 +99,8 @@ pub struct Wal {
     tx: mpsc::Sender<Request>,
     segments: Arc<Mutex<Vec<Segment>>>,
     record_bytes_max: usize,
+    /// Why the writer cannot write right now (`None`: it can).
+    failure: Arc<Mutex<Option<String>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -323,12 +325,18 @@ impl Wal {
         }
         let (tx, rx) = mpsc::channel(config.queue_len_max);
         let segments = Arc::new(Mutex::new(segments));
-        let mut writer = Writer::open(config.clone(), next_seq, segments.clone())?;
+        let failure = Arc::new(Mutex::new(None));
+        let mut writer = Writer::open(config.clone(), next_seq, segments.clone(), failure.clone());
         let handle = std::thread::Builder::new()
             .name("wal-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(io_err(&config.dir))?;
-        Ok((Wal { tx, segments, record_bytes_max: config.record_bytes_max }, handle))
+        Ok((Wal { tx, segments, record_bytes_max: config.record_bytes_max, failure }, handle))
+    }
+
+    /// Why the log cannot take writes right now (a full disk, an I/O error), if it cannot.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().expect("wal failure lock").clone()
     }
 
     /// Appends a record. Resolves once it is durable (or written, when `sync` is false) and
@@ -380,46 +388,100 @@ impl Wal {
 
 struct Writer {
     config: Config,
-    file: File,
+    /// The open segment; `None` while creating one fails (a full disk at startup).
+    file: Option<File>,
     path: PathBuf,
     file_bytes: u64,
     next_seq: u64,
     segments: Arc<Mutex<Vec<Segment>>>,
-    failed: bool,
+    failed: Option<Failed>,
+    failure: Arc<Mutex<Option<String>>>,
 }
+
+/// The writer after a failed write or sync. What the open segment holds past `good_bytes` is
+/// unknown (fsyncgate: a failed fsync may have dropped those pages), so recovery cuts it back
+/// to `good_bytes` and writes `rewrite` again: the records already answered (`no_sync`
+/// requests applied before the sync failed), so no visible row loses its record.
+struct Failed {
+    reason: String,
+    good_bytes: u64,
+    rewrite: Vec<u8>,
+    last_try: std::time::Instant,
+}
+
+/// What clients are told about a failure: the error, and the segment by file name only (no
+/// server path in answers).
+fn reason_for_clients(error: &Error) -> String {
+    match error {
+        Error::Io { path, source } => {
+            let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+            format!("{source} (wal segment {name})")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// How often a failed writer tries again (on the next request).
+const RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Writer {
     fn open(
         config: Config,
         next_seq: u64,
         segments: Arc<Mutex<Vec<Segment>>>,
-    ) -> Result<Writer, Error> {
-        let (file, path) = Self::create_segment(&config, next_seq)?;
-        segments
-            .lock()
-            .expect("wal segment list lock")
-            .push(Segment { first_seq: next_seq, path: path.clone() });
-        Ok(Writer {
+        failure: Arc<Mutex<Option<String>>>,
+    ) -> Writer {
+        let mut writer = Writer {
             config,
-            file,
-            path,
-            file_bytes: SEGMENT_HEADER_BYTES as u64,
+            file: None,
+            path: PathBuf::new(),
+            file_bytes: 0,
             next_seq,
             segments,
-            failed: false,
-        })
+            failed: None,
+            failure,
+        };
+        if let Err(error) = writer.new_segment() {
+            // Start anyway (queries work); writes wait for the disk.
+            writer.fail(Vec::new(), error, 0, Vec::new());
+        }
+        writer
+    }
+
+    /// Creates the segment starting at `next_seq` and makes it the open one.
+    fn new_segment(&mut self) -> Result<(), Error> {
+        let (file, path) = Self::create_segment(&self.config, self.next_seq)?;
+        self.segments
+            .lock()
+            .expect("wal segment list lock")
+            .push(Segment { first_seq: self.next_seq, path: path.clone() });
+        self.file = Some(file);
+        self.path = path;
+        self.file_bytes = SEGMENT_HEADER_BYTES as u64;
+        Ok(())
     }
 
     fn create_segment(config: &Config, first_seq: u64) -> Result<(File, PathBuf), Error> {
         let path = segment_path(&config.dir, first_seq);
-        let mut file =
-            OpenOptions::new().create_new(true).append(true).open(&path).map_err(io_err(&path))?;
-        file.write_all(&encode_segment_header(first_seq)).map_err(io_err(&path))?;
-        if config.sync {
-            file.sync_all().map_err(io_err(&path))?;
-            sync_dir(&config.dir)?;
+        let created = (|| {
+            let mut file = OpenOptions::new().create_new(true).append(true).open(&path)?;
+            crate::fault("wal_write")?;
+            file.write_all(&encode_segment_header(first_seq))?;
+            if config.sync {
+                file.sync_all()?;
+                File::open(&config.dir)?.sync_all()?;
+            }
+            Ok(file)
+        })();
+        match created {
+            Ok(file) => Ok((file, path)),
+            Err(source) => {
+                // A segment half made holds nothing: leave no file that replay would misread
+                // or that would stand in the way of the next try.
+                let _ = fs::remove_file(&path);
+                Err(Error::Io { path, source })
+            }
         }
-        Ok((file, path))
     }
 
     fn run(&mut self, mut rx: mpsc::Receiver<Request>) {
@@ -438,50 +500,113 @@ impl Writer {
             }
             self.write_group(group, &mut buf);
         }
-        if !self.failed && self.config.sync {
-            if let Err(e) = self.file.sync_data() {
+        if self.failed.is_none() && self.config.sync {
+            if let Some(Err(e)) = self.file.as_ref().map(File::sync_data) {
                 tracing::error!(error = %e, "final wal sync failed");
             }
         }
         tracing::debug!("wal writer stopped");
     }
 
+    /// After a failure: at most once per `RETRY_EVERY`, cuts the open segment back to what is
+    /// known to be on disk, writes again what was answered, syncs; or creates the segment that
+    /// could not be created. `true` once the writer can write again.
+    fn recover(&mut self) -> bool {
+        let Some(failed) = &mut self.failed else { return true };
+        if failed.last_try.elapsed() < RETRY_EVERY {
+            return false;
+        }
+        failed.last_try = std::time::Instant::now();
+        let result = match self.file.is_some() {
+            false => self.new_segment(),
+            true => {
+                let (good_bytes, rewrite) = (failed.good_bytes, failed.rewrite.clone());
+                let path = self.path.clone();
+                (|| {
+                    let file = OpenOptions::new().append(true).open(&path)?;
+                    file.set_len(good_bytes)?;
+                    let mut file = file;
+                    crate::fault("wal_write")?;
+                    file.write_all(&rewrite)?;
+                    if self.config.sync {
+                        file.sync_all()?;
+                    }
+                    self.file = Some(file);
+                    self.file_bytes = good_bytes + rewrite.len() as u64;
+                    Ok(())
+                })()
+                .map_err(|source| Error::Io { path, source })
+            }
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!("wal writes again");
+                self.failed = None;
+                *self.failure.lock().expect("wal failure lock") = None;
+                true
+            }
+            Err(error) => {
+                let failed = self.failed.as_mut().expect("failed above");
+                failed.reason = reason_for_clients(&error);
+                *self.failure.lock().expect("wal failure lock") = Some(failed.reason.clone());
+                false
+            }
+        }
+    }
+
     fn write_group(&mut self, group: Vec<Request>, buf: &mut Vec<u8>) {
-        if self.failed {
+        if !self.recover() {
+            let reason = self.failed.as_ref().map(|f| f.reason.clone()).unwrap_or_default();
+            let error = Arc::new(Error::Unavailable { reason });
             for request in group {
-                let _ = request.done.send(Err(Arc::new(Error::Failed)));
+                let _ = request.done.send(Err(error.clone()));
             }
             return;
         }
+        let Some(file) = self.file.as_mut() else { return };
         buf.clear();
         let first_seq = self.next_seq;
+        // Where each record ends in `buf`.
+        let mut ends = Vec::with_capacity(group.len());
         for (i, request) in group.iter().enumerate() {
             encode_record(buf, first_seq + i as u64, request.kind, &request.payload);
+            ends.push(buf.len());
         }
+        let good_bytes = self.file_bytes;
         crate::crash_point("wal_before_write");
-        if let Err(source) = self.file.write_all(buf) {
-            self.fail(group, Error::Io { path: self.path.clone(), source });
+        if let Err(source) = crate::fault("wal_write").and_then(|()| file.write_all(buf)) {
+            let error = Error::Io { path: self.path.clone(), source };
+            self.fail(group, error, good_bytes, Vec::new());
             return;
         }
-        self.next_seq += group.len() as u64;
-        self.file_bytes += buf.len() as u64;
         // Requests are applied in sequence order: no_sync requests ahead of the first one that
         // waits for the sync are answered after write(2), the rest after the sync.
         let mut requests = group.into_iter().zip(first_seq..).peekable();
+        let mut answered = 0;
         while let Some((request, seq)) = requests.next_if(|(r, _)| !r.sync || !self.config.sync) {
             Self::finish(request, seq);
+            answered += 1;
         }
         if self.config.sync {
             crate::crash_point("wal_before_sync");
-            if let Err(source) = self.file.sync_data() {
+            if let Err(source) = crate::fault("wal_sync").and_then(|()| file.sync_data()) {
+                // The answered records keep their sequence numbers (their rows are visible);
+                // the others were never applied, so theirs are taken again by later writes.
+                let kept = if answered == 0 { 0 } else { ends[answered - 1] };
+                self.next_seq = first_seq + answered as u64;
+                let error = Error::Io { path: self.path.clone(), source };
                 self.fail(
                     requests.map(|(r, _)| r).collect(),
-                    Error::Io { path: self.path.clone(), source },
+                    error,
+                    good_bytes,
+                    buf[..kept].to_vec(),
                 );
                 return;
             }
         }
         crate::crash_point("wal_after_sync");
+        self.next_seq = first_seq + ends.len() as u64;
+        self.file_bytes += buf.len() as u64;
         for (request, seq) in requests {
             Self::finish(request, seq);
         }
@@ -497,35 +622,34 @@ impl Writer {
         let _ = request.done.send(Ok(seq));
     }
 
-    fn fail(&mut self, group: Vec<Request>, error: Error) {
-        // After a failed write or fsync the file's state is unknown (fsyncgate): stop taking
-        // writes rather than acknowledge anything that may not be on disk.
-        tracing::error!(%error, "wal failed; no further writes are accepted");
-        self.failed = true;
-        let error = Arc::new(error);
+    fn fail(&mut self, group: Vec<Request>, error: Error, good_bytes: u64, rewrite: Vec<u8>) {
+        // Nothing more is acknowledged until the state of the segment is known again.
+        tracing::error!(%error, "wal cannot write; writes are refused until it can");
+        let reason = reason_for_clients(&error);
+        *self.failure.lock().expect("wal failure lock") = Some(reason.clone());
+        let error = Arc::new(Error::Unavailable { reason: reason.clone() });
+        self.failed =
+            Some(Failed { reason, good_bytes, rewrite, last_try: std::time::Instant::now() });
         for request in group {
             let _ = request.done.send(Err(error.clone()));
         }
     }
 
+    /// Closes the open segment and opens the next. If the new one cannot be created, writing
+    /// goes on in the old one (rotation is retried after the next write).
     fn rotate(&mut self) {
+        let Some(file) = self.file.as_ref() else { return };
         if self.config.sync {
-            if let Err(source) = self.file.sync_all() {
-                self.fail(Vec::new(), Error::Io { path: self.path.clone(), source });
+            if let Err(source) = file.sync_all() {
+                let error = Error::Io { path: self.path.clone(), source };
+                self.fail(Vec::new(), error, self.file_bytes, Vec::new());
                 return;
             }
         }
-        match Self::create_segment(&self.config, self.next_seq) {
-            Ok((file, path)) => {
-                self.segments
-                    .lock()
-                    .expect("wal segment list lock")
-                    .push(Segment { first_seq: self.next_seq, path: path.clone() });
-                self.file = file;
-                self.path = path;
-                self.file_bytes = SEGMENT_HEADER_BYTES as u64;
-            }
-            Err(error) => self.fail(Vec::new(), error),
+        let old = (self.file.take(), std::mem::take(&mut self.path), self.file_bytes);
+        if let Err(error) = self.new_segment() {
+            tracing::warn!(%error, "starting a new wal segment failed; writing on in the old one");
+            (self.file, self.path, self.file_bytes) = old;
         }
     }
 }

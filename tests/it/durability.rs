@@ -376,3 +376,61 @@ async fn flags_changed_between_restarts_keep_every_row_once() {
         .await;
     assert_eq!(rows[0]["days"], 2);
 }
+
+/// Issue 10.8: a full disk (injected: write(2) or fsync fails with ENOSPC) refuses writes with
+/// 503 and `/health` fails, with no server path in either; once the disk has room the WAL
+/// cuts back to what is on disk and writes again without a restart. A server also starts on
+/// a full disk. After SIGKILL every acknowledged row is there and no refused one.
+#[tokio::test]
+async fn a_full_disk_refuses_writes_until_it_has_room() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let faults = dir.path().join("faults");
+    std::fs::create_dir_all(&faults).expect("faults dir");
+    let env = [("SUNDIAL_FAULT_DIR", faults.to_str().expect("utf-8"))];
+    // Full from the start: the server comes up and answers queries.
+    std::fs::write(faults.join("wal_write"), b"").expect("fault");
+    let mut server = Server::start_with_env(&data, &[], &env);
+    let health = || async {
+        let response = client().get(server.url("/health")).send().await.expect("health");
+        (response.status().as_u16(), response.text().await.expect("body"))
+    };
+    let write = |line: &'static str| server.write("/api/v3/write_lp?db=disk", line);
+    let (status, body) = write("m,k=refused0 v=0 1").await;
+    assert_eq!(status, 503, "{body}");
+    let (status, body) = health().await;
+    assert_eq!(status, 503);
+    assert!(body.contains("\"fail\"") && body.contains("No space left"), "{body}");
+    let root = data.to_str().expect("utf-8");
+    assert!(!body.contains(root), "no server path in answers: {body}");
+    std::fs::remove_file(faults.join("wal_write")).expect("room again");
+    let written = |line: &'static str| async move {
+        eventually(Duration::from_secs(10), || async { write(line).await.0 == 204 }).await
+    };
+    assert!(written("m,k=a v=1 1").await);
+    assert_eq!(health().await.0, 200);
+
+    // fsync fails: the write is refused, a no_sync write before it stays (it was answered).
+    std::fs::write(faults.join("wal_sync"), b"").expect("fault");
+    let (status, _) = server.write("/api/v3/write_lp?db=disk&no_sync=true", "m,k=f v=1 1").await;
+    assert_eq!(status, 204, "no_sync is answered after write(2)");
+    let (status, body) = write("m,k=refused1 v=1 1").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(!body.contains(root), "{body}");
+    assert_eq!(health().await.0, 503);
+    std::fs::remove_file(faults.join("wal_sync")).expect("room again");
+    assert!(written("m,k=c v=1 1").await);
+
+    // write(2) fails mid-log.
+    std::fs::write(faults.join("wal_write"), b"").expect("fault");
+    assert_eq!(write("m,k=refused2 v=1 1").await.0, 503);
+    std::fs::remove_file(faults.join("wal_write")).expect("room again");
+    assert!(written("m,k=e v=1 1").await);
+    assert_eq!(health().await.0, 200);
+
+    server.kill9();
+    let server = server.restart();
+    let rows = server.query("disk", "SELECT k FROM m ORDER BY k").await;
+    let keys: Vec<&str> = rows.iter().map(|r| r["k"].as_str().expect("k")).collect();
+    assert_eq!(keys, ["a", "c", "e", "f"]);
+}
