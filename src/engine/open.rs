@@ -51,6 +51,18 @@ impl Engine {
             .await
             .map_err(|e| startup("recording the partition duration", &e))?;
 
+        let named = manifest
+            .state()
+            .databases
+            .values()
+            .flat_map(|db| db.tables.values())
+            .flat_map(|table| table.files.iter().map(crate::persist::location))
+            .collect();
+        let orphans = crate::persist::remove_orphans(&store, &named).await;
+        if orphans > 0 {
+            tracing::info!(files = orphans, "removed files no manifest commit names");
+        }
+
         let mut catalog = Catalog::default();
         let mut tables: HashMap<TableKey, TableData> = HashMap::new();
         let mut persisted: HashMap<(String, String, i64), u64> = HashMap::new();

@@ -39,3 +39,30 @@ pub fn decode_file(
 pub async fn delete_file(store: &Store, path: &Path) -> Result<(), Error> {
     Ok(store.delete(path).await?)
 }
+
+/// Deletes Parquet files no manifest record names: those a persist wrote before a crash or a
+/// failed commit. Only files under id directories (`data/{n}/{n}/…`) are considered; paths
+/// made of names (older stores) are left alone. Run at startup, before anything persists.
+pub async fn remove_orphans(store: &Store, named: &std::collections::HashSet<Path>) -> usize {
+    let listed = match store.list(&Path::from("data")).await {
+        Ok(listed) => listed,
+        Err(error) => {
+            tracing::warn!(%error, "listing data files to remove orphans failed");
+            return 0;
+        }
+    };
+    let by_ids = |path: &Path| {
+        let parts: Vec<_> = path.parts().collect();
+        parts.len() == 5
+            && parts[1..3].iter().all(|p| p.as_ref().bytes().all(|b| b.is_ascii_digit()))
+            && parts[4].as_ref().ends_with(".parquet")
+    };
+    let mut removed = 0;
+    for path in listed.iter().filter(|p| by_ids(p) && !named.contains(*p)) {
+        match store.delete(path).await {
+            Ok(()) => removed += 1,
+            Err(error) => tracing::warn!(%error, %path, "deleting an orphan file failed"),
+        }
+    }
+    removed
+}

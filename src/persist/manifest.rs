@@ -229,6 +229,10 @@ fn invalid(path: &Path, reason: impl ToString) -> Error {
 pub struct Manifest {
     store: Store,
     state: State,
+    /// A commit whose put failed after the object may have been created (its sync failed):
+    /// the number and bytes. The next commit removes it if it is there and ours, so one failed
+    /// sync does not make every later commit find its number taken (and call itself fenced).
+    uncertain: Option<(u64, Bytes)>,
 }
 
 impl Manifest {
@@ -265,11 +269,29 @@ impl Manifest {
             }
             state.commit = number;
         }
-        Ok(Manifest { store, state })
+        Ok(Manifest { store, state, uncertain: None })
     }
 
     pub fn state(&self) -> &State {
         &self.state
+    }
+
+    /// Removes the object a failed commit `number` may have left, if it holds exactly what that
+    /// commit wrote; another writer's commit there means this server is fenced.
+    async fn clear_uncertain(&mut self, number: u64) -> Result<(), Error> {
+        let Some((uncertain, bytes)) = self.uncertain.clone() else { return Ok(()) };
+        if uncertain != number {
+            self.uncertain = None;
+            return Ok(());
+        }
+        let path = log_path(number);
+        match self.store.get_if_exists(&path).await? {
+            Some(found) if found == bytes => self.store.delete(&path).await?,
+            Some(_) => return Err(Error::Fenced { number }),
+            None => {}
+        }
+        self.uncertain = None;
+        Ok(())
     }
 
     /// The ids of a table, recording it first (a `create_table` with `columns`) if no commit
@@ -317,11 +339,19 @@ impl Manifest {
             .chain(ops)
             .collect();
         let number = self.state.commit + 1;
+        self.clear_uncertain(number).await?;
         let commit = Commit { format: FORMAT_VERSION, commit: number, ops };
-        let bytes = serde_json::to_vec(&commit).expect("manifest types serialise");
-        match self.store.put_if_absent(&log_path(number), Bytes::from(bytes)).await? {
-            Created::Yes => {}
-            Created::AlreadyExists => return Err(Error::Fenced { number }),
+        let bytes = Bytes::from(serde_json::to_vec(&commit).expect("manifest types serialise"));
+        match self.store.put_if_absent(&log_path(number), bytes.clone()).await {
+            Ok(Created::Yes) => {}
+            Ok(Created::AlreadyExists) => return Err(Error::Fenced { number }),
+            Err(error) => {
+                // Reported as failed; should it have reached the disk anyway, a restart reads
+                // it as committed, which each op allows (a file named is a file written; a
+                // drop reported failed may then have happened).
+                self.uncertain = Some((number, bytes));
+                return Err(error.into());
+            }
         }
         for op in &commit.ops {
             self.state.apply(op);

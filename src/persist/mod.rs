@@ -9,7 +9,7 @@ mod files;
 pub mod manifest;
 pub mod store;
 
-pub use files::{decode_file, delete_file, location, put_file, read_file};
+pub use files::{decode_file, delete_file, location, put_file, read_file, remove_orphans};
 
 use arrow::array::{Array, ArrayRef, TimestampNanosecondArray};
 use arrow::compute::{lexsort_to_indices, SortColumn, SortOptions};

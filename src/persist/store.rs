@@ -15,10 +15,14 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 pub enum Error {
     #[error("object store url \"{url}\": {reason}")]
     BadUrl { url: String, reason: String },
-    #[error("object store {op} {path}: {source}")]
-    ObjectStore { op: &'static str, path: String, source: object_store::Error },
+    /// `reason` is the object store's error with the local root cut out of it (errors reach
+    /// clients, and the server's directories are none of their business).
+    #[error("object store {op} {path}: {reason}")]
+    ObjectStore { op: &'static str, path: String, reason: String },
+    /// `path` is the object's path in the store (never the server's directory: errors reach
+    /// clients).
     #[error("sync {path}: {source}")]
-    Sync { path: PathBuf, source: std::io::Error },
+    Sync { path: String, source: std::io::Error },
 }
 
 #[derive(Debug, Clone)]
@@ -48,9 +52,13 @@ impl Store {
                     reason: "not an absolute local path".into(),
                 })?;
                 std::fs::create_dir_all(&root)
-                    .map_err(|source| Error::Sync { path: root.clone(), source })?;
+                    .map_err(|source| Error::Sync { path: root.display().to_string(), source })?;
                 let fs = LocalFileSystem::new_with_prefix(&root).map_err(|source| {
-                    Error::ObjectStore { op: "open", path: root.display().to_string(), source }
+                    Error::ObjectStore {
+                        op: "open",
+                        path: root.display().to_string(),
+                        reason: source.to_string(),
+                    }
                 })?;
                 Ok(Store {
                     inner: Arc::new(fs),
@@ -65,18 +73,34 @@ impl Store {
         }
     }
 
+    fn object_error(&self, op: &'static str, path: String, source: object_store::Error) -> Error {
+        let mut reason = source.to_string();
+        if let Some(root) = self.local_root.as_ref().and_then(|r| r.to_str()) {
+            reason = reason.replace(root, "");
+        }
+        Error::ObjectStore { op, path, reason }
+    }
+
     /// The root directory, when the store is a local one.
     pub fn local_root(&self) -> Option<&std::path::Path> {
         self.local_root.as_deref()
     }
 
-    fn sync_local(&self, path: &Path) -> Result<(), Error> {
-        let Some(root) = &self.local_root else { return Ok(()) };
-        let file = root.join(path.as_ref());
-        let sync = |p: &std::path::Path| std::fs::File::open(p).and_then(|f| f.sync_all());
-        sync(&file).map_err(|source| Error::Sync { path: file.clone(), source })?;
-        let dir = file.parent().unwrap_or(root);
-        sync(dir).map_err(|source| Error::Sync { path: dir.to_path_buf(), source })
+    /// Syncs a local object and its directory, on a blocking thread (fsync can take long).
+    async fn sync_local(&self, path: &Path) -> Result<(), Error> {
+        let Some(root) = self.local_root.clone() else { return Ok(()) };
+        let object = path.to_string();
+        let synced = tokio::task::spawn_blocking(move || {
+            let file = root.join(&object);
+            let sync = |p: &std::path::Path| std::fs::File::open(p).and_then(|f| f.sync_all());
+            let top = object.split('/').next().unwrap_or_default();
+            crate::fault(&format!("store_sync_{top}"))?;
+            sync(&file)?;
+            sync(file.parent().unwrap_or(&root))
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        synced.map_err(|source| Error::Sync { path: path.to_string(), source })
     }
 
     /// Writes (or replaces) an object and returns only once it is durable.
@@ -84,8 +108,8 @@ impl Store {
         self.inner
             .put(path, PutPayload::from(data))
             .await
-            .map_err(|source| Error::ObjectStore { op: "put", path: path.to_string(), source })?;
-        self.sync_local(path)
+            .map_err(|source| self.object_error("put", path.to_string(), source))?;
+        self.sync_local(path).await
     }
 
     /// Writes an object only if none exists at `path` (the commit primitive), durably.
@@ -93,32 +117,41 @@ impl Store {
         let options = PutOptions { mode: PutMode::Create, ..Default::default() };
         match self.inner.put_opts(path, PutPayload::from(data), options).await {
             Ok(_) => {
-                self.sync_local(path)?;
+                self.sync_local(path).await?;
                 Ok(Created::Yes)
             }
             Err(object_store::Error::AlreadyExists { .. }) => Ok(Created::AlreadyExists),
-            Err(source) => Err(Error::ObjectStore { op: "put", path: path.to_string(), source }),
+            Err(source) => Err(self.object_error("put", path.to_string(), source)),
         }
     }
 
     pub async fn get(&self, path: &Path) -> Result<Bytes, Error> {
-        let result = self.inner.get(path).await.map_err(|source| Error::ObjectStore {
-            op: "get",
-            path: path.to_string(),
-            source,
-        })?;
-        result.bytes().await.map_err(|source| Error::ObjectStore {
-            op: "read",
-            path: path.to_string(),
-            source,
-        })
+        let result = self
+            .inner
+            .get(path)
+            .await
+            .map_err(|source| self.object_error("get", path.to_string(), source))?;
+        result.bytes().await.map_err(|source| self.object_error("read", path.to_string(), source))
+    }
+
+    /// Reads an object; `None` if there is none.
+    pub async fn get_if_exists(&self, path: &Path) -> Result<Option<Bytes>, Error> {
+        match self.inner.get(path).await {
+            Ok(result) => result
+                .bytes()
+                .await
+                .map(Some)
+                .map_err(|source| self.object_error("read", path.to_string(), source)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(source) => Err(self.object_error("get", path.to_string(), source)),
+        }
     }
 
     /// Deletes an object; one that is already gone is not an error.
     pub async fn delete(&self, path: &Path) -> Result<(), Error> {
         match self.inner.delete(path).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(source) => Err(Error::ObjectStore { op: "delete", path: path.to_string(), source }),
+            Err(source) => Err(self.object_error("delete", path.to_string(), source)),
         }
     }
 
@@ -130,11 +163,7 @@ impl Store {
             .map_ok(|meta| meta.location)
             .try_collect()
             .await
-            .map_err(|source| Error::ObjectStore {
-                op: "list",
-                path: prefix.to_string(),
-                source,
-            })?;
+            .map_err(|source| self.object_error("list", prefix.to_string(), source))?;
         names.sort();
         Ok(names)
     }

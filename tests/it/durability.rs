@@ -434,3 +434,58 @@ async fn a_full_disk_refuses_writes_until_it_has_room() {
     let keys: Vec<&str> = rows.iter().map(|r| r["k"].as_str().expect("k")).collect();
     assert_eq!(keys, ["a", "c", "e", "f"]);
 }
+
+/// Manifest commit paths and the Parquet files they name, read from the store.
+fn committed_files(data: &std::path::Path) -> std::collections::BTreeSet<std::path::PathBuf> {
+    let log = data.join("objects/manifest/log");
+    let mut files = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(log).expect("manifest log").flatten() {
+        let commit: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(entry.path()).expect("commit")).expect("json");
+        for op in commit["ops"].as_array().expect("ops") {
+            if op["op"] == "add_file" {
+                let path = op["file"]["path"].as_str().expect("path");
+                files.insert(data.join("objects").join(path));
+            }
+        }
+    }
+    files
+}
+
+/// Issue 10.8: a manifest commit whose sync fails (the object may exist) does not wedge every
+/// later commit as "fenced"; once syncs work again persistence goes on, and the Parquet files
+/// the failed attempts left are removed at the next start.
+#[tokio::test]
+async fn a_failed_manifest_sync_does_not_wedge_later_commits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let faults = dir.path().join("faults");
+    std::fs::create_dir_all(&faults).expect("faults dir");
+    let env = [("SUNDIAL_FAULT_DIR", faults.to_str().expect("utf-8"))];
+    let mut server = Server::start_with_env(&data, &["--persist-interval", "1s"], &env);
+    assert_eq!(server.write("/write?db=mf", "m,host=a v=1 1").await.0, 204);
+    assert!(
+        eventually(Duration::from_secs(20), || async { parquet_files(&data).len() == 1 }).await
+    );
+
+    std::fs::write(faults.join("store_sync_manifest"), b"").expect("fault");
+    assert_eq!(server.write("/write?db=mf", "m,host=b v=2 2").await.0, 204);
+    // Persist attempts write a file, then fail to commit it.
+    assert!(
+        eventually(Duration::from_secs(20), || async { parquet_files(&data).len() >= 3 }).await
+    );
+    assert!(server.stderr().contains("store_sync") || server.stderr().contains("No space left"));
+    std::fs::remove_file(faults.join("store_sync_manifest")).expect("syncs work again");
+    assert!(
+        eventually(Duration::from_secs(20), || async { committed_files(&data).len() == 2 }).await,
+        "the next commit succeeds: {}",
+        server.stderr()
+    );
+    assert!(!server.stderr().contains("another server is writing"), "{}", server.stderr());
+    assert_eq!(server.count("mf", "SELECT count(*) FROM m").await, 2);
+    assert_eq!(server.terminate(), Some(0));
+    let server = server.restart();
+    assert_eq!(server.count("mf", "SELECT count(*) FROM m").await, 2);
+    let on_disk: std::collections::BTreeSet<_> = parquet_files(&data).into_iter().collect();
+    assert_eq!(on_disk, committed_files(&data), "orphans removed, every committed file kept");
+}
