@@ -242,7 +242,7 @@ pub struct Engine {
     schema_lock: Mutex<()>,
     /// Writes and table creation hold it shared until their rows are applied; drops hold it
     /// exclusively, so a drop sees every earlier write applied and no later one started.
-    write_gate: tokio::sync::RwLock<()>,
+    write_gate: Arc<tokio::sync::RwLock<()>>,
     tables: RwLock<HashMap<TableKey, Arc<RwLock<TableData>>>>,
     wal: Mutex<Option<Wal>>,
     wal_thread: Mutex<Option<std::thread::JoinHandle<()>>>,

@@ -171,7 +171,7 @@ impl Engine {
             config,
             catalog: RwLock::new(Arc::new(catalog)),
             schema_lock: Mutex::new(()),
-            write_gate: tokio::sync::RwLock::new(()),
+            write_gate: Arc::new(tokio::sync::RwLock::new(())),
             tables: RwLock::new(
                 tables.into_iter().map(|(k, v)| (k, Arc::new(RwLock::new(v)))).collect(),
             ),

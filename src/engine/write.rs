@@ -176,7 +176,7 @@ impl Engine {
         let _permit =
             self.in_flight_kib.acquire_many(kib).await.map_err(|_| Error::ShuttingDown)?;
         let partition_ns = self.partition_ns();
-        let _gate = self.write_gate.read().await;
+        let gate = self.write_gate.clone().read_owned().await;
         let mut prepared = prepare(
             &self.catalog(),
             db,
@@ -239,9 +239,19 @@ impl Engine {
         let engine = self.clone();
         let database = db.to_string();
         let apply: wal::Apply = Box::new(move |seq| engine.apply(&database, seq, pending));
-        self.wal()?
-            .append(wal::KIND_LINE_PROTOCOL, payload, !options.no_sync, Some(apply))
+        let wal = self.wal()?;
+        // Once the record is on its way the write finishes, even if the caller stops waiting
+        // (a client gone, a timeout): the task holds the write gate until the record is
+        // applied, so a drop never runs between the two and replay skips what it must.
+        let append = tokio::spawn(async move {
+            let appended =
+                wal.append(wal::KIND_LINE_PROTOCOL, payload, !options.no_sync, Some(apply)).await;
+            drop(gate);
+            appended
+        });
+        append
             .await
+            .map_err(|e| Error::Internal(format!("wal append task failed: {e}")))?
             .map_err(Error::Wal)?;
         Ok(WriteOutcome { lines_stored, rejected })
     }
@@ -264,8 +274,10 @@ impl Engine {
                 tracing::error!(db, table = %p.table, "table vanished before its rows were applied");
                 continue;
             };
-            let table_schema =
-                catalog.table(db, &p.table).expect("tables are in the catalog before their rows");
+            let Some(table_schema) = catalog.table(db, &p.table) else {
+                tracing::error!(db, table = %p.table, "table left the catalog before its rows were applied");
+                continue;
+            };
             let schema = table_schema.arrow_schema_with_seq().clone();
             let mut data = table.write().expect("table lock");
             let before = data.buffer.bytes();

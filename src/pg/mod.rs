@@ -545,14 +545,14 @@ impl Handler {
         let engine = &self.databases.query;
         let planned = running.guard(async {
             let plan = engine.plan(&ctx, &db, query).await.map_err(|e| query_error(&e))?;
-            let df = ctx
-                .execute_logical_plan(plan)
+            ctx.execute_logical_plan(plan)
                 .await
-                .map_err(|e| user_error(sqlstate_of(&e), e.to_string()))?;
-            if !is_insert {
-                return Ok(Ok(df));
-            }
-            // INSERT answers with the number of rows written.
+                .map_err(|e| user_error(sqlstate_of(&e), e.to_string()))
+        });
+        let df = planned.await?;
+        let outcome = if is_insert {
+            // Not cancelled or timed out once it writes: its answer says what was stored (a
+            // 57014 after rows were written would be a lie; there is no rollback).
             let batches =
                 df.collect().await.map_err(|e| user_error(sqlstate_of(&e), e.to_string()))?;
             let rows = batches
@@ -560,9 +560,11 @@ impl Handler {
                 .and_then(|b| b.column_by_name("count"))
                 .and_then(|c| c.as_any().downcast_ref::<arrow::array::UInt64Array>())
                 .map_or(0, |counts| counts.value(0) as usize);
-            Ok(Err(rows))
-        });
-        match planned.await? {
+            Err(rows)
+        } else {
+            Ok(df)
+        };
+        match outcome {
             Ok(df) => {
                 let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
                 let encoded = datafusion_postgres::arrow_pg::datatypes::df::encode_dataframe(
@@ -779,6 +781,13 @@ impl ExtendedQueryHandler for Handler {
             return Err(failed_transaction());
         }
         match command {
+            Command::Query(query) if matches!(*query, SqlStatement::Insert(_)) => {
+                // As on the simple protocol: an INSERT is not cancelled once it writes.
+                let (_, service) = self.databases.for_client(client)?;
+                ExtendedQueryHandler::do_query(service.as_ref(), client, portal, max_rows)
+                    .await
+                    .map_err(with_sqlstate)
+            }
             Command::Query(_) | Command::Cursor(_) | Command::Transaction(_) => {
                 let (_, service) = self.databases.for_client(client)?;
                 let running = self.running.start(client);

@@ -459,3 +459,37 @@ async fn connection_flood_and_concurrent_clients_during_ingest() {
     let (ok, out) = psql(&server, "pgdb", &["SELECT count(*) FROM stream"]);
     assert!(ok && out.contains("20000"), "{out}");
 }
+
+/// Issue 10.8: a timeout or CancelRequest never answers 57014 for an INSERT whose rows were
+/// stored: once it writes it runs to the end, and its answer says what is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insert_answers_match_what_is_stored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data"), &[]);
+    assert_eq!(server.write("/api/v3/write_lp?db=ins", "cpu,host=x usage=1 1").await.0, 204);
+    let client = connect(&server, "ins").await.expect("connect");
+    let rows = 100_000;
+    let insert = format!(
+        "INSERT INTO cpu (host, usage) SELECT concat('h', value), value FROM generate_series(1, {rows})"
+    );
+    client.batch_execute("SET statement_timeout = 30").await.expect("set");
+    let mut expected = 1;
+    for extended in [false, true] {
+        let answer = if extended {
+            client.execute(insert.as_str(), &[]).await.map(|n| n as i64)
+        } else {
+            client.simple_query(&insert).await.map(|_| rows)
+        };
+        match answer {
+            Ok(n) => {
+                assert_eq!(n, rows);
+                expected += rows;
+            }
+            Err(e) => assert_eq!(e.code(), Some(&SqlState::QUERY_CANCELED), "{e:?}"),
+        }
+        let stored = server.count("ins", "SELECT count(*) FROM cpu").await;
+        assert_eq!(stored, expected, "the answer says what was stored (extended: {extended})");
+        // Another host prefix for the second round.
+        expected = stored;
+    }
+}
