@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --disable-pip-version-check "psycopg[binary]" asyncpg sqlalchemy pandas duckdb
 apt_install() { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"; }
 command -v psql >/dev/null || apt_install postgresql-client
+# HTTPS is checked with curl, against a certificate the tests make with openssl.
+command -v curl >/dev/null || apt_install curl
+command -v openssl >/dev/null || apt_install openssl
 # pgjdbc, driven by tests/clients/JdbcClient.java.
 command -v java >/dev/null || apt_install default-jre-headless
 [ -f /usr/share/java/postgresql.jar ] || apt_install libpostgresql-jdbc-java

@@ -18,6 +18,55 @@ pub struct Cli {
 pub enum Command {
     /// Start the server.
     Serve(ServeArgs),
+    /// Create, list and revoke access tokens (works beside a running server).
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct TokenArgs {
+    /// The server's data directory (tokens live in `{data-dir}/auth/tokens.json`).
+    #[arg(long, env = "SUNDIAL_DATA_DIR", default_value = "./sundial-data", global = true)]
+    pub data_dir: PathBuf,
+    #[command(subcommand)]
+    pub action: TokenAction,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum TokenAction {
+    /// Create a token and print it (it is shown only once).
+    Create {
+        /// The token's name: also the Postgres user name that logs in with it.
+        #[arg(long)]
+        name: String,
+        /// Everything, including other tokens.
+        #[arg(long)]
+        admin: bool,
+        /// Databases it may query (`*`: all); repeat or separate with commas.
+        #[arg(long, value_delimiter = ',')]
+        read: Vec<String>,
+        /// Databases it may write to and create tables in (`*`: all).
+        #[arg(long, value_delimiter = ',')]
+        write: Vec<String>,
+    },
+    /// List token names and permissions.
+    List,
+    /// Revoke a token: it is refused from the next request on.
+    Revoke {
+        #[arg(long)]
+        name: String,
+    },
+}
+
+/// Whether clients must present a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    /// Off when both listeners are on loopback addresses; otherwise refuse to start until
+    /// `--auth on` or `--auth off` says which.
+    Auto,
+    /// Every request and connection needs a token (`sundial token create`).
+    On,
+    /// Anyone who reaches the listeners may do anything.
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -83,6 +132,19 @@ pub struct ServeArgs {
     /// Memory all running queries may use together; a query needing more fails cleanly.
     #[arg(long, env = "SUNDIAL_QUERY_MEMORY_MAX", default_value = "1GiB", value_parser = parse_bytes)]
     pub query_memory_max: u64,
+
+    /// Authentication: tokens on HTTP, SCRAM-SHA-256 with the token as password on Postgres.
+    #[arg(long, env = "SUNDIAL_AUTH", value_enum, default_value_t = AuthMode::Auto)]
+    pub auth: AuthMode,
+
+    /// PEM certificate chain: both listeners then speak TLS (HTTPS; Postgres refuses
+    /// connections without TLS). Needs `--tls-key`.
+    #[arg(long, env = "SUNDIAL_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "SUNDIAL_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 
     /// Log filter (tracing's EnvFilter syntax).
     #[arg(long, env = "SUNDIAL_LOG", default_value = "info")]

@@ -5,6 +5,7 @@
 //! The crate's API is what `main.rs` needs (`config`, `server`); every other module is
 //! `pub(crate)`, so the compiler reports what nothing uses.
 
+pub(crate) mod auth;
 pub(crate) mod buffer;
 pub(crate) mod catalog;
 pub(crate) mod clock;
@@ -18,6 +19,7 @@ pub(crate) mod pg;
 pub(crate) mod query;
 pub mod server;
 pub(crate) mod statement;
+pub(crate) mod tls;
 pub(crate) mod wal;
 
 pub(crate) use error::ErrorKind;

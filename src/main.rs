@@ -9,6 +9,16 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Token(args) => match sundial::server::token(&args) {
+            Ok(out) => {
+                print!("{out}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("sundial: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        },
         Command::Serve(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(

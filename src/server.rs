@@ -20,6 +20,55 @@ pub enum Error {
     Bind { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("http server: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::Error),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// The token store when authentication is on. `auto` is off on loopback-only listeners and
+/// refuses anything else: a database on the network without authentication must be asked for.
+fn tokens(args: &ServeArgs) -> Result<Option<Arc<crate::auth::Tokens>>, Error> {
+    use crate::config::AuthMode;
+    let loopback = args.http_bind.ip().is_loopback() && args.pg_bind.ip().is_loopback();
+    match args.auth {
+        AuthMode::Auto if loopback => return Ok(None),
+        AuthMode::Auto => {
+            return Err(Error::Config(format!(
+                "refusing to listen on {} / {} without authentication: pass --auth on (and \
+                 create a token: sundial token create --name admin --admin) or --auth off",
+                args.http_bind, args.pg_bind
+            )))
+        }
+        AuthMode::Off => {
+            if !loopback {
+                tracing::warn!(
+                    http = %args.http_bind,
+                    pg = %args.pg_bind,
+                    "AUTHENTICATION IS OFF on a non-loopback address: anyone who reaches it \
+                     may read, write and drop every database"
+                );
+            }
+            return Ok(None);
+        }
+        AuthMode::On => {}
+    }
+    let tokens = Arc::new(crate::auth::Tokens::open(&args.data_dir));
+    match tokens.is_empty() {
+        Ok(true) => tracing::warn!(
+            "authentication is on and there is no token yet: create one with `sundial token \
+             create --data-dir {} --name admin --admin`",
+            args.data_dir.display()
+        ),
+        Ok(false) => {}
+        Err(e) => return Err(Error::Config(e.to_string())),
+    }
+    Ok(Some(tokens))
+}
+
+/// `sundial token …`: prints what it did, or the error.
+pub fn token(args: &crate::config::TokenArgs) -> Result<String, String> {
+    crate::auth::command(args).map_err(|e| e.to_string())
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -49,6 +98,11 @@ pub async fn run(
     args: ServeArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    let tokens = tokens(&args)?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::tls::load(cert, key)?),
+        _ => None,
+    };
     let engine = Engine::open(args.engine_config()).await?;
     let query = Arc::new(QueryEngine::new(engine.clone(), args.query_config())?);
     let stop_persist = CancellationToken::new();
@@ -64,7 +118,8 @@ pub async fn run(
     let stop_pg = CancellationToken::new();
     let pg = tokio::spawn(crate::pg::serve(
         pg_listener,
-        Arc::new(crate::pg::Handlers::new(query.clone())),
+        Arc::new(crate::pg::Handlers::new(query.clone(), tokens.clone(), tls.as_ref())),
+        tls.as_ref().map(|t| t.acceptor.clone()),
         stop_pg.clone(),
     ));
 
@@ -76,9 +131,19 @@ pub async fn run(
     tracing::info!(%addr, data_dir = %args.data_dir.display(), "sundial http listening");
     // Tests and scripts read the bound address from this line.
     println!("sundial http listening on {addr}");
+    if tls.is_some() {
+        tracing::info!("tls on: https, and postgres connections must negotiate tls");
+    }
 
-    let app = crate::http::router(query, args.request_max as usize);
-    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    let app = crate::http::router(query, args.request_max as usize, tokens.clone());
+    let served = match &tls {
+        Some(tls) => {
+            let listener = crate::tls::Listener::new(listener, tls.acceptor.clone())
+                .map_err(|source| Error::Bind { addr, source })?;
+            axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+        }
+        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
+    };
     tracing::info!("shutting down: http stopped, persisting the buffer");
     stop_pg.cancel();
     let _ = pg.await;

@@ -4,6 +4,7 @@
 //!
 //! The only place that knows HTTP status codes: [`status_of`] maps error kinds exhaustively.
 
+mod auth;
 #[cfg(test)]
 mod tests;
 
@@ -16,7 +17,7 @@ use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::json;
@@ -25,6 +26,7 @@ use crate::engine::{self, RejectedLine, WriteOptions};
 use crate::line_protocol::Precision;
 use datafusion::sql::sqlparser::ast::{ObjectName, ObjectType, Statement};
 
+use crate::auth::{Access, Need, Principal};
 use crate::query::QueryEngine;
 use crate::statement::Command;
 use crate::ErrorKind;
@@ -35,10 +37,16 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 struct AppState {
     query: Arc<QueryEngine>,
     request_bytes_max: usize,
+    /// `None`: authentication is off.
+    tokens: Option<Arc<crate::auth::Tokens>>,
 }
 
-pub fn router(query: Arc<QueryEngine>, request_bytes_max: usize) -> Router {
-    let state = AppState { query, request_bytes_max };
+pub fn router(
+    query: Arc<QueryEngine>,
+    request_bytes_max: usize,
+    tokens: Option<Arc<crate::auth::Tokens>>,
+) -> Router {
+    let state = AppState { query, request_bytes_max, tokens };
     Router::new()
         .route("/write", post(write_v1))
         .route("/api/v2/write", post(write_v2))
@@ -47,7 +55,10 @@ pub fn router(query: Arc<QueryEngine>, request_bytes_max: usize) -> Router {
         .route("/health", get(health))
         .route("/query", get(influxql).post(influxql))
         .route("/api/v3/query_sql", get(query_get).post(query_post))
+        .route("/api/v3/tokens", get(auth::list_tokens).post(auth::create_token))
+        .route("/api/v3/tokens/{name}", axum::routing::delete(auth::revoke_token))
         .layer(DefaultBodyLimit::max(request_bytes_max))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::authenticate))
         .layer(axum::middleware::from_fn(refuse_cross_origin))
         .with_state(state)
 }
@@ -107,22 +118,6 @@ fn cross_origin(headers: &HeaderMap) -> Option<String> {
     }
 }
 
-/// A statement that changes something, which a `GET` must not run (a link or an image in a
-/// web page makes a browser send `GET`s).
-fn changes_data(command: &Command) -> bool {
-    match command {
-        Command::Ddl(_) => true,
-        Command::Query(statement) => match statement.as_ref() {
-            Statement::Insert(_) => true,
-            Statement::Explain { analyze, statement, .. } => {
-                *analyze && matches!(statement.as_ref(), Statement::Insert(_))
-            }
-            _ => false,
-        },
-        _ => false,
-    }
-}
-
 fn use_post() -> Response {
     let mut response = error_response(
         StatusCode::METHOD_NOT_ALLOWED,
@@ -147,6 +142,7 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
 fn code_name(status: StatusCode) -> &'static str {
     match status.as_u16() {
         400 => "invalid",
+        401 => "unauthorized",
         403 => "forbidden",
         404 => "not found",
         405 => "method not allowed",
@@ -211,8 +207,10 @@ fn decode_body(headers: &HeaderMap, body: Bytes, limit: usize) -> Result<Bytes, 
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn write(
     state: &AppState,
+    principal: &Principal,
     headers: &HeaderMap,
     db: Option<&str>,
     missing: &str,
@@ -226,6 +224,9 @@ async fn write(
             None,
         );
     };
+    if let Some(refused) = auth::forbidden(principal, &Need::Database(Access::Write, db.into())) {
+        return refused;
+    }
     let body = match decode_body(headers, body, state.request_bytes_max) {
         Ok(body) => body,
         Err(response) => return response,
@@ -309,6 +310,7 @@ struct V1Params {
 async fn write_v1(
     State(state): State<AppState>,
     Query(params): Query<V1Params>,
+    Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -322,7 +324,7 @@ async fn write_v1(
         no_sync: false,
         default_time_ns: receipt_time(&state, precision),
     };
-    write(&state, &headers, params.db.as_deref(), "db", options, body).await
+    write(&state, &principal, &headers, params.db.as_deref(), "db", options, body).await
 }
 
 #[derive(Deserialize)]
@@ -336,6 +338,7 @@ struct V2Params {
 async fn write_v2(
     State(state): State<AppState>,
     Query(params): Query<V2Params>,
+    Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -349,7 +352,7 @@ async fn write_v2(
         no_sync: false,
         default_time_ns: receipt_time(&state, precision),
     };
-    write(&state, &headers, params.bucket.as_deref(), "bucket", options, body).await
+    write(&state, &principal, &headers, params.bucket.as_deref(), "bucket", options, body).await
 }
 
 #[derive(Deserialize)]
@@ -363,6 +366,7 @@ struct V3Params {
 async fn write_v3(
     State(state): State<AppState>,
     Query(params): Query<V3Params>,
+    Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -376,7 +380,7 @@ async fn write_v3(
         no_sync: params.no_sync.unwrap_or(false),
         default_time_ns: receipt_time(&state, precision),
     };
-    write(&state, &headers, params.db.as_deref(), "db", options, body).await
+    write(&state, &principal, &headers, params.db.as_deref(), "db", options, body).await
 }
 
 async fn ping() -> Response {
@@ -411,6 +415,7 @@ async fn influxql(
     method: axum::http::Method,
     State(state): State<AppState>,
     Query(params): Query<InfluxQlParams>,
+    Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -446,6 +451,14 @@ async fn influxql(
             if read_only && quirk.is_some() {
                 return use_post();
             }
+            let need = match &quirk {
+                Some((true, name)) => Need::Database(Access::Write, name.clone()),
+                Some((false, _)) => Need::Admin,
+                None => return only(),
+            };
+            if let Some(refused) = auth::forbidden(&principal, &need) {
+                return refused;
+            }
             let done = match quirk {
                 Some((true, name)) => engine.create_database(&name).await.map(|_| ()),
                 Some((false, name)) => engine.drop_database(&name).await.map(|_| ()),
@@ -463,6 +476,16 @@ async fn influxql(
     if read_only && !matches!(statement, Statement::ShowDatabases { .. }) {
         return use_post();
     }
+    let need = match &statement {
+        Statement::CreateDatabase { db_name, .. } => {
+            Some(Need::Database(Access::Write, last_name(db_name)))
+        }
+        Statement::Drop { object_type: ObjectType::Database, .. } => Some(Need::Admin),
+        _ => None,
+    };
+    if let Some(refused) = need.and_then(|need| auth::forbidden(&principal, &need)) {
+        return refused;
+    }
     match statement {
         Statement::CreateDatabase { db_name, .. } => {
             match state.query.engine().create_database(&last_name(&db_name)).await {
@@ -477,8 +500,13 @@ async fn influxql(
             }
         }
         Statement::ShowDatabases { .. } => {
-            let names: Vec<_> =
-                state.query.engine().catalog().database_names().map(|n| json!([n])).collect();
+            // Only the databases the token may read or write.
+            let catalog = state.query.engine().catalog();
+            let names: Vec<_> = catalog
+                .database_names()
+                .filter(|n| principal.may(Access::Read, n) || principal.may(Access::Write, n))
+                .map(|n| json!([n]))
+                .collect();
             Json(json!({ "results": [{ "statement_id": 0, "series": [{ "name": "databases", "columns": ["name"], "values": names }] }] })).into_response()
         }
         _ => only(),
@@ -495,14 +523,16 @@ struct SqlParams {
 async fn query_get(
     State(state): State<AppState>,
     Query(params): Query<SqlParams>,
+    Extension(principal): Extension<Principal>,
     headers: HeaderMap,
 ) -> Response {
-    run_sql(&state, params, &headers, true).await
+    run_sql(&state, &principal, params, &headers, true).await
 }
 
 async fn query_post(
     State(state): State<AppState>,
     Query(params): Query<SqlParams>,
+    Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -523,7 +553,7 @@ async fn query_post(
             }
         }
     }
-    run_sql(&state, merged, &headers, false).await
+    run_sql(&state, &principal, merged, &headers, false).await
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -578,6 +608,7 @@ impl Format {
 /// Runs one statement of `/api/v3/query_sql`; `read_only` (a `GET`) refuses what changes data.
 async fn run_sql(
     state: &AppState,
+    principal: &Principal,
     params: SqlParams,
     headers: &HeaderMap,
     read_only: bool,
@@ -614,8 +645,11 @@ async fn run_sql(
         }
         Err(e) => return error_response(status_of(e.kind()), &e.to_string(), None),
     };
-    if read_only && changes_data(&command) {
+    if read_only && crate::statement::changes_data(&command) {
         return use_post();
+    }
+    if let Some(refused) = auth::forbidden(principal, &crate::auth::need(&command, &db)) {
+        return refused;
     }
     let statement = match command {
         Command::Query(statement) => statement,

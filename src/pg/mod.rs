@@ -449,6 +449,16 @@ impl CopyHandler for Handler {
     }
 }
 
+/// 42501 unless the connection's user may run `command` in its database.
+fn permitted<C: ClientInfo>(client: &C, command: &Command) -> PgWireResult<()> {
+    let who = session::principal(client);
+    let need = crate::auth::need(command, &database(client));
+    if who.allows(&need) {
+        return Ok(());
+    }
+    Err(user_error(SqlState::InsufficientPrivilege, format!("user \"{}\" lacks {need}", who.name)))
+}
+
 impl Handler {
     /// Runs one command of the pipeline that Sundial answers itself or plans here, on either
     /// protocol (the extended protocol hands its queries, cursors and transactions to
@@ -463,6 +473,7 @@ impl Handler {
         if in_failed_transaction(client, &command) {
             return Err(failed_transaction());
         }
+        permitted(client, &command)?;
         match command {
             Command::Query(query) => self.run_query(client, *query).await,
             Command::Declare { cursor, query } => self.declare(client, cursor, *query).await,
@@ -780,6 +791,7 @@ impl ExtendedQueryHandler for Handler {
         if in_failed_transaction(client, &command) {
             return Err(failed_transaction());
         }
+        permitted(client, &command)?;
         match command {
             Command::Query(query) if matches!(*query, SqlStatement::Insert(_)) => {
                 // As on the simple protocol: an INSERT is not cancelled once it writes.
@@ -809,12 +821,18 @@ impl ExtendedQueryHandler for Handler {
 
 pub struct Handlers {
     handler: Arc<Handler>,
-    startup: Arc<session::Startup>,
+    startup: Arc<session::Shared>,
     cancel: Arc<session::Cancel>,
 }
 
 impl Handlers {
-    pub fn new(query: Arc<QueryEngine>) -> Handlers {
+    /// `tokens`: authentication on; `tls`: connections must negotiate TLS (and SCRAM may bind
+    /// to the certificate).
+    pub fn new(
+        query: Arc<QueryEngine>,
+        tokens: Option<Arc<crate::auth::Tokens>>,
+        tls: Option<&crate::tls::Tls>,
+    ) -> Handlers {
         let describer = DfSessionService::new_with_hooks(Arc::new(SessionContext::new()), vec![])
             .query_parser();
         let databases = Arc::new(Databases {
@@ -830,10 +848,13 @@ impl Handlers {
                 parser: Arc::new(DatabaseParser { databases }),
                 running: running.clone(),
             }),
-            startup: Arc::new(session::Startup {
+            startup: Arc::new(session::Shared {
                 connections: connections.clone(),
                 query,
                 pids: Default::default(),
+                auth: tokens
+                    .map(|tokens| session::Auth::new(tokens, tls.map(|t| t.cert_pem.as_slice()))),
+                require_tls: tls.is_some(),
             }),
             cancel: Arc::new(session::Cancel { connections, running }),
         }
@@ -849,8 +870,12 @@ impl PgWireServerHandlers for Handlers {
         self.handler.clone()
     }
 
+    /// One per connection: the SCRAM exchange's state is the connection's own.
     fn startup_handler(&self) -> Arc<impl StartupHandler> {
-        self.startup.clone()
+        Arc::new(session::Startup {
+            shared: self.startup.clone(),
+            sasl: tokio::sync::Mutex::new(pgwire::api::auth::sasl::SASLState::Initial),
+        })
     }
 
     fn copy_handler(&self) -> Arc<impl CopyHandler> {
@@ -866,6 +891,7 @@ impl PgWireServerHandlers for Handlers {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     handlers: Arc<Handlers>,
+    tls: Option<pgwire::tokio::TlsAcceptor>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -875,10 +901,9 @@ pub async fn serve(
         };
         match accepted {
             Ok((socket, addr)) => {
-                let handlers = handlers.clone();
+                let (handlers, tls) = (handlers.clone(), tls.clone());
                 tokio::spawn(async move {
-                    if let Err(error) = pgwire::tokio::process_socket(socket, None, handlers).await
-                    {
+                    if let Err(error) = pgwire::tokio::process_socket(socket, tls, handlers).await {
                         tracing::debug!(%addr, %error, "postgres connection ended with an error");
                     }
                 });

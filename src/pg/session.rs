@@ -10,7 +10,11 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use datafusion_postgres::pgwire;
 use futures::{Sink, SinkExt, StreamExt};
-use pgwire::api::auth::{DefaultServerParameterProvider, StartupHandler};
+use pgwire::api::auth::sasl::scram::ScramAuth;
+use pgwire::api::auth::sasl::{SASLState, SCRAM_SHA_256_METHOD, SCRAM_SHA_256_PLUS_METHOD};
+use pgwire::api::auth::{
+    AuthSource, DefaultServerParameterProvider, LoginInfo, Password, StartupHandler,
+};
 use pgwire::api::cancel::CancelHandler;
 use pgwire::api::results::{DataRowEncoder, FieldFormat, FieldInfo, QueryResponse, Response};
 use pgwire::api::{
@@ -20,6 +24,7 @@ use pgwire::api::{
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::cancel::CancelRequest;
 use pgwire::messages::startup::SecretKey;
+use pgwire::messages::startup::{Authentication, PasswordMessageFamily};
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use tokio_util::sync::CancellationToken;
 
@@ -41,12 +46,74 @@ fn query_canceled(reason: &str) -> PgWireError {
     )))
 }
 
-/// Startup without authentication (auth comes with the security work): the parameters
-/// PostgreSQL 16 reports, and a database that does not exist refused with 3D000.
-pub struct Startup {
+/// What every connection's startup shares.
+pub struct Shared {
     pub connections: Arc<ConnectionManager>,
     pub query: Arc<QueryEngine>,
     pub pids: RandomPidSecretKeyGenerator,
+    /// `None`: authentication is off.
+    pub auth: Option<Auth>,
+    /// Refuse connections that did not negotiate TLS (TLS is configured).
+    pub require_tls: bool,
+}
+
+/// Password authentication: the user is a token's name, the password the token, checked
+/// with SCRAM-SHA-256 against the salted password the token store keeps.
+pub struct Auth {
+    pub tokens: Arc<crate::auth::Tokens>,
+    pub scram: ScramAuth,
+}
+
+impl Auth {
+    pub fn new(tokens: Arc<crate::auth::Tokens>, cert_pem: Option<&[u8]>) -> Auth {
+        let mut scram = ScramAuth::new(Arc::new(TokenSource(tokens.clone())));
+        scram.set_iterations(crate::auth::SCRAM_ITERATIONS);
+        if let Some(pem) = cert_pem {
+            // SCRAM-SHA-256-PLUS (channel binding) needs the server's certificate.
+            if let Err(error) = scram.configure_certificate(pem) {
+                tracing::warn!(%error, "no SCRAM channel binding: the certificate was not read");
+            }
+        }
+        Auth { tokens, scram }
+    }
+}
+
+/// The token store as pgwire's password source.
+#[derive(Debug)]
+struct TokenSource(Arc<crate::auth::Tokens>);
+
+#[async_trait]
+impl AuthSource for TokenSource {
+    async fn get_password(&self, login: &LoginInfo) -> PgWireResult<Password> {
+        let user = login.user().unwrap_or_default().to_string();
+        let tokens = self.0.clone();
+        let name = user.clone();
+        match tokio::task::spawn_blocking(move || tokens.scram(&name)).await {
+            Ok(Ok(Some(scram))) => Ok(Password::new(Some(scram.salt), scram.salted_password)),
+            Ok(Err(error)) => {
+                tracing::error!(%error, "reading the token store failed");
+                Err(PgWireError::InvalidPassword(user))
+            }
+            _ => Err(PgWireError::InvalidPassword(user)),
+        }
+    }
+}
+
+/// Who a connection logged in as (`Principal::anyone()` with authentication off).
+pub fn principal<C: ClientInfo>(client: &C) -> crate::auth::Principal {
+    client
+        .session_extensions()
+        .get::<crate::auth::Principal>()
+        .map(|p| (*p).clone())
+        .unwrap_or_else(crate::auth::Principal::anyone)
+}
+
+/// One connection's startup: the parameters PostgreSQL reports, SCRAM-SHA-256 when
+/// authentication is on (its state is the connection's own), a database that does not exist
+/// refused with 3D000, one the user may not use with 42501.
+pub struct Startup {
+    pub shared: Arc<Shared>,
+    pub sasl: tokio::sync::Mutex<SASLState>,
 }
 
 fn server_parameters() -> DefaultServerParameterProvider {
@@ -58,6 +125,48 @@ fn server_parameters() -> DefaultServerParameterProvider {
     parameters
 }
 
+async fn refuse<C>(client: &mut C, code: SqlState, message: String) -> PgWireResult<()>
+where
+    C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
+    C::Error: Debug,
+    PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+{
+    let error = ErrorInfo::new("FATAL".into(), code.code().into(), message);
+    client.send(PgWireBackendMessage::ErrorResponse(error.into())).await?;
+    client.close().await?;
+    Ok(())
+}
+
+impl Startup {
+    /// After authentication (or without it): the database check, then ready for queries.
+    async fn admit<C>(&self, client: &mut C, who: crate::auth::Principal) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        use crate::auth::Access;
+        let db = client.metadata().get(METADATA_DATABASE).cloned().unwrap_or_default();
+        if !who.may(Access::Read, &db) && !who.may(Access::Write, &db) {
+            let message = format!("permission denied for database \"{db}\"");
+            return refuse(client, SqlState::InsufficientPrivilege, message).await;
+        }
+        if !self.shared.query.engine().catalog().has_database(&db) {
+            let message = format!("database \"{db}\" does not exist");
+            return refuse(client, SqlState::InvalidCatalogName, message).await;
+        }
+        client.session_extensions().insert::<crate::auth::Principal>(who);
+        let (pid, secret_key) = self.shared.pids.generate(&*client);
+        client.set_pid_and_secret_key(pid, secret_key.clone());
+        let (handle, guard) = self.shared.connections.register(pid, secret_key);
+        client.session_extensions().insert::<Arc<ConnectionHandle>>(handle);
+        client.session_extensions().insert::<ConnectionGuard>(guard);
+        pgwire::api::auth::finish_authentication(client, &server_parameters()).await?;
+        debug_assert!(matches!(client.state(), PgWireConnectionState::ReadyForQuery));
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl StartupHandler for Startup {
     async fn on_startup<C>(
@@ -66,31 +175,72 @@ impl StartupHandler for Startup {
         message: PgWireFrontendMessage,
     ) -> PgWireResult<()>
     where
-        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let PgWireFrontendMessage::Startup(startup) = message else { return Ok(()) };
-        pgwire::api::auth::protocol_negotiation(client, &startup).await?;
-        pgwire::api::auth::save_startup_parameters_to_metadata(client, &startup);
-        let db = client.metadata().get(METADATA_DATABASE).cloned().unwrap_or_default();
-        if !self.query.engine().catalog().has_database(&db) {
-            let error = ErrorInfo::new(
-                "FATAL".into(),
-                SqlState::InvalidCatalogName.code().into(),
-                format!("database \"{db}\" does not exist"),
-            );
-            client.send(PgWireBackendMessage::ErrorResponse(error.into())).await?;
-            client.close().await?;
-            return Ok(());
+        match message {
+            PgWireFrontendMessage::Startup(startup) => {
+                pgwire::api::auth::protocol_negotiation(client, &startup).await?;
+                pgwire::api::auth::save_startup_parameters_to_metadata(client, &startup);
+                if self.shared.require_tls && !client.is_secure() {
+                    let message = "this server takes only TLS connections (sslmode=require)";
+                    return refuse(
+                        client,
+                        SqlState::InvalidAuthorizationSpecification,
+                        message.into(),
+                    )
+                    .await;
+                }
+                let Some(auth) = &self.shared.auth else {
+                    return self.admit(client, crate::auth::Principal::anyone()).await;
+                };
+                client.set_state(PgWireConnectionState::AuthenticationInProgress);
+                let mut mechanisms = vec![SCRAM_SHA_256_METHOD.to_string()];
+                if client.is_secure() && auth.scram.supports_channel_binding() {
+                    mechanisms.push(SCRAM_SHA_256_PLUS_METHOD.to_string());
+                }
+                client
+                    .send(PgWireBackendMessage::Authentication(Authentication::SASL(mechanisms)))
+                    .await?;
+            }
+            PgWireFrontendMessage::PasswordMessageFamily(message) => {
+                let Some(auth) = &self.shared.auth else { return Ok(()) };
+                let mut state = self.sasl.lock().await;
+                let message = if matches!(*state, SASLState::Initial) {
+                    let initial = message.into_sasl_initial_response()?;
+                    if ![SCRAM_SHA_256_METHOD, SCRAM_SHA_256_PLUS_METHOD]
+                        .contains(&initial.auth_method.as_str())
+                    {
+                        return Err(PgWireError::UnsupportedSASLAuthMethod(initial.auth_method));
+                    }
+                    *state = SASLState::ScramClientFirstReceived;
+                    PasswordMessageFamily::SASLInitialResponse(initial)
+                } else {
+                    PasswordMessageFamily::SASLResponse(message.into_sasl_response()?)
+                };
+                let (answer, next) =
+                    auth.scram.process_scram_message(client, message, &state).await?;
+                client.send(PgWireBackendMessage::Authentication(answer)).await?;
+                *state = next;
+                if matches!(*state, SASLState::Finished) {
+                    drop(state);
+                    let user = client.metadata().get(pgwire::api::METADATA_USER).cloned();
+                    let tokens = auth.tokens.clone();
+                    let found = tokio::task::spawn_blocking(move || {
+                        tokens.scram(&user.unwrap_or_default()).ok().flatten()
+                    })
+                    .await
+                    .ok()
+                    .flatten();
+                    let Some(crate::auth::Scram { principal: who, .. }) = found else {
+                        return Err(PgWireError::InvalidPassword("revoked".into()));
+                    };
+                    return self.admit(client, who).await;
+                }
+            }
+            _ => {}
         }
-        let (pid, secret_key) = self.pids.generate(&*client);
-        client.set_pid_and_secret_key(pid, secret_key.clone());
-        let (handle, guard) = self.connections.register(pid, secret_key);
-        client.session_extensions().insert::<Arc<ConnectionHandle>>(handle);
-        client.session_extensions().insert::<ConnectionGuard>(guard);
-        pgwire::api::auth::finish_authentication(client, &server_parameters()).await?;
-        debug_assert!(matches!(client.state(), PgWireConnectionState::ReadyForQuery));
         Ok(())
     }
 }

@@ -28,6 +28,8 @@ pub enum SqlState {
     QueryCanceled,
     InFailedSqlTransaction,
     CannotConnectNow,
+    InsufficientPrivilege,
+    InvalidAuthorizationSpecification,
     InternalError,
 }
 
@@ -59,6 +61,8 @@ impl SqlState {
             SqlState::QueryCanceled => "57014",
             SqlState::InFailedSqlTransaction => "25P02",
             SqlState::CannotConnectNow => "57P03",
+            SqlState::InsufficientPrivilege => "42501",
+            SqlState::InvalidAuthorizationSpecification => "28000",
             SqlState::InternalError => "XX000",
         }
     }

@@ -71,6 +71,23 @@ pub enum Command {
     NoOp { tag: &'static str },
 }
 
+/// Whether a command changes data (DDL, `INSERT`, `EXPLAIN ANALYZE INSERT`, `COPY … FROM`):
+/// what a `GET` must not run and what needs write permission.
+pub fn changes_data(command: &Command) -> bool {
+    match command {
+        Command::Ddl(_) => true,
+        Command::Copy(statement) => matches!(statement.as_ref(), Statement::Copy { to: false, .. }),
+        Command::Query(statement) => match statement.as_ref() {
+            Statement::Insert(_) => true,
+            Statement::Explain { analyze, statement, .. } => {
+                *analyze && matches!(statement.as_ref(), Statement::Insert(_))
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
 fn parser() -> &'static PostgresCompatibilityParser {
     static PARSER: OnceLock<PostgresCompatibilityParser> = OnceLock::new();
     PARSER.get_or_init(PostgresCompatibilityParser::new)
