@@ -675,18 +675,38 @@ async fn run_sql(
             )
         }
     };
-    let (schema, batches) = match state.query.run(&db, *statement).await {
+    let collected = match state.query.run(&db, *statement).await {
         Ok(result) => result,
         Err(e) => {
-            let status = status_of(e.kind());
+            // A query over the memory limit is the query's problem (too large), not the
+            // server's state: 400, as 53200 on Postgres.
+            let status = match e.kind() {
+                ErrorKind::ResourceExhausted => StatusCode::BAD_REQUEST,
+                kind => status_of(kind),
+            };
             if status == StatusCode::INTERNAL_SERVER_ERROR {
                 tracing::error!(error = %e, db, "query failed");
             }
             return error_response(status, &e.to_string(), None);
         }
     };
-    match tokio::task::spawn_blocking(move || encode(format, &schema, &batches)).await {
-        Ok(Ok(body)) => ([(header::CONTENT_TYPE, format.content_type())], body).into_response(),
+    let encoded = tokio::task::spawn_blocking(move || {
+        let collected = collected;
+        let body = encode(format, &collected.schema, &collected.batches)?;
+        // The encoded body counts too, while it exists beside the rows.
+        match collected.reservation.try_grow(body.len()) {
+            Ok(()) => Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Ok(body)),
+            Err(e) => Ok(Err(e.to_string())),
+        }
+    })
+    .await;
+    match encoded {
+        Ok(Ok(Ok(body))) => ([(header::CONTENT_TYPE, format.content_type())], body).into_response(),
+        Ok(Ok(Err(too_large))) => error_response(
+            StatusCode::BAD_REQUEST,
+            &format!("the result is larger than the query memory limit: {too_large}"),
+            None,
+        ),
         Ok(Err(e)) => error_response(
             StatusCode::INTERNAL_SERVER_ERROR,
             &format!("encoding the result: {e}"),

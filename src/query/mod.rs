@@ -210,28 +210,45 @@ impl QueryEngine {
     }
 
     /// Plans and runs one query of `db`, returning every result batch and the result schema.
-    pub async fn run(
-        &self,
-        db: &str,
-        statement: Statement,
-    ) -> Result<(SchemaRef, Vec<RecordBatch>), Error> {
+    pub async fn run(&self, db: &str, statement: Statement) -> Result<Collected, Error> {
+        use futures::StreamExt;
         let ctx = self.context(db)?;
         let plan = self.plan(&ctx, db, statement).await?;
         let df = ctx.execute_logical_plan(plan).await?;
         let schema: SchemaRef = df.schema().inner().clone();
-        let batches = df.collect().await?;
-        Ok((schema, batches))
+        // The collected rows count against the query memory pool like the work that made
+        // them: a result larger than `--query-memory-max` fails instead of growing the server.
+        let pool = ctx.runtime_env().memory_pool.clone();
+        let reservation =
+            datafusion::execution::memory_pool::MemoryConsumer::new("query result").register(&pool);
+        let mut stream = df.execute_stream().await?;
+        let mut batches = Vec::new();
+        while let Some(batch) = stream.next().await {
+            let batch = batch?;
+            reservation.try_grow(batch.get_array_memory_size())?;
+            batches.push(batch);
+        }
+        Ok(Collected { schema, batches, reservation })
     }
 
     /// Plans and runs `sql`, one query, through the statement pipeline.
     #[cfg(test)]
     pub async fn sql(&self, db: &str, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>), Error> {
         match crate::statement::command(sql)? {
-            Some(crate::statement::Command::Query(statement)) => self.run(db, *statement).await,
+            Some(crate::statement::Command::Query(statement)) => {
+                self.run(db, *statement).await.map(|c| (c.schema, c.batches))
+            }
             Some(_) => Err(Error::Unsupported("not a query".into())),
             None => Err(Error::Unsupported("no statement".into())),
         }
     }
+}
+
+/// A query's whole result, and its share of the query memory pool (held until dropped).
+pub struct Collected {
+    pub schema: SchemaRef,
+    pub batches: Vec<RecordBatch>,
+    pub reservation: datafusion::execution::memory_pool::MemoryReservation,
 }
 
 /// A function `statement` calls that `state` does not know, as the error to report when its

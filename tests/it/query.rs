@@ -405,3 +405,27 @@ async fn series_sorted_buffers_answer_the_same_and_scans_use_every_core() {
     server = server.restart();
     assert_eq!(answers(&server).await, after);
 }
+
+/// Issue 10.6: a result larger than --query-memory-max fails with 400 instead of growing the
+/// server until the kernel kills it; the server goes on answering.
+#[tokio::test]
+async fn http_results_stay_inside_the_query_memory_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server =
+        crate::harness::Server::start(&dir.path().join("data"), &["--query-memory-max", "32MiB"]);
+    assert_eq!(server.write("/write?db=mem", "m v=1 1").await.0, 204);
+    let started = std::time::Instant::now();
+    for format in ["json", "csv", "parquet"] {
+        let (status, body) =
+            server.query_raw("mem", "SELECT * FROM generate_series(1, 2000000000)", format).await;
+        assert_eq!(status, 400, "{format}: {body}");
+        assert!(body.contains("Resources exhausted") || body.contains("memory"), "{body}");
+    }
+    // The rows fit, their JSON does not: the encoded body counts as well.
+    let (status, body) = server
+        .query_raw("mem", "SELECT repeat('x', 100) AS s FROM generate_series(1, 300000)", "json")
+        .await;
+    assert_eq!(status, 400, "{}", &body[..body.len().min(300)]);
+    assert!(started.elapsed() < std::time::Duration::from_secs(60), "{:?}", started.elapsed());
+    assert_eq!(server.count("mem", "SELECT count(*) FROM m").await, 1);
+}
