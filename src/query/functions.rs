@@ -40,6 +40,7 @@ pub fn register(ctx: &SessionContext) {
         Arc::new(current_setting),
     ));
     ctx.register_udf(ScalarUDF::new_from_impl(TimeBucket::new()));
+    ctx.register_udf(super::gapfill::grid_check());
     ctx.register_udf(ScalarUDF::new_from_impl(DateTrunc {
         inner: datafusion::functions::datetime::date_trunc(),
     }));

@@ -19,6 +19,60 @@ use datafusion::sql::sqlparser::parser::Parser;
 
 const TIME_TYPE: &str = "'Timestamp(ns, \"UTC\")'";
 
+/// The most buckets one gap-filled query may make (per group): beyond it the grid alone would
+/// take gigabytes (`INTERVAL '1 millisecond'` over a day is 86.4 million).
+pub const BUCKETS_MAX: i128 = 1_000_000;
+
+/// The function the rewritten grid calls on its lower bound before `generate_series` runs:
+/// `gapfill_grid_start(lower, upper, stride)` is `lower`, or an error when the grid would have
+/// more than `BUCKETS_MAX` buckets.
+pub fn grid_check() -> datafusion::logical_expr::ScalarUDF {
+    use arrow::datatypes::{DataType, IntervalUnit, TimeUnit};
+    use datafusion::common::{exec_err, ScalarValue};
+    use datafusion::logical_expr::{create_udf, ColumnarValue, Volatility};
+    let time = DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()));
+    let check = move |args: &[ColumnarValue]| {
+        let scalar = |i: usize| match &args[i] {
+            ColumnarValue::Scalar(value) => Ok(value.clone()),
+            ColumnarValue::Array(_) => {
+                exec_err!("date_bin_gapfill needs a constant time range and interval")
+            }
+        };
+        let (lower, upper, stride) = (scalar(0)?, scalar(1)?, scalar(2)?);
+        let (
+            ScalarValue::TimestampNanosecond(Some(lo), _),
+            ScalarValue::TimestampNanosecond(Some(hi), _),
+            ScalarValue::IntervalMonthDayNano(Some(stride)),
+        ) = (&lower, &upper, &stride)
+        else {
+            return Ok(ColumnarValue::Scalar(lower));
+        };
+        if stride.months != 0 {
+            return exec_err!("date_bin_gapfill does not take intervals of months or years");
+        }
+        let stride_ns =
+            i128::from(stride.days) * 86_400_000_000_000 + i128::from(stride.nanoseconds);
+        if stride_ns <= 0 {
+            return exec_err!("date_bin_gapfill needs a positive interval");
+        }
+        let buckets = (i128::from(*hi) - i128::from(*lo)) / stride_ns + 1;
+        if buckets > BUCKETS_MAX {
+            return exec_err!(
+                "date_bin_gapfill would make {buckets} buckets, more than {BUCKETS_MAX}: use a \
+                 larger interval or a shorter time range"
+            );
+        }
+        Ok(ColumnarValue::Scalar(lower))
+    };
+    create_udf(
+        "gapfill_grid_start",
+        vec![time.clone(), time.clone(), DataType::Interval(IntervalUnit::MonthDayNano)],
+        time,
+        Volatility::Immutable,
+        std::sync::Arc::new(check),
+    )
+}
+
 /// Whether `statement` calls `date_bin_gapfill` anywhere.
 fn uses_gapfill(statement: &Statement) -> bool {
     visit_expressions(statement, |e| match function_name(e) {
@@ -262,9 +316,9 @@ fn rewrite_query(query: &Query) -> Result<String, String> {
 
     let key_cols: Vec<String> = (0..keys.len()).map(|i| format!("__g{i}")).collect();
     let grid = format!(
-        "SELECT unnest(generate_series({}, {}, {stride})) AS __b",
-        date_bin(&lower),
-        date_bin(&upper)
+        "SELECT unnest(generate_series(gapfill_grid_start({lo}, {hi}, {stride}), {hi}, {stride})) AS __b",
+        lo = date_bin(&lower),
+        hi = date_bin(&upper)
     );
     let mut filled = String::from("SELECT bk.__b");
     for k in &key_cols {
