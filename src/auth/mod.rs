@@ -110,6 +110,16 @@ impl Principal {
         Principal { name: "anyone".into(), permissions: vec![Permission::Admin] }
     }
 
+    /// No one: what a connection is before it logged in.
+    pub fn nobody() -> Principal {
+        Principal { name: "nobody".into(), permissions: Vec::new() }
+    }
+
+    /// The first need it lacks, if any.
+    pub fn lacks<'a>(&self, needs: &'a [Need]) -> Option<&'a Need> {
+        needs.iter().find(|need| !self.allows(need))
+    }
+
     pub fn is_admin(&self) -> bool {
         self.permissions.contains(&Permission::Admin)
     }
@@ -152,21 +162,49 @@ impl std::fmt::Display for Need {
 }
 
 /// What `command`, run in database `db`, needs: reading for queries, writing for what
-/// changes data (and `CREATE DATABASE x` writing on `x`), admin for dropping a database.
-pub fn need(command: &crate::statement::Command, db: &str) -> Need {
-    use datafusion::sql::sqlparser::ast::{ObjectType, Statement};
-    if let crate::statement::Command::Ddl(statement) = command {
-        match statement.as_ref() {
+/// changes data (creating and dropping tables too; `CREATE DATABASE x` writing on `x`), both
+/// for an `INSERT … SELECT` (its answer and errors show what it read), admin for dropping a
+/// database.
+pub fn need(command: &crate::statement::Command, db: &str) -> Vec<Need> {
+    use crate::statement::Command;
+    use datafusion::sql::sqlparser::ast::{ObjectType, SetExpr, Statement};
+    let on_db = |access| Need::Database(access, db.to_string());
+    match command {
+        Command::Ddl(statement) => match statement.as_ref() {
             Statement::CreateDatabase { db_name, .. } => {
                 let name = db_name.0.last().and_then(|p| p.as_ident()).map(|i| i.value.clone());
-                return Need::Database(Access::Write, name.unwrap_or_default());
+                vec![Need::Database(Access::Write, name.unwrap_or_default())]
             }
-            Statement::Drop { object_type: ObjectType::Database, .. } => return Need::Admin,
-            _ => {}
+            Statement::Drop { object_type: ObjectType::Database, .. } => vec![Need::Admin],
+            _ => vec![on_db(Access::Write)],
+        },
+        Command::Query(statement) => {
+            let insert = match statement.as_ref() {
+                Statement::Insert(insert) => Some(insert),
+                Statement::Explain { statement, .. } => match statement.as_ref() {
+                    Statement::Insert(insert) => Some(insert),
+                    _ => None,
+                },
+                _ => None,
+            };
+            let reads = insert.is_none_or(|insert| {
+                insert
+                    .source
+                    .as_ref()
+                    .is_some_and(|q| !matches!(q.body.as_ref(), SetExpr::Values(_)))
+            });
+            let mut needs = Vec::new();
+            if crate::statement::changes_data(command) {
+                needs.push(on_db(Access::Write));
+            }
+            if reads || needs.is_empty() {
+                needs.push(on_db(Access::Read));
+            }
+            needs
         }
+        other if crate::statement::changes_data(other) => vec![on_db(Access::Write)],
+        _ => vec![on_db(Access::Read)],
     }
-    let access = if crate::statement::changes_data(command) { Access::Write } else { Access::Read };
-    Need::Database(access, db.to_string())
 }
 
 /// A token as stored: never the secret itself.
@@ -199,9 +237,13 @@ pub struct Scram {
 #[derive(Debug)]
 pub struct Tokens {
     path: PathBuf,
-    /// The file as last read, and its modification time then.
-    loaded: Mutex<(Option<SystemTime>, Arc<File>)>,
+    /// The file as last read, and what identified its version then.
+    loaded: Mutex<(Option<Version>, Arc<File>)>,
 }
+
+/// What tells one version of the file from the next: a replaced file is a new inode, and a
+/// change within one modification-time tick still changes the inode.
+type Version = (SystemTime, u64, u64);
 
 fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes))
@@ -230,8 +272,9 @@ impl Tokens {
 
     /// The file, read again if it changed since the last read.
     fn current(&self) -> Result<Arc<File>, Error> {
+        use std::os::unix::fs::MetadataExt;
         let modified = match std::fs::metadata(&self.path) {
-            Ok(meta) => Some(meta.modified().map_err(self.io())?),
+            Ok(meta) => Some((meta.modified().map_err(self.io())?, meta.ino(), meta.len())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(self.io()(e)),
         };
@@ -344,8 +387,11 @@ impl Tokens {
     /// leaves the old file or the new one. An exclusive lock on the directory's lock file
     /// serialises the server and `sundial token` commands.
     fn change(&self, f: impl FnOnce(&mut File) -> Result<(), Error>) -> Result<(), Error> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let dir = self.path.parent().expect("tokens.json is in a directory");
         std::fs::create_dir_all(dir).map_err(self.io())?;
+        // The salted passwords log in over SCRAM: only the server's user may read them.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(self.io())?;
         let lock = std::fs::File::create(dir.join("tokens.lock")).map_err(self.io())?;
         lock.lock().map_err(self.io())?;
         let mut file = match std::fs::read(&self.path) {
@@ -362,7 +408,14 @@ impl Tokens {
         f(&mut file)?;
         let tmp = dir.join("tokens.json.tmp");
         let bytes = serde_json::to_vec_pretty(&file).expect("tokens serialise");
-        let mut out = std::fs::File::create(&tmp).map_err(self.io())?;
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(self.io())?;
+        out.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(self.io())?;
         out.write_all(&bytes).and_then(|()| out.sync_all()).map_err(self.io())?;
         std::fs::rename(&tmp, &self.path).map_err(self.io())?;
         std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(self.io())?;

@@ -256,7 +256,7 @@ pub struct Engine {
     persist_wakeup: Arc<tokio::sync::Notify>,
     /// Bytes of request bodies being parsed, built and logged at once (in KiB permits): parsed
     /// rows take a few times their text, so this bounds in-flight write memory.
-    in_flight_kib: tokio::sync::Semaphore,
+    in_flight_kib: Arc<tokio::sync::Semaphore>,
 }
 
 /// KiB of request bodies that may be in flight: a quarter of the buffer limit, at least 64 MiB.

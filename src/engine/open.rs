@@ -184,7 +184,7 @@ impl Engine {
             file_counter: AtomicU64::new(file_counter),
             subscribers: RwLock::new(Vec::new()),
             persist_wakeup: Arc::new(tokio::sync::Notify::new()),
-            in_flight_kib: tokio::sync::Semaphore::new(kib_max),
+            in_flight_kib: Arc::new(tokio::sync::Semaphore::new(kib_max)),
         });
         Ok(engine)
     }

@@ -173,8 +173,12 @@ impl Engine {
         let kib = u32::try_from((body.len() >> 10) + 1)
             .unwrap_or(u32::MAX)
             .min(in_flight_kib_max(self.config.buffer_bytes_max) as u32);
-        let _permit =
-            self.in_flight_kib.acquire_many(kib).await.map_err(|_| Error::ShuttingDown)?;
+        let permit = self
+            .in_flight_kib
+            .clone()
+            .acquire_many_owned(kib)
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
         let partition_ns = self.partition_ns();
         let gate = self.write_gate.clone().read_owned().await;
         let mut prepared = prepare(
@@ -246,7 +250,8 @@ impl Engine {
         let append = tokio::spawn(async move {
             let appended =
                 wal.append(wal::KIND_LINE_PROTOCOL, payload, !options.no_sync, Some(apply)).await;
-            drop(gate);
+            // The body's share of the in-flight budget too: its rows live until applied.
+            drop((gate, permit));
             appended
         });
         append

@@ -648,7 +648,9 @@ async fn run_sql(
     if read_only && crate::statement::changes_data(&command) {
         return use_post();
     }
-    if let Some(refused) = auth::forbidden(principal, &crate::auth::need(&command, &db)) {
+    let needs = crate::auth::need(&command, &db);
+    if let Some(refused) = principal.lacks(&needs).and_then(|need| auth::forbidden(principal, need))
+    {
         return refused;
     }
     let statement = match command {

@@ -274,6 +274,8 @@ pub struct Handler {
     databases: Arc<Databases>,
     parser: Arc<DatabaseParser>,
     running: Arc<session::RunningQueries>,
+    /// `None`: authentication is off.
+    tokens: Option<Arc<crate::auth::Tokens>>,
 }
 
 pub struct DatabaseParser {
@@ -450,13 +452,20 @@ impl CopyHandler for Handler {
 }
 
 /// 42501 unless the connection's user may run `command` in its database.
-fn permitted<C: ClientInfo>(client: &C, command: &Command) -> PgWireResult<()> {
-    let who = session::principal(client);
-    let need = crate::auth::need(command, &database(client));
-    if who.allows(&need) {
-        return Ok(());
+fn permitted<C: ClientInfo>(
+    client: &C,
+    tokens: Option<&crate::auth::Tokens>,
+    command: &Command,
+) -> PgWireResult<()> {
+    let who = session::principal(client, tokens);
+    let needs = crate::auth::need(command, &database(client));
+    match who.lacks(&needs) {
+        None => Ok(()),
+        Some(need) => Err(user_error(
+            SqlState::InsufficientPrivilege,
+            format!("user \"{}\" lacks {need}", who.name),
+        )),
     }
-    Err(user_error(SqlState::InsufficientPrivilege, format!("user \"{}\" lacks {need}", who.name)))
 }
 
 impl Handler {
@@ -473,7 +482,7 @@ impl Handler {
         if in_failed_transaction(client, &command) {
             return Err(failed_transaction());
         }
-        permitted(client, &command)?;
+        permitted(client, self.tokens.as_deref(), &command)?;
         match command {
             Command::Query(query) => self.run_query(client, *query).await,
             Command::Declare { cursor, query } => self.declare(client, cursor, *query).await,
@@ -791,7 +800,7 @@ impl ExtendedQueryHandler for Handler {
         if in_failed_transaction(client, &command) {
             return Err(failed_transaction());
         }
-        permitted(client, &command)?;
+        permitted(client, self.tokens.as_deref(), &command)?;
         match command {
             Command::Query(query) if matches!(*query, SqlStatement::Insert(_)) => {
                 // As on the simple protocol: an INSERT is not cancelled once it writes.
@@ -847,6 +856,7 @@ impl Handlers {
                 databases: databases.clone(),
                 parser: Arc::new(DatabaseParser { databases }),
                 running: running.clone(),
+                tokens: tokens.clone(),
             }),
             startup: Arc::new(session::Shared {
                 connections: connections.clone(),

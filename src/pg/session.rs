@@ -99,13 +99,23 @@ impl AuthSource for TokenSource {
     }
 }
 
-/// Who a connection logged in as (`Principal::anyone()` with authentication off).
-pub fn principal<C: ClientInfo>(client: &C) -> crate::auth::Principal {
-    client
-        .session_extensions()
-        .get::<crate::auth::Principal>()
-        .map(|p| (*p).clone())
-        .unwrap_or_else(crate::auth::Principal::anyone)
+/// Who a connection logged in as (`Principal::anyone()` with authentication off; no one
+/// before it logged in). With authentication on, the token's permissions as they are now: a
+/// revoked token's open sessions can do nothing more.
+pub fn principal<C: ClientInfo>(
+    client: &C,
+    tokens: Option<&crate::auth::Tokens>,
+) -> crate::auth::Principal {
+    let Some(logged_in) = client.session_extensions().get::<crate::auth::Principal>() else {
+        return crate::auth::Principal::nobody();
+    };
+    match tokens {
+        None => (*logged_in).clone(),
+        Some(tokens) => match tokens.scram(&logged_in.name) {
+            Ok(Some(now)) => now.principal,
+            _ => crate::auth::Principal::nobody(),
+        },
+    }
 }
 
 /// One connection's startup: the parameters PostgreSQL reports, SCRAM-SHA-256 when

@@ -500,6 +500,11 @@ impl Writer {
             }
             self.write_group(group, &mut buf);
         }
+        if let Some(failed) = self.failed.as_mut() {
+            // A last try at shutdown, so the segment ends with what was answered.
+            failed.last_try -= RETRY_EVERY;
+            self.recover();
+        }
         if self.failed.is_none() && self.config.sync {
             if let Some(Err(e)) = self.file.as_ref().map(File::sync_data) {
                 tracing::error!(error = %e, "final wal sync failed");
@@ -628,6 +633,15 @@ impl Writer {
         let reason = reason_for_clients(&error);
         *self.failure.lock().expect("wal failure lock") = Some(reason.clone());
         let error = Arc::new(Error::Unavailable { reason: reason.clone() });
+        // Cut the refused records out of the file now (shrinking works on a full disk), so a
+        // restart before the next retry does not replay writes their clients were told failed;
+        // the answered ones are written again. The retry still syncs before anything new.
+        if let Some(file) = self.file.as_mut() {
+            let cut = file.set_len(good_bytes).and_then(|()| file.write_all(&rewrite));
+            if let Err(error) = cut {
+                tracing::warn!(%error, "cutting refused records from the wal failed");
+            }
+        }
         self.failed =
             Some(Failed { reason, good_bytes, rewrite, last_try: std::time::Instant::now() });
         for request in group {

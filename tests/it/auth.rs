@@ -88,8 +88,11 @@ async fn http_tokens_scopes_and_revocation() {
             .json(&json!({ "db": "db", "q": sql }))
     };
     assert_eq!(status(query(&telegraf, "SELECT count(*) FROM m")).await.0, 403);
+    // Writing does not include reading: an INSERT of values is fine, one from a SELECT is not.
+    assert_eq!(status(query(&telegraf, "INSERT INTO m (v) VALUES (5)")).await.0, 200);
+    assert_eq!(status(query(&telegraf, "INSERT INTO m (v) SELECT v FROM m")).await.0, 403);
     let (code, body) = status(query(&grafana, "SELECT count(*) AS n FROM m")).await;
-    assert_eq!((code, body.as_str()), (200, r#"[{"n":4}]"#));
+    assert_eq!((code, body.as_str()), (200, r#"[{"n":5}]"#));
     for sql in [
         "INSERT INTO m (v) VALUES (5)",
         "DROP TABLE m",
@@ -117,6 +120,9 @@ async fn http_tokens_scopes_and_revocation() {
     let (code, body) = status(client().get(server.url("/api/v3/tokens")).bearer_auth(&admin)).await;
     assert_eq!(code, 200);
     assert!(body.contains("telegraf") && !body.contains(&telegraf), "{body}");
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(data.join("auth/tokens.json")).expect("token file");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "only the server's user reads it");
     let stored = std::fs::read_to_string(data.join("auth/tokens.json")).expect("token file");
     for secret in [&admin, &telegraf, &grafana] {
         assert!(!stored.contains(secret.as_str()), "tokens are stored hashed");
@@ -146,7 +152,7 @@ async fn http_tokens_scopes_and_revocation() {
         .bearer_auth(&admin)
         .json(&json!({ "db": "db", "q": "SELECT count(*) AS n FROM m" }));
     let (code, body) = status(again).await;
-    assert_eq!((code, body.as_str()), (200, r#"[{"n":4}]"#));
+    assert_eq!((code, body.as_str()), (200, r#"[{"n":5}]"#));
     let out = sundial(&["token", "--data-dir", data.to_str().expect("utf-8"), "list"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "admin\tadmin\n");
 }
@@ -199,6 +205,19 @@ async fn postgres_scram_with_tokens() {
         pg.execute("INSERT INTO m (host, v) VALUES ('b', 2)", &[]).await.expect("insert"),
         1
     );
+
+    // Revoking cuts off sessions already open.
+    let open = pg_connect(&server, "reader", &reader).await.expect("reader logs in");
+    let revoked = create_token(&data, "brief", &["--read", "db"]);
+    let brief = pg_connect(&server, "brief", &revoked).await.expect("brief logs in");
+    brief.simple_query("SELECT 1").await.expect("allowed");
+    let data_dir = data.to_str().expect("utf-8");
+    assert!(sundial(&["token", "--data-dir", data_dir, "revoke", "--name", "brief"])
+        .status
+        .success());
+    let error = brief.simple_query("SELECT 1").await.expect_err("revoked");
+    assert_eq!(error.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{error:?}");
+    open.simple_query("SELECT 1").await.expect("others go on");
 
     for (user, password) in
         [("reader", "wrong"), ("reader", writer.as_str()), ("nobody", reader.as_str())]

@@ -428,7 +428,11 @@ async fn a_full_disk_refuses_writes_until_it_has_room() {
     assert!(written("m,k=e v=1 1").await);
     assert_eq!(health().await.0, 200);
 
+    // Killed while failed, before any retry: the refused write is not replayed.
+    std::fs::write(faults.join("wal_sync"), b"").expect("fault");
+    assert_eq!(write("m,k=refused3 v=1 1").await.0, 503);
     server.kill9();
+    std::fs::remove_file(faults.join("wal_sync")).expect("room again");
     let server = server.restart();
     let rows = server.query("disk", "SELECT k FROM m ORDER BY k").await;
     let keys: Vec<&str> = rows.iter().map(|r| r["k"].as_str().expect("k")).collect();
