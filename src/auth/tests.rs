@@ -49,3 +49,27 @@ fn permissions_read_as_written() {
         Principal { name: "w".into(), permissions: vec![Permission::parse("write:*").unwrap()] };
     assert!(all.may(Access::Write, "any") && !all.may(Access::Read, "any") && !all.is_admin());
 }
+
+/// The committed fixture (`storage-format/tokens.md`) reads as written: its token, made of
+/// `ab` × 32 after the prefix, verifies and its SCRAM values are PBKDF2 of it.
+#[test]
+fn storage_format_fixture_reads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("auth")).expect("auth dir");
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("storage-format/fixtures/tokens-v1.json");
+    std::fs::copy(fixture, dir.path().join("auth/tokens.json")).expect("copy fixture");
+    let tokens = Tokens::open(dir.path());
+    let secret = format!("sdl_{}", "ab".repeat(32));
+    let who = tokens.verify(&secret).expect("verify").expect("the fixture's token");
+    assert_eq!(who.name, "grafana");
+    assert!(who.may(Access::Read, "telegraf") && who.may(Access::Write, "any"));
+    assert!(!who.may(Access::Read, "any"));
+    let scram = tokens.scram("grafana").expect("scram").expect("grafana");
+    let expected = datafusion_postgres::pgwire::api::auth::sasl::scram::gen_salted_password(
+        &secret,
+        &scram.salt,
+        SCRAM_ITERATIONS,
+    );
+    assert_eq!(scram.salted_password, expected);
+}

@@ -98,8 +98,12 @@ pub fn forbidden(principal: &Principal, need: &Need) -> Option<Response> {
     })
 }
 
+/// The token store, for an admin while authentication is on; otherwise the answer to give.
 #[allow(clippy::result_large_err)]
-fn tokens_or_off(state: &AppState) -> Result<Arc<Tokens>, Response> {
+fn admin_tokens(state: &AppState, principal: &Principal) -> Result<Arc<Tokens>, Response> {
+    if let Some(refused) = forbidden(principal, &Need::Admin) {
+        return Err(refused);
+    }
     state.tokens.clone().ok_or_else(|| {
         error_response(
             StatusCode::BAD_REQUEST,
@@ -107,6 +111,19 @@ fn tokens_or_off(state: &AppState) -> Result<Arc<Tokens>, Response> {
             None,
         )
     })
+}
+
+/// Runs a token-store change off the async workers (PBKDF2 and fsync take long); an error
+/// becomes its answer.
+#[allow(clippy::result_large_err)]
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, crate::auth::Error> + Send + 'static,
+) -> Result<T, Response> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(error_response(status_of(e.kind()), &e.to_string(), None)),
+        Err(e) => Err(error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None)),
+    }
 }
 
 #[derive(Deserialize)]
@@ -122,20 +139,22 @@ pub async fn create_token(
     Extension(principal): Extension<Principal>,
     Json(new): Json<NewToken>,
 ) -> Response {
-    if let Some(refused) = forbidden(&principal, &Need::Admin) {
-        return refused;
-    }
-    let tokens = match tokens_or_off(&state) {
+    let tokens = match admin_tokens(&state, &principal) {
         Ok(tokens) => tokens,
         Err(response) => return response,
     };
-    let permissions: Result<Vec<_>, _> =
-        new.permissions.iter().map(|p| Permission::parse(p)).collect();
-    let created = permissions.and_then(|permissions| tokens.create(&new.name, &permissions));
+    let name = new.name.clone();
+    let created = blocking(move || {
+        let permissions: Vec<_> =
+            new.permissions.iter().map(|p| Permission::parse(p)).collect::<Result<_, _>>()?;
+        tokens.create(&new.name, &permissions)
+    })
+    .await;
     match created {
-        Ok(secret) => (StatusCode::CREATED, Json(json!({ "name": new.name, "token": secret })))
-            .into_response(),
-        Err(e) => error_response(status_of(e.kind()), &e.to_string(), None),
+        Ok(secret) => {
+            (StatusCode::CREATED, Json(json!({ "name": name, "token": secret }))).into_response()
+        }
+        Err(response) => response,
     }
 }
 
@@ -144,14 +163,11 @@ pub async fn list_tokens(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
 ) -> Response {
-    if let Some(refused) = forbidden(&principal, &Need::Admin) {
-        return refused;
-    }
-    let tokens = match tokens_or_off(&state) {
+    let tokens = match admin_tokens(&state, &principal) {
         Ok(tokens) => tokens,
         Err(response) => return response,
     };
-    match tokens.list() {
+    match blocking(move || tokens.list()).await {
         Ok(list) => Json(
             list.iter()
                 .map(|p| {
@@ -162,7 +178,7 @@ pub async fn list_tokens(
                 .collect::<Vec<_>>(),
         )
         .into_response(),
-        Err(e) => error_response(status_of(e.kind()), &e.to_string(), None),
+        Err(response) => response,
     }
 }
 
@@ -172,15 +188,12 @@ pub async fn revoke_token(
     Extension(principal): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Response {
-    if let Some(refused) = forbidden(&principal, &Need::Admin) {
-        return refused;
-    }
-    let tokens = match tokens_or_off(&state) {
+    let tokens = match admin_tokens(&state, &principal) {
         Ok(tokens) => tokens,
         Err(response) => return response,
     };
-    match tokens.revoke(&name) {
+    match blocking(move || tokens.revoke(&name)).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => error_response(status_of(e.kind()), &e.to_string(), None),
+        Err(response) => response,
     }
 }
