@@ -102,17 +102,24 @@ impl std::fmt::Display for Permission {
 pub struct Principal {
     pub name: String,
     pub permissions: Vec<Permission>,
+    /// Which secret it logged in with (the token's hash; empty without a token): a token
+    /// revoked and created again under the same name is another principal.
+    pub token: String,
 }
 
 impl Principal {
     /// Everyone, when authentication is off.
     pub fn anyone() -> Principal {
-        Principal { name: "anyone".into(), permissions: vec![Permission::Admin] }
+        Principal {
+            name: "anyone".into(),
+            permissions: vec![Permission::Admin],
+            token: String::new(),
+        }
     }
 
     /// No one: what a connection is before it logged in.
     pub fn nobody() -> Principal {
-        Principal { name: "nobody".into(), permissions: Vec::new() }
+        Principal { name: "nobody".into(), permissions: Vec::new(), token: String::new() }
     }
 
     /// The first need it lacks, if any.
@@ -203,6 +210,14 @@ pub fn need(command: &crate::statement::Command, db: &str) -> Vec<Need> {
             needs
         }
         other if crate::statement::changes_data(other) => vec![on_db(Access::Write)],
+        // Session commands (BEGIN/COMMIT/SAVEPOINT, SET/SHOW/RESET, DISCARD, FETCH of a
+        // cursor whose query was checked) touch no data: being admitted is enough.
+        Command::Transaction(_)
+        | Command::Set(_)
+        | Command::Reset { .. }
+        | Command::Show { .. }
+        | Command::NoOp { .. }
+        | Command::Cursor(_) => Vec::new(),
         _ => vec![on_db(Access::Read)],
     }
 }
@@ -298,7 +313,7 @@ impl Tokens {
     fn principal(name: &str, record: &Record) -> Principal {
         let permissions =
             record.permissions.iter().filter_map(|p| Permission::parse(p).ok()).collect();
-        Principal { name: name.to_string(), permissions }
+        Principal { name: name.to_string(), permissions, token: record.sha256.clone() }
     }
 
     /// The holder of `secret`, if it is a token.

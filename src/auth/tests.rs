@@ -45,8 +45,11 @@ fn permissions_read_as_written() {
     for bad in ["", "read", "read:", "delete:db", "admin:db"] {
         assert!(Permission::parse(bad).is_err(), "{bad}");
     }
-    let all =
-        Principal { name: "w".into(), permissions: vec![Permission::parse("write:*").unwrap()] };
+    let all = Principal {
+        name: "w".into(),
+        permissions: vec![Permission::parse("write:*").unwrap()],
+        token: String::new(),
+    };
     assert!(all.may(Access::Write, "any") && !all.may(Access::Read, "any") && !all.is_admin());
 }
 

@@ -212,7 +212,10 @@ impl<'a> Iterator for Lines<'a> {
             let (len, newlines) = if trimmed.first() == Some(&b'#') {
                 (memchr::memchr(b'\n', rest).unwrap_or(rest.len()), 0)
             } else {
-                line_end(rest)
+                // The parser skips leading blanks; so does the scan for where the point ends.
+                let blanks = rest.len() - trimmed.len();
+                let (len, newlines) = line_end(trimmed);
+                (blanks + len, newlines)
             };
             let line = &rest[..len];
             // Past the line and its newline (if any).

@@ -270,3 +270,12 @@ fn repeated_fields_are_found_in_linear_time_for_any_line_length() {
     }
     assert!(started.elapsed() < std::time::Duration::from_secs(10), "{:?}", started.elapsed());
 }
+
+/// A point after leading blanks is scanned as the parser reads it: a quote in a tag value
+/// opens no string, so the newline after it ends the line.
+#[test]
+fn leading_blanks_do_not_change_where_a_point_ends() {
+    let got: Vec<usize> =
+        lines(b"  m,t=\"x\nn f=1 1\n\tm,t=\"a f=1 1\nok f=1 2").map(|(n, _)| n).collect();
+    assert_eq!(got, vec![1, 2, 3, 4]);
+}

@@ -112,7 +112,9 @@ pub fn principal<C: ClientInfo>(
     match tokens {
         None => (*logged_in).clone(),
         Some(tokens) => match tokens.scram(&logged_in.name) {
-            Ok(Some(now)) => now.principal,
+            // The same secret it logged in with, still there: a revoked token recreated under
+            // the same name does not carry old sessions over.
+            Ok(Some(now)) if now.principal.token == logged_in.token => now.principal,
             _ => crate::auth::Principal::nobody(),
         },
     }

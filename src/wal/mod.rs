@@ -634,11 +634,11 @@ impl Writer {
         *self.failure.lock().expect("wal failure lock") = Some(reason.clone());
         let error = Arc::new(Error::Unavailable { reason: reason.clone() });
         // Cut the refused records out of the file now (shrinking works on a full disk), so a
-        // restart before the next retry does not replay writes their clients were told failed;
-        // the answered ones are written again. The retry still syncs before anything new.
+        // restart before the next retry does not replay writes their clients were told failed.
+        // The answered ones stay: they are the bytes right after `good_bytes`. The retry still
+        // rewrites and syncs them before anything new.
         if let Some(file) = self.file.as_mut() {
-            let cut = file.set_len(good_bytes).and_then(|()| file.write_all(&rewrite));
-            if let Err(error) = cut {
+            if let Err(error) = file.set_len(good_bytes + rewrite.len() as u64) {
                 tracing::warn!(%error, "cutting refused records from the wal failed");
             }
         }

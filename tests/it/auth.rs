@@ -206,6 +206,26 @@ async fn postgres_scram_with_tokens() {
         1
     );
 
+    // A write-only token runs session commands around its INSERTs (psycopg2 sends BEGIN).
+    let ingest = create_token(&data, "ingest", &["--write", "db"]);
+    let pg = pg_connect(&server, "ingest", &ingest).await.expect("ingest logs in");
+    pg.batch_execute("BEGIN; SET application_name = 'x'; SAVEPOINT s; RELEASE SAVEPOINT s")
+        .await
+        .expect("session commands need no read permission");
+    pg.execute("INSERT INTO m (host, v) VALUES ('c', 3)", &[]).await.expect("insert");
+    pg.batch_execute("COMMIT").await.expect("commit");
+
+    // A token revoked and created again under the same name does not carry old sessions over.
+    let rotated = create_token(&data, "rotated", &["--read", "db"]);
+    let old = pg_connect(&server, "rotated", &rotated).await.expect("logs in");
+    let data_dir = data.to_str().expect("utf-8");
+    assert!(sundial(&["token", "--data-dir", data_dir, "revoke", "--name", "rotated"])
+        .status
+        .success());
+    let _new = create_token(&data, "rotated", &["--read", "db"]);
+    let error = old.simple_query("SELECT 1").await.expect_err("old secret");
+    assert_eq!(error.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{error:?}");
+
     // Revoking cuts off sessions already open.
     let open = pg_connect(&server, "reader", &reader).await.expect("reader logs in");
     let revoked = create_token(&data, "brief", &["--read", "db"]);
@@ -252,7 +272,7 @@ async fn postgres_scram_with_tokens() {
         .expect("psql");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "2",
+        "3",
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
