@@ -125,8 +125,9 @@ pub struct ServeArgs {
     #[arg(long, env = "SUNDIAL_WAL_SEGMENT_SIZE", default_value = "64MiB", value_parser = parse_bytes)]
     pub wal_segment_size: u64,
 
-    /// Largest request body accepted (after gzip decompression too); larger gets 413.
-    #[arg(long, env = "SUNDIAL_REQUEST_MAX", default_value = "64MiB", value_parser = parse_bytes)]
+    /// Largest request body accepted (after gzip decompression too); larger gets 413. At most
+    /// 1 GiB: one request is one WAL record, whose length field is 32 bits.
+    #[arg(long, env = "SUNDIAL_REQUEST_MAX", default_value = "64MiB", value_parser = parse_request_max)]
     pub request_max: u64,
 
     /// Memory all running queries may use together; a query needing more fails cleanly.
@@ -158,6 +159,14 @@ fn parse_partition(s: &str) -> Result<Duration, String> {
         return Err(format!("partition duration \"{s}\" is not between 1 minute and 366 days"));
     }
     Ok(width)
+}
+
+fn parse_request_max(s: &str) -> Result<u64, String> {
+    let bytes = parse_bytes(s)?;
+    if bytes == 0 || bytes > 1 << 30 {
+        return Err(format!("request size \"{s}\" is not between 1 byte and 1GiB"));
+    }
+    Ok(bytes)
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
