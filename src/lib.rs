@@ -20,6 +20,7 @@ pub(crate) mod query;
 pub mod server;
 pub(crate) mod statement;
 pub(crate) mod tls;
+pub(crate) mod views;
 pub(crate) mod wal;
 
 pub(crate) use error::ErrorKind;

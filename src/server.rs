@@ -104,9 +104,12 @@ pub async fn run(
         _ => None,
     };
     let engine = Engine::open(args.engine_config()).await?;
-    let query = Arc::new(QueryEngine::new(engine.clone(), args.query_config())?);
+    let query = QueryEngine::new(engine.clone(), args.query_config())?;
     let stop_persist = CancellationToken::new();
     let persister = tokio::spawn(engine.clone().persist_loop(stop_persist.clone()));
+    let stop_views = CancellationToken::new();
+    let refresher =
+        tokio::spawn(query.views().clone().refresh_loop(query.clone(), stop_views.clone()));
 
     let pg_listener = tokio::net::TcpListener::bind(args.pg_bind)
         .await
@@ -135,7 +138,7 @@ pub async fn run(
         tracing::info!("tls on: https, and postgres connections must negotiate tls");
     }
 
-    let app = crate::http::router(query, args.request_max as usize, tokens.clone());
+    let app = crate::http::router(query.clone(), args.request_max as usize, tokens.clone());
     let served = match &tls {
         Some(tls) => {
             let listener = crate::tls::Listener::new(listener, tls.acceptor.clone())
@@ -147,6 +150,8 @@ pub async fn run(
     tracing::info!("shutting down: http stopped, persisting the buffer");
     stop_pg.cancel();
     let _ = pg.await;
+    stop_views.cancel();
+    let _ = refresher.await;
     stop_persist.cancel();
     let _ = persister.await;
     // Persisting now makes the next start replay nothing; if it fails the WAL still has it all.

@@ -311,6 +311,18 @@ pub fn check_object_name(what: &'static str, name: &str) -> Result<(), Error> {
 #[derive(Debug, Clone, Default)]
 pub struct Catalog {
     databases: BTreeMap<String, BTreeMap<String, Arc<TableSchema>>>,
+    /// Materialized views per database: name → the text of the defining query. Tables and
+    /// views share one namespace per database.
+    views: BTreeMap<String, BTreeMap<String, Arc<ViewSpec>>>,
+}
+
+/// A materialized view as the catalog records it: its name, the id the manifest gave it and
+/// its definition (`CREATE MATERIALIZED VIEW` as the user wrote it; `views` parses it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ViewSpec {
+    pub name: String,
+    pub id: u64,
+    pub sql: String,
 }
 
 impl Catalog {
@@ -347,9 +359,34 @@ impl Catalog {
         self.databases.get_mut(db).is_some_and(|tables| tables.remove(table).is_some())
     }
 
-    /// Removes a database and its tables; `false` if there was none.
+    /// Removes a database, its tables and views; `false` if there was none.
     pub fn drop_database(&mut self, db: &str) -> bool {
+        self.views.remove(db);
         self.databases.remove(db).is_some()
+    }
+
+    pub fn view(&self, db: &str, name: &str) -> Option<&Arc<ViewSpec>> {
+        self.views.get(db)?.get(name)
+    }
+
+    pub fn views(&self, db: &str) -> impl Iterator<Item = &Arc<ViewSpec>> {
+        self.views.get(db).into_iter().flat_map(|v| v.values())
+    }
+
+    /// Every view of every database, with its database.
+    pub fn all_views(&self) -> impl Iterator<Item = (&String, &Arc<ViewSpec>)> {
+        self.views.iter().flat_map(|(db, views)| views.values().map(move |v| (db, v)))
+    }
+
+    /// Installs a view, creating the database if needed.
+    pub fn put_view(&mut self, db: &str, view: ViewSpec) {
+        self.create_database(db);
+        self.views.entry(db.to_string()).or_default().insert(view.name.clone(), Arc::new(view));
+    }
+
+    /// Removes a view; `false` if there was none.
+    pub fn drop_view(&mut self, db: &str, name: &str) -> bool {
+        self.views.get_mut(db).is_some_and(|views| views.remove(name).is_some())
     }
 
     /// Installs `schema` (a new table, or a grown one), creating the database if needed.

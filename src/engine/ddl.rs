@@ -6,7 +6,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 
-use super::{Engine, Error, TableData, TableKey};
+use super::{CommittedWrite, Engine, Error, TableData, TableKey};
 use crate::catalog::{self, Column, TableSchema};
 use crate::persist::manifest::Op;
 
@@ -61,6 +61,9 @@ impl Engine {
         // write either sees the declared columns or created the table first (and we stop).
         {
             let _guard = self.schema_lock.lock().expect("schema lock");
+            if self.catalog().view(db, table).is_some() {
+                return Err(Error::TableExists(table.into()));
+            }
             if self.catalog().table(db, table).is_some() {
                 return if if_not_exists {
                     Ok(false)
@@ -81,6 +84,53 @@ impl Engine {
         // written to it meanwhile are in the WAL, which recreates it from their lines.
         let op = Op::CreateTable { database: db.into(), table: table.into(), columns };
         self.manifest.lock().await.commit(vec![op]).await.map_err(crate::persist::Error::from)?;
+        Ok(true)
+    }
+
+    /// Records a materialized view (`views` has checked its definition). `false` if a view of
+    /// that name exists; an error if a table does. Holds the write gate exclusively, so no
+    /// write creates a table of the name meanwhile.
+    pub async fn create_view(&self, db: &str, name: &str, sql: &str) -> Result<bool, Error> {
+        catalog::check_object_name("view", name).map_err(|reason| Error::InvalidName {
+            what: "view",
+            name: name.into(),
+            reason,
+        })?;
+        let _gate = self.write_gate.write().await;
+        if !self.catalog().has_database(db) {
+            return Err(Error::DatabaseNotFound(db.into()));
+        }
+        if self.catalog().table(db, name).is_some() {
+            return Err(Error::TableExists(name.into()));
+        }
+        if self.catalog().view(db, name).is_some() {
+            return Ok(false);
+        }
+        let mut manifest = self.manifest.lock().await;
+        let op = Op::CreateView { database: db.into(), view: name.into(), sql: sql.into() };
+        manifest.commit(vec![op]).await.map_err(crate::persist::Error::from)?;
+        let id = manifest.state().databases.get(db).and_then(|d| d.views.get(name)).map(|v| v.id);
+        let _guard = self.schema_lock.lock().expect("schema lock");
+        let mut catalog = self.catalog().as_ref().clone();
+        let spec = catalog::ViewSpec { name: name.into(), id: id.unwrap_or(0), sql: sql.into() };
+        catalog.put_view(db, spec);
+        *self.catalog.write().expect("catalog lock") = Arc::new(catalog);
+        Ok(true)
+    }
+
+    /// Drops a materialized view; `false` if there was none.
+    pub async fn drop_view(&self, db: &str, name: &str) -> Result<bool, Error> {
+        let _gate = self.write_gate.write().await;
+        if self.catalog().view(db, name).is_none() {
+            return Ok(false);
+        }
+        let mut manifest = self.manifest.lock().await;
+        let op = Op::DropView { database: db.into(), view: name.into() };
+        manifest.commit(vec![op]).await.map_err(crate::persist::Error::from)?;
+        let _guard = self.schema_lock.lock().expect("schema lock");
+        let mut catalog = self.catalog().as_ref().clone();
+        catalog.drop_view(db, name);
+        *self.catalog.write().expect("catalog lock") = Arc::new(catalog);
         Ok(true)
     }
 
@@ -138,6 +188,19 @@ impl Engine {
             .collect();
         let removed = doomed.iter().filter_map(|key| tables.remove(key)).collect();
         *self.catalog.write().expect("catalog lock") = Arc::new(catalog);
+        drop(tables);
+        let subscribers = self.subscribers.read().expect("subscribers lock");
+        if !subscribers.is_empty() {
+            let dropped = CommittedWrite {
+                database: db,
+                seq: self.applied_seq.load(Ordering::Acquire),
+                tables: Vec::new(),
+                dropped: doomed.iter().map(|(_, t)| t.as_str()).collect(),
+            };
+            for subscriber in subscribers.iter() {
+                subscriber(&dropped);
+            }
+        }
         Ok(removed)
     }
 

@@ -92,7 +92,7 @@ pub enum Error {
     InvalidName { what: &'static str, name: String, reason: crate::catalog::Error },
     #[error("database \"{0}\" not found")]
     DatabaseNotFound(String),
-    #[error("table \"{0}\" already exists")]
+    #[error("relation \"{0}\" already exists")]
     TableExists(String),
     #[error("buffer memory limit of {bytes_max} bytes reached; persisting, retry shortly")]
     BufferFull { bytes_max: usize },
@@ -189,14 +189,15 @@ pub struct WriteOutcome {
     pub rejected: Rejections,
 }
 
-/// A durable write, as handed to subscribers (continuous views build on this; until they do,
-/// only the engine's tests subscribe).
-#[allow(dead_code)]
+/// A durable change, as handed to subscribers (continuous views): rows a write added, or
+/// tables a drop removed.
 pub struct CommittedWrite<'a> {
     pub database: &'a str,
     pub seq: u64,
     /// Per table, the rows this write added (with `_seq`).
     pub tables: Vec<(&'a str, &'a RecordBatch)>,
+    /// Tables whose rows are all gone (`DROP TABLE`, `DROP DATABASE`).
+    pub dropped: Vec<&'a str>,
 }
 
 pub type Subscriber = Arc<dyn Fn(&CommittedWrite<'_>) + Send + Sync>;
@@ -296,8 +297,13 @@ impl Engine {
         partition_ns(self.config.partition)
     }
 
-    /// Registers a callback that sees every write once it is durable, in sequence order.
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// The sequence number of the last write applied to the buffer.
+    pub fn applied_seq(&self) -> u64 {
+        self.applied_seq.load(Ordering::Acquire)
+    }
+
+    /// Registers a callback that sees every write once it is durable, in sequence order, and
+    /// every dropped table (`CommittedWrite::dropped`), on the thread that made the change.
     pub fn subscribe(&self, subscriber: Subscriber) {
         self.subscribers.write().expect("subscribers lock").push(subscriber);
     }

@@ -11,7 +11,7 @@ use super::record::LpRecord;
 use super::write::{grow_catalog, prepare};
 use super::{in_flight_kib_max, Config, Engine, Error, TableData, TableKey};
 use crate::buffer::TableBuffer;
-use crate::catalog::{Catalog, TableSchema};
+use crate::catalog::{Catalog, TableSchema, ViewSpec};
 use crate::persist::manifest::Manifest;
 use crate::persist::store::Store;
 use crate::wal::{self, Wal};
@@ -68,6 +68,10 @@ impl Engine {
         let mut persisted: HashMap<(String, String, i64), u64> = HashMap::new();
         for (db, state) in &manifest.state().databases {
             catalog.create_database(db);
+            for (name, view) in &state.views {
+                let spec = ViewSpec { name: name.clone(), id: view.id, sql: view.sql.clone() };
+                catalog.put_view(db, spec);
+            }
             for (name, table) in &state.tables {
                 catalog.put_table(db, TableSchema::new(name.clone(), table.columns.clone()));
                 let floor = table.files.iter().map(|f| f.max_time_ns).max().unwrap_or(i64::MIN);

@@ -27,6 +27,8 @@ pub(super) enum LineError {
     TimestampRange { timestamp: i64, precision: Precision },
     #[error("database would exceed {} tables", catalog::TABLES_PER_DATABASE_MAX)]
     TooManyTables,
+    #[error("\"{0}\" is a materialized view: it cannot be written to")]
+    IsView(String),
 }
 
 /// Lines checked against a catalog and turned into rows.
@@ -68,6 +70,9 @@ pub(super) fn prepare(
         let outcome = parsed.and_then(|()| {
             let name = line.measurement.as_ref();
             catalog::check_object_name("table", name)?;
+            if catalog.view(db, name).is_some() {
+                return Err(LineError::IsView(name.to_string()));
+            }
             let schema = match catalog.table(db, name) {
                 Some(schema) => schema.as_ref(),
                 None => &*empty_tables
@@ -135,6 +140,9 @@ pub(super) fn grow_catalog(
             if existing.conflicts_with(columns) {
                 return false;
             }
+        }
+        if catalog.view(db, table).is_some() {
+            return false;
         }
     }
     catalog.create_database(db);
@@ -302,6 +310,7 @@ impl Engine {
                 database: db,
                 seq,
                 tables: appended.iter().map(|(t, b)| (*t, b)).collect(),
+                dropped: Vec::new(),
             };
             for subscriber in subscribers.iter() {
                 subscriber(&committed);

@@ -656,8 +656,14 @@ async fn run_sql(
     let statement = match command {
         Command::Query(statement) => statement,
         Command::Ddl(statement) => {
-            return match crate::query::ddl::execute(state.query.engine(), &db, *statement).await {
+            return match crate::query::ddl::execute(&state.query, &db, *statement).await {
                 Ok(_) => Json(json!([])).into_response(),
+                Err(e) => error_response(status_of(e.kind()), &e.to_string(), None),
+            };
+        }
+        Command::Refresh { view } => {
+            return match state.query.views().refresh_now(&state.query, &db, &view).await {
+                Ok(()) => Json(json!([])).into_response(),
                 Err(e) => error_response(status_of(e.kind()), &e.to_string(), None),
             };
         }

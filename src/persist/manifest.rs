@@ -47,6 +47,18 @@ pub struct DatabaseState {
     /// Tables dropped, with the WAL sequence number of the drop: replay skips their rows up to it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub dropped_tables: BTreeMap<String, u64>,
+    /// Materialized views by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub views: BTreeMap<String, ViewState>,
+}
+
+/// A materialized view: its id (from the same sequence as tables', never reused, so a view
+/// dropped and created again under its name is a new view) and its definition.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ViewState {
+    pub id: u64,
+    /// The whole `CREATE MATERIALIZED VIEW` statement, as accepted.
+    pub sql: String,
 }
 
 /// Everything the manifest says, as of one commit.
@@ -104,6 +116,17 @@ pub enum Op {
     DropDatabase {
         database: String,
         seq: u64,
+    },
+    /// `CREATE MATERIALIZED VIEW`: `sql` is the statement as accepted.
+    CreateView {
+        database: String,
+        view: String,
+        sql: String,
+    },
+    /// `DROP MATERIALIZED VIEW`.
+    DropView {
+        database: String,
+        view: String,
     },
 }
 
@@ -204,6 +227,17 @@ impl State {
                 self.databases.remove(database);
                 self.dropped_databases.insert(database.clone(), *seq);
                 self.wal_seq = self.wal_seq.max(*seq);
+            }
+            Op::CreateView { database, view, sql } => {
+                self.database(database);
+                let id = self.new_id();
+                let db = self.database(database);
+                db.views.insert(view.clone(), ViewState { id, sql: sql.clone() });
+            }
+            Op::DropView { database, view } => {
+                if let Some(db) = self.databases.get_mut(database) {
+                    db.views.remove(view);
+                }
             }
         }
     }
@@ -324,9 +358,11 @@ impl Manifest {
             let database = match op {
                 Op::CreateTable { database, .. }
                 | Op::AddFile { database, .. }
-                | Op::DropTable { database, .. } => database,
+                | Op::DropTable { database, .. }
+                | Op::CreateView { database, .. } => database,
                 Op::CreateDatabase { .. }
                 | Op::DropDatabase { .. }
+                | Op::DropView { .. }
                 | Op::SetPartitionDuration { .. } => continue,
             };
             if !self.state.databases.contains_key(database) && !created.contains(database) {

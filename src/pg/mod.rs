@@ -104,7 +104,10 @@ pub fn sqlstate_of(error: &DataFusionError) -> SqlState {
         DataFusionError::External(e) => match e.downcast_ref::<crate::query::Error>() {
             Some(crate::query::Error::UndefinedTable(_)) => SqlState::UndefinedTable,
             Some(crate::query::Error::UndefinedFunction(_)) => SqlState::UndefinedFunction,
-            _ => SqlState::InternalError,
+            _ => match e.downcast_ref::<crate::views::Error>() {
+                Some(view) => crate::views::sqlstate_of(view),
+                None => SqlState::InternalError,
+            },
         },
         DataFusionError::Execution(_) => SqlState::InvalidParameterValue,
         _ => SqlState::InternalError,
@@ -159,6 +162,8 @@ fn sqlstate_of_ddl(error: &crate::query::ddl::Error) -> SqlState {
     match error {
         crate::query::ddl::Error::NotFound { what: "database", .. } => SqlState::InvalidCatalogName,
         crate::query::ddl::Error::DatabaseExists(_) => SqlState::DuplicateDatabase,
+        crate::query::ddl::Error::Dependent { .. } => SqlState::DependentObjectsStillExist,
+        crate::query::ddl::Error::Query(e) => sqlstate_of_query(e),
         other => sqlstate_of_kind(other.kind()),
     }
 }
@@ -175,15 +180,18 @@ fn statement_error(error: statement::Error) -> PgWireError {
 }
 
 fn query_error(error: &crate::query::Error) -> PgWireError {
-    let state = match error {
+    user_error(sqlstate_of_query(error), error.to_string())
+}
+
+fn sqlstate_of_query(error: &crate::query::Error) -> SqlState {
+    match error {
         crate::query::Error::DatabaseNotFound(_) => SqlState::InvalidCatalogName,
         crate::query::Error::DataFusion(e) => sqlstate_of(e),
         crate::query::Error::Unsupported(_) => SqlState::FeatureNotSupported,
         crate::query::Error::Statement(e) => sqlstate_of_statement(e),
         crate::query::Error::UndefinedTable(_) => SqlState::UndefinedTable,
         crate::query::Error::UndefinedFunction(_) => SqlState::UndefinedFunction,
-    };
-    user_error(state, error.to_string())
+    }
 }
 
 /// Whether `command` is refused because an earlier statement of the transaction failed (as
@@ -197,6 +205,7 @@ fn in_failed_transaction<C: ClientInfo>(client: &C, command: &Command) -> bool {
             command,
             Command::Query(_)
                 | Command::Ddl(_)
+                | Command::Refresh { .. }
                 | Command::Copy(_)
                 | Command::Declare { .. }
                 | Command::Cursor(_)
@@ -487,8 +496,7 @@ impl Handler {
             Command::Query(query) => self.run_query(client, *query).await,
             Command::Declare { cursor, query } => self.declare(client, cursor, *query).await,
             Command::Ddl(ddl) => {
-                let engine = self.databases.query.engine();
-                crate::query::ddl::execute(engine, &database(client), *ddl)
+                crate::query::ddl::execute(&self.databases.query, &database(client), *ddl)
                     .await
                     .map(|tag| Response::Execution(Tag::new(tag)))
                     .map_err(|e| user_error(sqlstate_of_ddl(&e), e.to_string()))
@@ -508,6 +516,15 @@ impl Handler {
                 Err(user_error(SqlState::FeatureNotSupported, format!("{statement}")))
             }
             Command::NoOp { tag } => Ok(Response::Execution(Tag::new(tag))),
+            Command::Refresh { view } => {
+                let query = &self.databases.query;
+                query
+                    .views()
+                    .refresh_now(query, &database(client), &view)
+                    .await
+                    .map(|()| Response::Execution(Tag::new("REFRESH MATERIALIZED VIEW")))
+                    .map_err(|e| user_error(crate::views::sqlstate_of(&e), e.to_string()))
+            }
         }
     }
 

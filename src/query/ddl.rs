@@ -1,4 +1,5 @@
-//! `CREATE DATABASE`, `CREATE TABLE`, `DROP TABLE` and `DROP DATABASE`, for either protocol. A table's tags are its primary
+//! `CREATE DATABASE`, `CREATE TABLE`, `DROP TABLE` and `DROP DATABASE`, for either protocol
+//! (and `CREATE`/`DROP MATERIALIZED VIEW`, which `views::ddl` runs). A table's tags are its primary
 //! key columns (besides `time`), as in GreptimeDB: tags plus time identify a point. Other
 //! columns are fields: text, double precision, bigint, bigint unsigned or boolean. `time`
 //! (timestamptz) is implicit when not declared.
@@ -20,6 +21,12 @@ pub enum Error {
     DatabaseExists(String),
     #[error("cannot drop the currently open database")]
     DropCurrentDatabase,
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("materialized view \"{view}\" reads \"{name}\": drop it first")]
+    Dependent { name: String, view: String },
+    #[error(transparent)]
+    Query(#[from] Box<crate::query::Error>),
     #[error(transparent)]
     Engine(#[from] crate::engine::Error),
 }
@@ -30,24 +37,31 @@ impl Error {
             Error::Invalid(_) => crate::ErrorKind::InvalidInput,
             Error::NotFound { .. } => crate::ErrorKind::NotFound,
             Error::DatabaseExists(_) => crate::ErrorKind::AlreadyExists,
-            Error::DropCurrentDatabase => crate::ErrorKind::ObjectInUse,
+            Error::DropCurrentDatabase | Error::Dependent { .. } => crate::ErrorKind::ObjectInUse,
+            Error::Unsupported(_) => crate::ErrorKind::Unsupported,
+            Error::Query(e) => e.kind(),
             Error::Engine(e) => e.kind(),
         }
     }
 }
 
 /// The unquoted last part of a name (`public.cpu` → `cpu`, `"my db"` → `my db`).
-fn last_name(name: &ObjectName) -> String {
+pub(crate) fn last_name(name: &ObjectName) -> String {
     name.0.last().and_then(|p| p.as_ident()).map(|i| i.value.clone()).unwrap_or_default()
 }
 
 /// Runs a DDL statement of the pipeline (a `Command::Ddl`); returns the command tag.
 pub async fn execute(
-    engine: &Engine,
+    query: &crate::query::QueryEngine,
     db: &str,
     statement: Statement,
 ) -> Result<&'static str, Error> {
+    let engine = query.engine().as_ref();
     match statement {
+        Statement::CreateView(create) => crate::views::ddl::create(query, db, create).await,
+        Statement::Drop { object_type: ObjectType::MaterializedView, if_exists, names, .. } => {
+            crate::views::ddl::drop(query, db, &names, if_exists).await
+        }
         Statement::CreateDatabase { db_name, if_not_exists, .. } => {
             let name = last_name(&db_name);
             match engine.create_database(&name).await {

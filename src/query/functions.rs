@@ -245,7 +245,7 @@ impl ScalarUDFImpl for DateTrunc {
 }
 
 /// TimescaleDB's default origin: 2000-01-03T00:00:00Z, a Monday, so week buckets start on Mondays.
-const TIME_BUCKET_ORIGIN_NS: i64 = 946_857_600_000_000_000;
+pub const TIME_BUCKET_ORIGIN_NS: i64 = 946_857_600_000_000_000;
 
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct TimeBucket {

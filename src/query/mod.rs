@@ -96,18 +96,26 @@ impl Error {
             // As DataFusion's own planning error was: 400 over HTTP, not the 404 of a database.
             Error::UndefinedTable(_) => ErrorKind::InvalidInput,
             Error::UndefinedFunction(_) => ErrorKind::InvalidInput,
-            Error::DataFusion(e) => match e.find_root() {
-                DataFusionError::SQL(..)
-                | DataFusionError::Plan(_)
-                | DataFusionError::SchemaError(..) => ErrorKind::InvalidInput,
-                DataFusionError::NotImplemented(_) => ErrorKind::Unsupported,
-                DataFusionError::ResourcesExhausted(_) => ErrorKind::ResourceExhausted,
-                DataFusionError::Execution(_) | DataFusionError::ArrowError(..) => {
-                    ErrorKind::InvalidInput
-                }
-                _ => ErrorKind::Internal,
-            },
+            Error::DataFusion(e) => kind_of(e),
         }
+    }
+}
+
+/// The kind of a DataFusion error (and of Sundial's errors raised inside one).
+pub fn kind_of(error: &DataFusionError) -> crate::ErrorKind {
+    use crate::ErrorKind;
+    match error.find_root() {
+        DataFusionError::SQL(..) | DataFusionError::Plan(_) | DataFusionError::SchemaError(..) => {
+            ErrorKind::InvalidInput
+        }
+        DataFusionError::NotImplemented(_) => ErrorKind::Unsupported,
+        DataFusionError::ResourcesExhausted(_) => ErrorKind::ResourceExhausted,
+        DataFusionError::Execution(_) | DataFusionError::ArrowError(..) => ErrorKind::InvalidInput,
+        DataFusionError::External(e) => match e.downcast_ref::<crate::views::Error>() {
+            Some(view) => view.kind(),
+            None => ErrorKind::Internal,
+        },
+        _ => ErrorKind::Internal,
     }
 }
 
@@ -117,10 +125,13 @@ pub struct QueryEngine {
     runtime: Arc<RuntimeEnv>,
     config: Config,
     contexts: Mutex<HashMap<String, SessionContext>>,
+    views: Arc<crate::views::Views>,
+    /// Itself, for the sessions' catalogs (a view is planned in its database's session).
+    me: std::sync::Weak<QueryEngine>,
 }
 
 impl QueryEngine {
-    pub fn new(engine: Arc<Engine>, config: Config) -> Result<QueryEngine, Error> {
+    pub fn new(engine: Arc<Engine>, config: Config) -> Result<Arc<QueryEngine>, Error> {
         let runtime =
             RuntimeEnvBuilder::new().with_memory_limit(config.memory_bytes_max, 1.0).build_arc()?;
         let url = url::Url::parse(&engine.store().datafusion_url)
@@ -131,11 +142,23 @@ impl QueryEngine {
         let file =
             url::Url::parse("file:///").map_err(|e| DataFusionError::External(Box::new(e)))?;
         let _ = runtime.object_store_registry.deregister_store(&file);
-        Ok(QueryEngine { engine, runtime, config, contexts: Mutex::new(HashMap::new()) })
+        let views = crate::views::Views::new(engine.clone());
+        Ok(Arc::new_cyclic(|me| QueryEngine {
+            engine,
+            runtime,
+            config,
+            contexts: Mutex::new(HashMap::new()),
+            views,
+            me: me.clone(),
+        }))
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
+    }
+
+    pub fn views(&self) -> &Arc<crate::views::Views> {
+        &self.views
     }
 
     /// The session for `db` (one per database, cached).
@@ -168,7 +191,18 @@ impl QueryEngine {
         let catalog = MemoryCatalogProvider::new();
         catalog.register_schema(
             "public",
-            Arc::new(DatabaseSchema { engine: self.engine.clone(), db: db.to_string() }),
+            Arc::new(DatabaseSchema {
+                engine: self.engine.clone(),
+                db: db.to_string(),
+                query: self.me.clone(),
+            }),
+        )?;
+        catalog.register_schema(
+            "system",
+            Arc::new(crate::views::system::SystemSchema {
+                views: self.views.clone(),
+                db: db.to_string(),
+            }),
         )?;
         ctx.register_catalog(db, Arc::new(catalog));
         contexts.insert(db.to_string(), ctx.clone());
@@ -324,20 +358,28 @@ fn verify_read_or_insert(plan: &LogicalPlan) -> Result<(), Error> {
     }
 }
 
-/// A database's tables, read live from the engine's catalog.
+/// A database's tables and materialized views, read live from the engine's catalog.
 #[derive(Debug)]
 struct DatabaseSchema {
     engine: Arc<Engine>,
     db: String,
+    query: std::sync::Weak<QueryEngine>,
 }
 
 #[async_trait]
 impl SchemaProvider for DatabaseSchema {
     fn table_names(&self) -> Vec<String> {
-        self.engine.catalog().tables(&self.db).map(|t| t.name.clone()).collect()
+        let catalog = self.engine.catalog();
+        let tables = catalog.tables(&self.db).map(|t| t.name.clone());
+        tables.chain(catalog.views(&self.db).map(|v| v.name.clone())).collect()
     }
 
     async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
+        if self.engine.catalog().view(&self.db, name).is_some() {
+            let Some(query) = self.query.upgrade() else { return Ok(None) };
+            let ctx = query.context(&self.db).map_err(|e| DataFusionError::External(Box::new(e)))?;
+            return query.views.provider(&ctx.state(), &self.db, name).await;
+        }
         let Some(schema) = self.engine.catalog().table(&self.db, name).cloned() else {
             return Ok(None);
         };
@@ -353,7 +395,8 @@ impl SchemaProvider for DatabaseSchema {
     }
 
     fn table_exist(&self, name: &str) -> bool {
-        self.engine.catalog().table(&self.db, name).is_some()
+        let catalog = self.engine.catalog();
+        catalog.table(&self.db, name).is_some() || catalog.view(&self.db, name).is_some()
     }
 }
 
@@ -473,13 +516,18 @@ fn split<T>(items: Vec<T>, n: usize) -> Vec<Vec<T>> {
 
 /// The time range `filters` allow, as inclusive nanosecond bounds.
 pub fn time_bounds(filters: &[Expr]) -> (i64, i64) {
+    column_time_bounds(filters, TIME_COLUMN)
+}
+
+/// The range `filters` allow on the timestamp column `column`, as inclusive nanosecond bounds.
+pub fn column_time_bounds(filters: &[Expr], column: &str) -> (i64, i64) {
     let mut lo = i64::MIN;
     let mut hi = i64::MAX;
     for filter in filters {
         if let Expr::BinaryExpr(BinaryExpr { left, op, right }) = filter {
             let (op, value) = match (left.as_ref(), right.as_ref()) {
-                (Expr::Column(c), Expr::Literal(v, _)) if c.name == TIME_COLUMN => (*op, v),
-                (Expr::Literal(v, _), Expr::Column(c)) if c.name == TIME_COLUMN => {
+                (Expr::Column(c), Expr::Literal(v, _)) if c.name == column => (*op, v),
+                (Expr::Literal(v, _), Expr::Column(c)) if c.name == column => {
                     match op.swap() {
                         Some(op) => (op, v),
                         None => continue,

@@ -47,8 +47,12 @@ pub enum Command {
     /// `EXPLAIN`, `INSERT` (through the table's sink into the engine's write path), `SHOW
     /// TABLES`/`SHOW COLUMNS` and `SHOW` of DataFusion's own settings.
     Query(Box<Statement>),
-    /// `CREATE DATABASE`, `CREATE TABLE`, `DROP TABLE`, `DROP DATABASE` (`query::ddl`).
+    /// `CREATE DATABASE`, `CREATE TABLE`, `DROP TABLE`, `DROP DATABASE`, `CREATE
+    /// MATERIALIZED VIEW`, `DROP MATERIALIZED VIEW` (`query::ddl`).
     Ddl(Box<Statement>),
+    /// `REFRESH MATERIALIZED VIEW name`: materialize the view's dirty buckets now (never
+    /// needed for a right answer).
+    Refresh { view: String },
     /// `COPY … TO STDOUT` / `COPY … FROM STDIN` (Postgres protocol only).
     Copy(Box<Statement>),
     /// `SHOW name` of a session setting.
@@ -125,7 +129,8 @@ pub fn command(sql: &str) -> Result<Option<Command>, Error> {
 fn unsupported(what: &str) -> Error {
     Error::Unsupported(format!(
         "{what} is not supported: Sundial runs SELECT, EXPLAIN, INSERT, COPY … TO STDOUT / FROM \
-         STDIN, CREATE DATABASE, CREATE TABLE, DROP TABLE, DROP DATABASE, SHOW, SET and RESET"
+         STDIN, CREATE DATABASE, CREATE TABLE, DROP TABLE, DROP DATABASE, CREATE / DROP / \
+         REFRESH MATERIALIZED VIEW, SHOW, SET and RESET"
     ))
 }
 
@@ -211,8 +216,17 @@ pub fn classify(statement: Statement) -> Result<Command, Error> {
         Statement::CreateDatabase { .. } | Statement::CreateTable(_) => {
             Command::Ddl(boxed(statement))
         }
-        Statement::Drop { object_type: ObjectType::Table | ObjectType::Database, .. } => {
-            Command::Ddl(boxed(statement))
+        Statement::Drop {
+            object_type: ObjectType::Table | ObjectType::Database | ObjectType::MaterializedView,
+            ..
+        } => Command::Ddl(boxed(statement)),
+        Statement::CreateView(ref create) if create.materialized => Command::Ddl(boxed(statement)),
+        Statement::ShowViews { materialized: true, .. } => {
+            let query = "SELECT name, status, definition FROM system.views ORDER BY name";
+            match parse(query)?.pop() {
+                Some(statement) => Command::Query(boxed(statement)),
+                None => return Err(unsupported("SHOW MATERIALIZED VIEWS")),
+            }
         }
         Statement::Copy { .. } => Command::Copy(boxed(statement)),
         Statement::StartTransaction { .. } | Statement::Commit { .. } => {

@@ -12,6 +12,16 @@ pub fn command(sql: &str) -> Option<Command> {
     // parser rejects: psycopg and asyncpg send `DEALLOCATE` when their statement caches turn
     // over, connection pools `DISCARD ALL` on check-in, SQLAlchemy and psycopg savepoints for
     // nested transactions.
+    // `REFRESH MATERIALIZED VIEW name` (PostgreSQL's statement; sqlparser has no REFRESH).
+    if let ["REFRESH", "MATERIALIZED", "VIEW", _] = words.as_slice() {
+        let original = sql.trim().trim_end_matches(';').trim();
+        let name = original.split_whitespace().nth(3)?;
+        let view = match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+            Some(quoted) => quoted.replace("\"\"", "\""),
+            None => name.to_lowercase(),
+        };
+        return Some(Command::Refresh { view });
+    }
     let tag = match words.as_slice() {
         ["DEALLOCATE", ..] => "DEALLOCATE",
         ["DISCARD", "ALL"] => "DISCARD ALL",

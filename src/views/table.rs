@@ -1,0 +1,434 @@
+//! A view as DataFusion reads it, and the background refresh.
+//!
+//! A query on a view: the clean materialized rows of the buckets it asks for, plus its dirty
+//! bucket × groups recomputed by running the defining query on raw data restricted to their
+//! time ranges (and, when there are few, their group keys), keeping only the rows of dirty
+//! bucket × groups. Before the view is materialized the defining query answers alone.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+use datafusion::catalog::Session;
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::{TableProvider, TableType};
+use datafusion::error::{DataFusionError, Result as DfResult};
+use datafusion::execution::SessionState;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::prelude::SessionContext;
+use datafusion::sql::parser::Statement as DfStatement;
+use datafusion::sql::sqlparser::ast::{BinaryOperator, Expr as SqlExpr, Ident, Query, SetExpr, Statement, Value};
+use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+use datafusion::sql::sqlparser::parser::Parser;
+
+use super::definition::Definition;
+use super::state::{covered, decode_key, Dirty, Plan};
+use super::{Error, View, Views};
+use crate::query::QueryEngine;
+
+/// A refresh recomputes at most this many dirty buckets; the rest wait for the next one.
+const REFRESH_BUCKETS_MAX: usize = 4096;
+
+/// A restriction names group keys only while there are at most this many (else it restricts
+/// time alone, and the rows of clean groups are dropped after).
+const GROUP_TERMS_MAX: usize = 64;
+
+/// Time ranges a restriction lists before it falls back to one range around all of them.
+const RANGES_MAX: usize = 64;
+
+/// How often the refresh job looks for views whose refresh interval has passed.
+const REFRESH_TICK: Duration = Duration::from_millis(50);
+
+fn external(e: Error) -> DataFusionError {
+    DataFusionError::External(Box::new(e))
+}
+
+/// Plans and runs `query` in `state`, returning its schema and rows.
+async fn run(state: &SessionState, query: Query) -> DfResult<(SchemaRef, Vec<RecordBatch>)> {
+    let statement = DfStatement::Statement(Box::new(Statement::Query(Box::new(query))));
+    let plan = state.statement_to_plan(statement).await?;
+    let ctx = SessionContext::new_with_state(state.clone());
+    let df = ctx.execute_logical_plan(plan).await?;
+    let schema = df.schema().inner().clone();
+    Ok((schema, df.collect().await?))
+}
+
+/// Whether `view`'s base is missing (a table that has had no write yet): the view is empty.
+fn waiting(views: &Views, view: &View, definition: &Definition) -> bool {
+    let catalog = views.engine().catalog();
+    catalog.table(&view.db, &definition.base).is_none()
+        && catalog.view(&view.db, &definition.base).is_none()
+}
+
+/// `definition`'s query with `restriction` (SQL text, built from quoted identifiers and
+/// literals) ANDed to its `WHERE`.
+fn restricted(definition: &Definition, restriction: Option<String>) -> DfResult<Query> {
+    let mut query = definition.query.clone();
+    let Some(text) = restriction else { return Ok(query) };
+    let predicate = Parser::new(&PostgreSqlDialect {})
+        .try_with_sql(&text)
+        .and_then(|mut p| p.parse_expr())
+        .map_err(|e| DataFusionError::Internal(format!("view restriction {text}: {e}")))?;
+    let SetExpr::Select(select) = query.body.as_mut() else {
+        return Err(DataFusionError::Internal("a view's query is a SELECT".into()));
+    };
+    select.selection = Some(match select.selection.take() {
+        Some(existing) => SqlExpr::BinaryOp {
+            left: Box::new(SqlExpr::Nested(Box::new(existing))),
+            op: BinaryOperator::And,
+            right: Box::new(SqlExpr::Nested(Box::new(predicate))),
+        },
+        None => predicate,
+    });
+    Ok(query)
+}
+
+fn quoted(name: &str) -> String {
+    Ident::with_quote('"', name).to_string()
+}
+
+fn nanos(ns: i64) -> String {
+    format!("to_timestamp_nanos({ns})")
+}
+
+/// The source-time range of buckets `[lo, hi]` (bucket starts), as SQL.
+fn range_sql(definition: &Definition, lo: i64, hi: i64) -> Option<String> {
+    let time = quoted(&definition.bucket.source);
+    let mut parts = Vec::new();
+    if lo != i64::MIN {
+        parts.push(format!("{time} >= {}", nanos(definition.bucket.of(lo))));
+    }
+    if hi != i64::MAX {
+        let end = definition.bucket.end(definition.bucket.of(hi));
+        parts.push(format!("{time} < {}", nanos(end)));
+    }
+    (!parts.is_empty()).then(|| parts.join(" AND "))
+}
+
+/// A restriction to the raw rows of `dirty`'s bucket × groups (a superset of them).
+fn dirty_sql(definition: &Definition, dirty: &Dirty) -> Option<String> {
+    let bucket = &definition.bucket;
+    let time = quoted(&bucket.source);
+    // Contiguous dirty buckets become one range.
+    let mut ranges: Vec<(i64, i64)> = Vec::new();
+    for &start in dirty.buckets.keys() {
+        let end = bucket.end(start);
+        match ranges.last_mut() {
+            Some(last) if last.1 >= start => last.1 = last.1.max(end),
+            _ => ranges.push((start, end)),
+        }
+    }
+    let (&first, _) = dirty.buckets.first_key_value()?;
+    let last = ranges.last().map(|r| r.1)?;
+    let mut sql = format!("{time} >= {} AND {time} < {}", nanos(first), nanos(last));
+    if ranges.len() > 1 && ranges.len() <= RANGES_MAX {
+        let any: Vec<String> = ranges
+            .iter()
+            .map(|(s, e)| format!("({time} >= {} AND {time} < {})", nanos(*s), nanos(*e)))
+            .collect();
+        sql.push_str(&format!(" AND ({})", any.join(" OR ")));
+    }
+    if !definition.groups.is_empty() {
+        let keys: BTreeSet<&Vec<u8>> = dirty.buckets.values().flat_map(|k| k.keys()).collect();
+        if keys.len() <= GROUP_TERMS_MAX {
+            let any: Vec<String> = keys
+                .iter()
+                .map(|key| {
+                    let values = decode_key(key);
+                    let terms: Vec<String> = definition
+                        .groups
+                        .iter()
+                        .zip(values)
+                        .map(|(g, v)| match v {
+                            None => format!("{} IS NULL", quoted(&g.source)),
+                            Some(v) => format!(
+                                "{} = {}",
+                                quoted(&g.source),
+                                Value::SingleQuotedString(v)
+                            ),
+                        })
+                        .collect();
+                    format!("({})", terms.join(" AND "))
+                })
+                .collect();
+            sql.push_str(&format!(" AND ({})", any.join(" OR ")));
+        }
+    }
+    Some(sql)
+}
+
+impl View {
+    /// The view's rows for buckets in `[lo, hi]` (a superset: the caller filters), read in
+    /// `state`: clean materialized rows ∪ dirty ones recomputed from raw.
+    pub(super) async fn answer(
+        &self,
+        views: &Views,
+        state: &SessionState,
+        lo: i64,
+        hi: i64,
+    ) -> Result<(SchemaRef, Vec<RecordBatch>), Error> {
+        let definition = self.definition()?;
+        if let Some(reason) = self.state.lock().expect("view state lock").failure.clone() {
+            if !waiting(views, self, definition) {
+                return Err(self.failed(reason));
+            }
+        }
+        let plan = self.state.lock().expect("view state lock").plan_query(lo, hi);
+        let failed = |e: DataFusionError| self.failed(e.to_string());
+        let result = match plan {
+            Plan::Full { .. } => {
+                run(state, restricted(definition, range_sql(definition, lo, hi)).map_err(failed)?).await
+            }
+            Plan::Partial { chunks, dirty, .. } => {
+                let mut batches: Vec<RecordBatch> =
+                    chunks.iter().filter_map(|c| c.clean(&dirty, lo, hi)).collect();
+                let schema = self.schema();
+                if dirty.is_empty() {
+                    if let Some(schema) = schema {
+                        return Ok((schema, batches));
+                    }
+                }
+                match run(state, restricted(definition, dirty_sql(definition, &dirty)).map_err(failed)?)
+                    .await
+                {
+                    Ok((schema, fresh)) => match covered(fresh, &dirty, definition) {
+                        Some(fresh) => {
+                            batches.extend(fresh);
+                            Ok((schema, batches))
+                        }
+                        None => Err(DataFusionError::Internal(
+                            "the view's rows lack its bucket or group columns".into(),
+                        )),
+                    },
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        result.map_err(|e| Error::Query { view: self.spec.name.clone(), source: Arc::new(e) })
+    }
+
+    /// Recomputes what is dirty (or, before the view is materialized, all of it) and installs
+    /// it. Returns whether anything was installed.
+    pub(super) async fn refresh(&self, views: &Views, query: &QueryEngine) -> Result<bool, Error> {
+        let _one = self.refreshing.lock().await;
+        let definition = self.definition()?;
+        if waiting(views, self, definition) {
+            return Ok(false);
+        }
+        let started = Instant::now();
+        let ctx = query.context(&self.db).map_err(|e| self.failed(e.to_string()))?;
+        let state = ctx.state();
+        let plan = self.state.lock().expect("view state lock").plan_refresh(REFRESH_BUCKETS_MAX);
+        let installed = match plan {
+            Plan::Full { epoch, marked_seq } => {
+                let (schema, batches) = match run(&state, definition.query.clone()).await {
+                    Ok(result) => result,
+                    Err(e) => {
+                        self.set_failure(Some(e.to_string()));
+                        return Err(self.failed(e.to_string()));
+                    }
+                };
+                let mut s = self.state.lock().expect("view state lock");
+                s.failure = None;
+                s.install_full(epoch, marked_seq, schema, batches, definition)
+            }
+            Plan::Partial { epoch, marked_seq, dirty, .. } => {
+                if dirty.is_empty() {
+                    return Ok(false);
+                }
+                let query = restricted(definition, dirty_sql(definition, &dirty))
+                    .map_err(|e| self.failed(e.to_string()))?;
+                let (schema, fresh) = match run(&state, query).await {
+                    Ok(result) => result,
+                    Err(e) => {
+                        self.set_failure(Some(e.to_string()));
+                        return Err(self.failed(e.to_string()));
+                    }
+                };
+                let Some(fresh) = covered(fresh, &dirty, definition) else {
+                    return Err(self.failed("the view's rows lack its bucket or group columns"));
+                };
+                let mut s = self.state.lock().expect("view state lock");
+                s.failure = None;
+                if s.schema.as_ref().is_some_and(|known| known != &schema) {
+                    // The base was replaced by one of other types: start over.
+                    s.reset(marked_seq);
+                    false
+                } else {
+                    s.install_partial(epoch, marked_seq, &dirty, fresh, definition)
+                }
+            }
+        };
+        self.note_refresh(started);
+        Ok(installed)
+    }
+
+    /// The view's schema: known once it ran, else planned now in `state`.
+    pub(super) async fn planned_schema(
+        &self,
+        views: &Views,
+        state: &SessionState,
+    ) -> Result<SchemaRef, Error> {
+        if let Some(schema) = self.schema() {
+            return Ok(schema);
+        }
+        let definition = self.definition()?;
+        if waiting(views, self, definition) {
+            return Err(self.failed(format!(
+                "its base \"{}\" does not exist yet (a table appears with its first write); \
+                 the view is empty until then",
+                definition.base
+            )));
+        }
+        let statement =
+            DfStatement::Statement(Box::new(Statement::Query(Box::new(definition.query.clone()))));
+        match state.statement_to_plan(statement).await {
+            Ok(plan) => {
+                let schema = plan.schema().inner().clone();
+                let mut s = self.state.lock().expect("view state lock");
+                if s.schema.is_none() {
+                    s.schema = Some(schema.clone());
+                }
+                s.failure = None;
+                Ok(schema)
+            }
+            Err(e) => {
+                self.set_failure(Some(e.to_string()));
+                Err(self.failed(e.to_string()))
+            }
+        }
+    }
+}
+
+impl Views {
+    /// The provider for view `name` of `db`, planned in `state`.
+    pub async fn provider(
+        self: &Arc<Self>,
+        state: &SessionState,
+        db: &str,
+        name: &str,
+    ) -> DfResult<Option<Arc<dyn TableProvider>>> {
+        self.sync_if_stale(db, name);
+        let Some(view) = self.get(db, name) else { return Ok(None) };
+        let schema = view.planned_schema(self, state).await.map_err(external)?;
+        Ok(Some(Arc::new(ViewTable { view, schema, views: self.clone() })))
+    }
+
+    /// The catalog names a view the index does not have (or an older one): re-sync.
+    fn sync_if_stale(&self, db: &str, name: &str) {
+        let spec = self.engine().catalog().view(db, name).cloned();
+        let live = self.get(db, name).map(|v| v.spec.clone());
+        if spec != live {
+            self.sync();
+        }
+    }
+
+    /// Refreshes every view whose interval has passed, until `stop` (a background task on the
+    /// query runtime, never the WAL writer thread).
+    pub async fn refresh_loop(
+        self: Arc<Self>,
+        query: Arc<QueryEngine>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let mut last: std::collections::HashMap<u64, Instant> = Default::default();
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(REFRESH_TICK) => {}
+            }
+            for view in self.all() {
+                let Ok(definition) = view.definition() else { continue };
+                let due = last
+                    .get(&view.spec.id)
+                    .is_none_or(|t| t.elapsed() >= definition.refresh_interval);
+                if !due || !view.needs_refresh() {
+                    continue;
+                }
+                last.insert(view.spec.id, Instant::now());
+                if let Err(error) = view.refresh(&self, &query).await {
+                    tracing::warn!(view = %view.spec.name, %error, "refreshing a view failed");
+                }
+            }
+        }
+    }
+
+    /// `REFRESH MATERIALIZED VIEW`: materializes what is dirty now.
+    pub async fn refresh_now(&self, query: &QueryEngine, db: &str, name: &str) -> Result<(), Error> {
+        self.sync_if_stale(db, name);
+        let Some(view) = self.get(db, name) else {
+            return Err(Error::Failed { view: name.into(), reason: "no such view".into() });
+        };
+        while view.needs_refresh() {
+            if !view.refresh(self, query).await? {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// DataFusion's handle on one view.
+#[derive(Debug)]
+pub struct ViewTable {
+    view: Arc<View>,
+    views: Arc<Views>,
+    schema: SchemaRef,
+}
+
+#[async_trait]
+impl TableProvider for ViewTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::View
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> DfResult<Vec<TableProviderFilterPushDown>> {
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let Some(session) = state.as_any().downcast_ref::<SessionState>() else {
+            return Err(DataFusionError::Internal("a view is read in a SessionState".into()));
+        };
+        let definition = self.view.definition().map_err(external)?;
+        let (lo, hi) = crate::query::column_time_bounds(filters, &definition.bucket.output);
+        let (_, batches) = self
+            .view
+            .answer(&self.views, session, lo, hi)
+            .await
+            .map_err(external)?;
+        let batches: Vec<RecordBatch> = batches
+            .into_iter()
+            .map(|b| {
+                if b.schema() == self.schema {
+                    Ok(b)
+                } else {
+                    RecordBatch::try_new(self.schema.clone(), b.columns().to_vec())
+                }
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| {
+                DataFusionError::Execution(format!(
+                    "materialized view \"{}\" changed shape while it was read ({e}); retry",
+                    self.view.spec.name
+                ))
+            })?;
+        Ok(MemorySourceConfig::try_new_exec(&[batches], self.schema.clone(), projection.cloned())?)
+    }
+}
