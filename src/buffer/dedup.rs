@@ -2,13 +2,16 @@
 //! the value from the row with the highest `_seq` that has one (the later write wins, field by
 //! field). Used when persisting a partition and by queries over partitions marked `overlap`.
 
+use std::sync::Arc;
+
 use arrow::array::{ArrayRef, UInt32Array};
 use arrow::compute::{lexsort_to_indices, take, SortColumn, SortOptions};
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 
-/// Sorts `batch` by `keys` (column indices: tags then time) and then `_seq`; when `merge`,
-/// rows with equal keys become one. The batch must contain a `_seq` column.
+/// Sorts `batch` by `keys` (column indices: tags then time), then `_seq`, then position (rows
+/// of one write share a `_seq`: a later line of it is the later write); when `merge`, rows
+/// with equal keys become one. The batch must contain a `_seq` column.
 pub fn sort_and_merge(
     batch: &RecordBatch,
     keys: &[usize],
@@ -19,10 +22,12 @@ pub fn sort_and_merge(
         return Ok(batch.clone());
     }
     let ascending = SortOptions { descending: false, nulls_first: true };
+    let position: ArrayRef = Arc::new(UInt32Array::from_iter_values(0..batch.num_rows() as u32));
     let sort_columns: Vec<SortColumn> = keys
         .iter()
         .chain(std::iter::once(&seq))
         .map(|&i| SortColumn { values: batch.column(i).clone(), options: Some(ascending) })
+        .chain(std::iter::once(SortColumn { values: position, options: Some(ascending) }))
         .collect();
     let order = lexsort_to_indices(&sort_columns, None)?;
     let sorted: Vec<ArrayRef> =
@@ -55,4 +60,36 @@ pub fn sort_and_merge(
         columns.push(take(column, &indices, None)?);
     }
     RecordBatch::try_new(sorted.schema(), columns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Float64Array, Int64Array, UInt64Array};
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    #[test]
+    fn the_later_line_of_one_write_wins() {
+        // One key written many times by one write (one `_seq`): the last line's value wins,
+        // whatever order an unstable sort would leave equal rows in.
+        let n = 5_000;
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("v", DataType::Float64, true),
+            Field::new("_seq", DataType::UInt64, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Int64Array::from_iter_values((0..n).map(|i| i % 7))),
+                Arc::new(Float64Array::from_iter_values((0..n).map(|i| i as f64))),
+                Arc::new(UInt64Array::from_iter_values((0..n).map(|_| 9))),
+            ],
+        )
+        .expect("batch");
+        let merged = sort_and_merge(&batch, &[0], 2, true).expect("merge");
+        let v = merged.column(1).as_any().downcast_ref::<Float64Array>().expect("f64");
+        let want: Vec<f64> = (0..7).map(|k| ((n - 1 - k) / 7 * 7 + k) as f64).collect();
+        assert_eq!(v.values().to_vec(), want);
+    }
 }

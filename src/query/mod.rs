@@ -377,7 +377,8 @@ impl SchemaProvider for DatabaseSchema {
     async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
         if self.engine.catalog().view(&self.db, name).is_some() {
             let Some(query) = self.query.upgrade() else { return Ok(None) };
-            let ctx = query.context(&self.db).map_err(|e| DataFusionError::External(Box::new(e)))?;
+            let ctx =
+                query.context(&self.db).map_err(|e| DataFusionError::External(Box::new(e)))?;
             return query.views.provider(&ctx.state(), &self.db, name).await;
         }
         let Some(schema) = self.engine.catalog().table(&self.db, name).cloned() else {
@@ -527,12 +528,10 @@ pub fn column_time_bounds(filters: &[Expr], column: &str) -> (i64, i64) {
         if let Expr::BinaryExpr(BinaryExpr { left, op, right }) = filter {
             let (op, value) = match (left.as_ref(), right.as_ref()) {
                 (Expr::Column(c), Expr::Literal(v, _)) if c.name == column => (*op, v),
-                (Expr::Literal(v, _), Expr::Column(c)) if c.name == column => {
-                    match op.swap() {
-                        Some(op) => (op, v),
-                        None => continue,
-                    }
-                }
+                (Expr::Literal(v, _), Expr::Column(c)) if c.name == column => match op.swap() {
+                    Some(op) => (op, v),
+                    None => continue,
+                },
                 _ => continue,
             };
             let Some(ns) = timestamp_nanos(value) else { continue };

@@ -13,12 +13,13 @@ pub fn command(sql: &str) -> Option<Command> {
     // over, connection pools `DISCARD ALL` on check-in, SQLAlchemy and psycopg savepoints for
     // nested transactions.
     // `REFRESH MATERIALIZED VIEW name` (PostgreSQL's statement; sqlparser has no REFRESH).
-    if let ["REFRESH", "MATERIALIZED", "VIEW", _] = words.as_slice() {
+    if let ["REFRESH", "MATERIALIZED", "VIEW", _, ..] = words.as_slice() {
         let original = sql.trim().trim_end_matches(';').trim();
-        let name = original.split_whitespace().nth(3)?;
+        let name = original.splitn(4, char::is_whitespace).nth(3)?.trim();
         let view = match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
             Some(quoted) => quoted.replace("\"\"", "\""),
-            None => name.to_lowercase(),
+            None if !name.contains(char::is_whitespace) => name.to_lowercase(),
+            None => return None,
         };
         return Some(Command::Refresh { view });
     }

@@ -18,6 +18,7 @@ fn kind(sql: &str) -> &'static str {
         Ok(Command::Cursor(_)) => "cursor",
         Ok(Command::Declare { .. }) => "declare",
         Ok(Command::NoOp { .. }) => "noop",
+        Ok(Command::Refresh { .. }) => "refresh",
         Err(Error::Syntax(_)) => "syntax",
         Err(Error::Unsupported(_)) => "unsupported",
     }
@@ -27,6 +28,11 @@ fn kind(sql: &str) -> &'static str {
 fn each_statement_has_one_command() {
     let cases = [
         ("SELECT 1", "query"),
+        ("CREATE MATERIALIZED VIEW v AS SELECT date_bin(INTERVAL '1m', time) AS b, count(*) FROM t GROUP BY b", "ddl"),
+        ("DROP MATERIALIZED VIEW IF EXISTS v", "ddl"),
+        ("REFRESH MATERIALIZED VIEW \"My View\";", "refresh"),
+        ("SHOW MATERIALIZED VIEWS", "query"),
+        ("CREATE VIEW v AS SELECT 1", "unsupported"),
         ("select * from cpu where host = 'a'", "query"),
         ("VALUES (1), (2)", "query"),
         ("WITH t AS (SELECT 1) SELECT * FROM t", "query"),

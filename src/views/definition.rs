@@ -6,11 +6,13 @@
 
 use std::time::Duration;
 
-use arrow::compute::kernels::cast_utils::{parse_interval_month_day_nano, string_to_timestamp_nanos};
+use arrow::compute::kernels::cast_utils::{
+    parse_interval_month_day_nano, string_to_timestamp_nanos,
+};
 use datafusion::sql::sqlparser::ast::{
-    visit_expressions, CreateTableOptions, CreateView, DataType as SqlDataType, Expr,
-    FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr, Query, Select, SelectItem,
-    SetExpr, Statement, TableFactor, Value,
+    visit_expressions, CreateTableOptions, CreateView, DataType as SqlDataType, Expr, FunctionArg,
+    FunctionArgExpr, FunctionArguments, GroupByExpr, Query, Select, SelectItem, SetExpr, Statement,
+    TableFactor, Value,
 };
 
 /// How often a view's dirty buckets are recomputed unless `refresh_interval` says otherwise.
@@ -98,7 +100,9 @@ pub fn from_create(create: &CreateView, sql: String) -> Result<(Definition, bool
                     "refresh_interval" => {
                         refresh_interval = humantime::parse_duration(value)
                             .ok()
-                            .filter(|d| *d >= Duration::from_millis(10) && *d <= Duration::from_secs(86_400))
+                            .filter(|d| {
+                                *d >= Duration::from_millis(10) && *d <= Duration::from_secs(86_400)
+                            })
                             .ok_or_else(|| {
                                 Refused(format!(
                                     "refresh_interval '{value}' is not a duration from 10ms to 1d \
@@ -218,9 +222,13 @@ fn check_query(query: &Query) -> Result<Definition, Refused> {
             Expr::Function(f) if f.over.is_some() => {
                 Some("window functions are not allowed in a view".to_string())
             }
-            Expr::Function(_) => function_name(expr)
-                .filter(|n| NONDETERMINISTIC.contains(&n.as_str()))
-                .map(|n| format!("{n}() is not allowed in a view: its answer would depend on when it runs")),
+            Expr::Function(_) => {
+                function_name(expr).filter(|n| NONDETERMINISTIC.contains(&n.as_str())).map(|n| {
+                    format!(
+                        "{n}() is not allowed in a view: its answer would depend on when it runs"
+                    )
+                })
+            }
             _ => None,
         };
         match found {
@@ -290,21 +298,16 @@ fn check_query(query: &Query) -> Result<Definition, Refused> {
             Some(i) if i == bucket_index || plain.iter().any(|(p, _)| *p == i) => {
                 grouped_items.push(i)
             }
-            _ => {
-                return refuse(format!(
-                    "GROUP BY {expr}: a view groups by its bucket and tag columns of its SELECT list"
-                ))
-            }
+            _ => return refuse(format!(
+                "GROUP BY {expr}: a view groups by its bucket and tag columns of its SELECT list"
+            )),
         }
     }
     if !grouped_items.contains(&bucket_index) {
         return refuse("a view must GROUP BY its time bucket");
     }
-    let groups: Vec<Group> = plain
-        .into_iter()
-        .filter(|(i, _)| grouped_items.contains(i))
-        .map(|(_, g)| g)
-        .collect();
+    let groups: Vec<Group> =
+        plain.into_iter().filter(|(i, _)| grouped_items.contains(i)).map(|(_, g)| g).collect();
     if grouped_items.iter().filter(|&&i| i != bucket_index).count() != groups.len() {
         return refuse("a view's GROUP BY names each column once");
     }
@@ -413,8 +416,7 @@ fn timestamp_ns(expr: &Expr) -> Result<i64, Refused> {
             None => return refuse("the bucket origin must be a literal timestamp"),
         },
     };
-    string_to_timestamp_nanos(&text)
-        .map_err(|e| Refused(format!("bucket origin '{text}': {e}")))
+    string_to_timestamp_nanos(&text).map_err(|e| Refused(format!("bucket origin '{text}': {e}")))
 }
 
 #[cfg(test)]

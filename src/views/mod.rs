@@ -15,10 +15,10 @@
 //! are rebuilt from raw data after a restart (until they are, queries compute the view from
 //! raw), so a crash can lose work but never make a view wrong.
 
+pub mod ddl;
 pub mod definition;
 mod state;
 pub mod system;
-pub mod ddl;
 pub mod table;
 
 use std::collections::HashMap;
@@ -211,6 +211,24 @@ impl Views {
             }
         }
         true
+    }
+
+    /// Whether `name` is a table, or a view that reads one (through any chain of views): a
+    /// view over anything else waits, empty, for its table's first write.
+    pub fn has_rows_source(&self, db: &str, name: &str) -> bool {
+        let catalog = self.engine.catalog();
+        let mut current = name.to_string();
+        for _ in 0..64 {
+            if catalog.table(db, &current).is_some() {
+                return true;
+            }
+            let Some(spec) = catalog.view(db, &current) else { return false };
+            match definition::from_sql(&spec.sql) {
+                Ok(d) => current = d.base,
+                Err(_) => return false,
+            }
+        }
+        false
     }
 
     /// On the WAL writer thread (or a drop's task), before the change is acknowledged.

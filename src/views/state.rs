@@ -120,10 +120,15 @@ impl Chunk {
         let mask: BooleanArray = (0..self.batch.num_rows())
             .map(|row| {
                 let b = self.buckets[row];
-                Some(self.live[row] && b >= lo && b <= hi && !dirty.covers(b, || {
-                    self.key(row, &mut key);
-                    key.as_slice()
-                }))
+                Some(
+                    self.live[row]
+                        && b >= lo
+                        && b <= hi
+                        && !dirty.covers(b, || {
+                            self.key(row, &mut key);
+                            key.as_slice()
+                        }),
+                )
             })
             .collect();
         let batch = arrow::compute::filter_record_batch(&self.batch, &mask).ok()?;

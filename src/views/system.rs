@@ -46,7 +46,6 @@ fn schema() -> SchemaRef {
 
 fn views_table(views: &Views, db: &str) -> DfResult<RecordBatch> {
     let all: Vec<_> = views.statuses().into_iter().filter(|s| s.db == db).collect();
-    let catalog = views.engine().catalog();
     let text = |f: &dyn Fn(&super::Status) -> String| -> ArrayRef {
         Arc::new(StringArray::from(all.iter().map(f).collect::<Vec<_>>()))
     };
@@ -54,8 +53,7 @@ fn views_table(views: &Views, db: &str) -> DfResult<RecordBatch> {
         Arc::new(UInt64Array::from(all.iter().map(f).collect::<Vec<_>>()))
     };
     let status = |s: &super::Status| {
-        let missing = catalog.table(db, &s.base).is_none() && catalog.view(db, &s.base).is_none();
-        if s.status == "ok" && missing {
+        if s.status == "ok" && !views.has_rows_source(db, &s.base) {
             "waiting".to_string()
         } else {
             s.status.clone()

@@ -21,7 +21,9 @@ use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::Statement as DfStatement;
-use datafusion::sql::sqlparser::ast::{BinaryOperator, Expr as SqlExpr, Ident, Query, SetExpr, Statement, Value};
+use datafusion::sql::sqlparser::ast::{
+    BinaryOperator, Expr as SqlExpr, Ident, Query, SetExpr, Statement, Value,
+};
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 
@@ -59,9 +61,7 @@ async fn run(state: &SessionState, query: Query) -> DfResult<(SchemaRef, Vec<Rec
 
 /// Whether `view`'s base is missing (a table that has had no write yet): the view is empty.
 fn waiting(views: &Views, view: &View, definition: &Definition) -> bool {
-    let catalog = views.engine().catalog();
-    catalog.table(&view.db, &definition.base).is_none()
-        && catalog.view(&view.db, &definition.base).is_none()
+    !views.has_rows_source(&view.db, &definition.base)
 }
 
 /// `definition`'s query with `restriction` (SQL text, built from quoted identifiers and
@@ -145,11 +145,9 @@ fn dirty_sql(definition: &Definition, dirty: &Dirty) -> Option<String> {
                         .zip(values)
                         .map(|(g, v)| match v {
                             None => format!("{} IS NULL", quoted(&g.source)),
-                            Some(v) => format!(
-                                "{} = {}",
-                                quoted(&g.source),
-                                Value::SingleQuotedString(v)
-                            ),
+                            Some(v) => {
+                                format!("{} = {}", quoted(&g.source), Value::SingleQuotedString(v))
+                            }
                         })
                         .collect();
                     format!("({})", terms.join(" AND "))
@@ -181,7 +179,8 @@ impl View {
         let failed = |e: DataFusionError| self.failed(e.to_string());
         let result = match plan {
             Plan::Full { .. } => {
-                run(state, restricted(definition, range_sql(definition, lo, hi)).map_err(failed)?).await
+                run(state, restricted(definition, range_sql(definition, lo, hi)).map_err(failed)?)
+                    .await
             }
             Plan::Partial { chunks, dirty, .. } => {
                 let mut batches: Vec<RecordBatch> =
@@ -192,8 +191,11 @@ impl View {
                         return Ok((schema, batches));
                     }
                 }
-                match run(state, restricted(definition, dirty_sql(definition, &dirty)).map_err(failed)?)
-                    .await
+                match run(
+                    state,
+                    restricted(definition, dirty_sql(definition, &dirty)).map_err(failed)?,
+                )
+                .await
                 {
                     Ok((schema, fresh)) => match covered(fresh, &dirty, definition) {
                         Some(fresh) => {
@@ -357,7 +359,12 @@ impl Views {
     }
 
     /// `REFRESH MATERIALIZED VIEW`: materializes what is dirty now.
-    pub async fn refresh_now(&self, query: &QueryEngine, db: &str, name: &str) -> Result<(), Error> {
+    pub async fn refresh_now(
+        &self,
+        query: &QueryEngine,
+        db: &str,
+        name: &str,
+    ) -> Result<(), Error> {
         self.sync_if_stale(db, name);
         let Some(view) = self.get(db, name) else {
             return Err(Error::Failed { view: name.into(), reason: "no such view".into() });
@@ -408,11 +415,8 @@ impl TableProvider for ViewTable {
         };
         let definition = self.view.definition().map_err(external)?;
         let (lo, hi) = crate::query::column_time_bounds(filters, &definition.bucket.output);
-        let (_, batches) = self
-            .view
-            .answer(&self.views, session, lo, hi)
-            .await
-            .map_err(external)?;
+        let (_, batches) =
+            self.view.answer(&self.views, session, lo, hi).await.map_err(external)?;
         let batches: Vec<RecordBatch> = batches
             .into_iter()
             .map(|b| {

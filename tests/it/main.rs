@@ -9,4 +9,5 @@ mod query;
 mod slt;
 mod statements;
 mod tidy;
+mod views;
 mod write;
