@@ -89,9 +89,19 @@ async fn storage_format_fixtures_load() {
     std::fs::create_dir_all(&log).expect("log dir");
     std::fs::copy(root.join("manifest-commit-v1.json"), log.join("00000000000000000001.json"))
         .expect("copy manifest");
+    std::fs::copy(
+        root.join("manifest-commit-v1-views.json"),
+        log.join("00000000000000000002.json"),
+    )
+    .expect("copy manifest");
     let engine = Engine::open(Config::for_tests(dir.path().to_path_buf())).await.expect("open");
     let catalog = engine.catalog();
     assert!(catalog.has_database("telegraf"));
+    let views: Vec<_> = catalog.views("db").map(|v| v.name.clone()).collect();
+    assert_eq!(views, ["cpu_1m"]);
+    let view = catalog.view("db", "cpu_1m").expect("view");
+    assert!(view.id > 0);
+    crate::views::definition::from_sql(&view.sql).expect("a stored definition parses");
     let cpu = catalog.table("db", "cpu").expect("cpu from the manifest");
     assert_eq!(cpu.columns().len(), 6);
     assert_eq!(engine.snapshot("db", "cpu", i64::MIN, i64::MAX).expect("cpu").files.len(), 1);

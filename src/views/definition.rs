@@ -298,9 +298,11 @@ fn check_query(query: &Query) -> Result<Definition, Refused> {
             Some(i) if i == bucket_index || plain.iter().any(|(p, _)| *p == i) => {
                 grouped_items.push(i)
             }
-            _ => return refuse(format!(
+            _ => {
+                return refuse(format!(
                 "GROUP BY {expr}: a view groups by its bucket and tag columns of its SELECT list"
-            )),
+            ))
+            }
         }
     }
     if !grouped_items.contains(&bucket_index) {

@@ -142,7 +142,7 @@ impl Views {
     /// its name is a new view (its manifest id differs) and starts clean.
     pub fn sync(&self) {
         let catalog = self.engine.catalog();
-        let mut index = self.index.write().expect("views index lock");
+        let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
         let mut views = HashMap::new();
         for (db, spec) in catalog.all_views() {
             let key = (db.clone(), spec.name.clone());
@@ -175,12 +175,12 @@ impl Views {
     }
 
     pub fn get(&self, db: &str, name: &str) -> Option<Arc<View>> {
-        let index = self.index.read().expect("views index lock");
+        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
         index.views.get(&(db.to_string(), name.to_string())).cloned()
     }
 
     pub fn all(&self) -> Vec<Arc<View>> {
-        let index = self.index.read().expect("views index lock");
+        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
         let mut all: Vec<_> = index.views.values().cloned().collect();
         all.sort_by(|a, b| (&a.db, &a.spec.name).cmp(&(&b.db, &b.spec.name)));
         all
@@ -188,7 +188,7 @@ impl Views {
 
     /// The views reading `base` directly, with how their groups map (for a view base).
     fn readers(&self, db: &str, base: &str) -> Vec<(Arc<View>, Option<Vec<usize>>)> {
-        let index = self.index.read().expect("views index lock");
+        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
         index
             .readers
             .get(&(db.to_string(), base.to_string()))
@@ -233,6 +233,9 @@ impl Views {
 
     /// On the WAL writer thread (or a drop's task), before the change is acknowledged.
     fn on_change(&self, change: &CommittedWrite<'_>) {
+        if self.index.read().unwrap_or_else(|p| p.into_inner()).readers.is_empty() {
+            return;
+        }
         for (table, rows) in &change.tables {
             for (view, _) in self.readers(change.database, table) {
                 let Ok(definition) = &view.definition else { continue };
@@ -254,7 +257,7 @@ impl Views {
         if depth > 16 {
             return;
         }
-        view.state.lock().expect("view state lock").mark(&marks, seq);
+        view.state().mark(&marks, seq);
         for (reader, groups) in self.readers(&view.db, &view.spec.name) {
             let Ok(definition) = &reader.definition else { continue };
             match &groups {
@@ -273,7 +276,7 @@ impl Views {
         if depth > 16 {
             return;
         }
-        view.state.lock().expect("view state lock").reset(seq);
+        view.state().reset(seq);
         for (reader, _) in self.readers(&view.db, &view.spec.name) {
             self.invalidate(&reader, seq, depth + 1);
         }
@@ -286,6 +289,12 @@ impl Views {
 }
 
 impl View {
+    /// The view's state; a panic elsewhere while it was held does not make it unusable (the
+    /// WAL writer thread takes it for every write).
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn new(db: &str, spec: Arc<ViewSpec>) -> View {
         let definition = definition::from_sql(&spec.sql).map_err(|e| e.to_string());
         View {
@@ -306,7 +315,7 @@ impl View {
     }
 
     fn status(&self, base_seq: u64) -> Status {
-        let state = self.state.lock().expect("view state lock");
+        let state = self.state();
         let (status, reason) = match (&self.definition, &state.failure) {
             (Err(reason), _) | (_, Some(reason)) => ("failed", Some(reason.clone())),
             _ if state.over_limit => (
@@ -341,22 +350,22 @@ impl View {
     /// Records the outcome of planning or running the defining query: a failure is shown in
     /// `system.views` and returned by queries until a later run succeeds.
     fn set_failure(&self, failure: Option<String>) {
-        self.state.lock().expect("view state lock").failure = failure;
+        self.state().failure = failure;
     }
 
     /// The view's schema, once known (from its first successful run).
     pub fn schema(&self) -> Option<SchemaRef> {
-        self.state.lock().expect("view state lock").schema.clone()
+        self.state().schema.clone()
     }
 
     /// Whether a refresh has something to do.
     pub fn needs_refresh(&self) -> bool {
-        let state = self.state.lock().expect("view state lock");
+        let state = self.state();
         state.failure.is_none() && !state.over_limit && (!state.complete || !state.dirty.is_empty())
     }
 
     fn note_refresh(&self, started: Instant) {
-        let mut state = self.state.lock().expect("view state lock");
+        let mut state = self.state();
         state.refreshes += 1;
         state.last_refresh = Some(SystemTime::now());
         state.last_refresh_duration = Some(started.elapsed());

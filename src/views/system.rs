@@ -97,6 +97,32 @@ fn views_table(views: &Views, db: &str) -> DfResult<RecordBatch> {
     Ok(RecordBatch::try_new(schema(), columns)?)
 }
 
+/// A system table: read-only, and listed by catalog queries as a view (relkind `v`), not as
+/// one of the user's tables (`\dt`, SQLAlchemy's `get_table_names` list only those).
+#[derive(Debug)]
+struct SystemTable(MemTable);
+
+#[async_trait]
+impl TableProvider for SystemTable {
+    fn schema(&self) -> SchemaRef {
+        self.0.schema()
+    }
+
+    fn table_type(&self) -> datafusion::datasource::TableType {
+        datafusion::datasource::TableType::View
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn datafusion::catalog::Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[datafusion::logical_expr::Expr],
+        limit: Option<usize>,
+    ) -> DfResult<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+        self.0.scan(state, projection, filters, limit).await
+    }
+}
+
 #[async_trait]
 impl SchemaProvider for SystemSchema {
     fn table_names(&self) -> Vec<String> {
@@ -108,7 +134,8 @@ impl SchemaProvider for SystemSchema {
             return Ok(None);
         }
         let batch = views_table(&self.views, &self.db)?;
-        Ok(Some(Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]])?)))
+        let table = MemTable::try_new(batch.schema(), vec![vec![batch]])?;
+        Ok(Some(Arc::new(SystemTable(table))))
     }
 
     fn table_exist(&self, name: &str) -> bool {

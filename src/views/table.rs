@@ -170,12 +170,12 @@ impl View {
         hi: i64,
     ) -> Result<(SchemaRef, Vec<RecordBatch>), Error> {
         let definition = self.definition()?;
-        if let Some(reason) = self.state.lock().expect("view state lock").failure.clone() {
+        if let Some(reason) = self.state().failure.clone() {
             if !waiting(views, self, definition) {
                 return Err(self.failed(reason));
             }
         }
-        let plan = self.state.lock().expect("view state lock").plan_query(lo, hi);
+        let plan = self.state().plan_query(lo, hi);
         let failed = |e: DataFusionError| self.failed(e.to_string());
         let result = match plan {
             Plan::Full { .. } => {
@@ -224,7 +224,7 @@ impl View {
         let started = Instant::now();
         let ctx = query.context(&self.db).map_err(|e| self.failed(e.to_string()))?;
         let state = ctx.state();
-        let plan = self.state.lock().expect("view state lock").plan_refresh(REFRESH_BUCKETS_MAX);
+        let plan = self.state().plan_refresh(REFRESH_BUCKETS_MAX);
         let installed = match plan {
             Plan::Full { epoch, marked_seq } => {
                 let (schema, batches) = match run(&state, definition.query.clone()).await {
@@ -234,7 +234,7 @@ impl View {
                         return Err(self.failed(e.to_string()));
                     }
                 };
-                let mut s = self.state.lock().expect("view state lock");
+                let mut s = self.state();
                 s.failure = None;
                 s.install_full(epoch, marked_seq, schema, batches, definition)
             }
@@ -254,7 +254,7 @@ impl View {
                 let Some(fresh) = covered(fresh, &dirty, definition) else {
                     return Err(self.failed("the view's rows lack its bucket or group columns"));
                 };
-                let mut s = self.state.lock().expect("view state lock");
+                let mut s = self.state();
                 s.failure = None;
                 if s.schema.as_ref().is_some_and(|known| known != &schema) {
                     // The base was replaced by one of other types: start over.
@@ -291,7 +291,7 @@ impl View {
         match state.statement_to_plan(statement).await {
             Ok(plan) => {
                 let schema = plan.schema().inner().clone();
-                let mut s = self.state.lock().expect("view state lock");
+                let mut s = self.state();
                 if s.schema.is_none() {
                     s.schema = Some(schema.clone());
                 }
@@ -316,8 +316,13 @@ impl Views {
     ) -> DfResult<Option<Arc<dyn TableProvider>>> {
         self.sync_if_stale(db, name);
         let Some(view) = self.get(db, name) else { return Ok(None) };
-        let schema = view.planned_schema(self, state).await.map_err(external)?;
-        Ok(Some(Arc::new(ViewTable { view, schema, views: self.clone() })))
+        // A view that cannot answer still has a name and columns (catalog listings of every
+        // table must not fail for it); reading it returns why it cannot answer.
+        let (schema, error) = match view.planned_schema(self, state).await {
+            Ok(schema) => (schema, None),
+            Err(error) => (placeholder_schema(&view), Some(error)),
+        };
+        Ok(Some(Arc::new(ViewTable { view, schema, error, views: self.clone() })))
     }
 
     /// The catalog names a view the index does not have (or an older one): re-sync.
@@ -378,12 +383,50 @@ impl Views {
     }
 }
 
+/// The columns of a view that cannot be planned (its table does not exist yet, or it failed):
+/// the bucket, the groups as text, and the other items untyped, by their names.
+fn placeholder_schema(view: &View) -> SchemaRef {
+    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    use datafusion::sql::sqlparser::ast::SelectItem;
+    let Ok(definition) = &view.definition else { return Arc::new(Schema::empty()) };
+    let SetExpr::Select(select) = definition.query.body.as_ref() else {
+        return Arc::new(Schema::empty());
+    };
+    let mut seen = std::collections::HashSet::new();
+    let fields: Vec<Field> = select
+        .projection
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let mut name = match item {
+                SelectItem::ExprWithAlias { alias, .. } => alias.value.clone(),
+                SelectItem::UnnamedExpr(SqlExpr::Identifier(i)) => i.value.clone(),
+                other => other.to_string(),
+            };
+            if !seen.insert(name.clone()) {
+                name = format!("{name}_{i}");
+            }
+            let data_type = if name == definition.bucket.output {
+                DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
+            } else if definition.groups.iter().any(|g| g.output == name) {
+                DataType::Utf8
+            } else {
+                DataType::Null
+            };
+            Field::new(name, data_type, true)
+        })
+        .collect();
+    Arc::new(Schema::new(fields))
+}
+
 /// DataFusion's handle on one view.
 #[derive(Debug)]
 pub struct ViewTable {
     view: Arc<View>,
     views: Arc<Views>,
     schema: SchemaRef,
+    /// Why the view cannot answer, if it cannot.
+    error: Option<Error>,
 }
 
 #[async_trait]
@@ -410,6 +453,9 @@ impl TableProvider for ViewTable {
         filters: &[Expr],
         _limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        if let Some(error) = &self.error {
+            return Err(external(error.clone()));
+        }
         let Some(session) = state.as_any().downcast_ref::<SessionState>() else {
             return Err(DataFusionError::Internal("a view is read in a SessionState".into()));
         };

@@ -234,6 +234,13 @@ async fn view_statements_say_what_is_allowed_with_sqlstates() {
     assert_eq!(error.code(), Some(&SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE), "{error:?}");
     let rows = server.query("vdb", "SELECT status FROM system.views WHERE name = 'early'").await;
     assert_eq!(rows[0]["status"], "waiting");
+    // Catalog listings still work, and list it as a view.
+    let listed = pg_rows(
+        &client,
+        "SELECT table_name, table_type FROM information_schema.tables WHERE table_schema = 'public'",
+    )
+    .await;
+    assert_eq!(listed, ["early|VIEW"], "{listed:?}");
     let (status, body) =
         server.write("/api/v3/write_lp?db=vdb&precision=s", "cpu,host=a u=1 60\n").await;
     assert_eq!(status, 204, "{body}");
