@@ -187,8 +187,8 @@ impl Engine {
             .cloned()
             .collect();
         let removed = doomed.iter().filter_map(|key| tables.remove(key)).collect();
-        *self.catalog.write().expect("catalog lock") = Arc::new(catalog);
-        drop(tables);
+        // Subscribers (views) forget the tables' rows before queries stop seeing them, so no
+        // query reads what a view kept of a table that is gone.
         let subscribers = self.subscribers.read().expect("subscribers lock");
         if !subscribers.is_empty() {
             let dropped = CommittedWrite {
@@ -201,6 +201,8 @@ impl Engine {
                 subscriber(&dropped);
             }
         }
+        drop(subscribers);
+        *self.catalog.write().expect("catalog lock") = Arc::new(catalog);
         Ok(removed)
     }
 

@@ -5,6 +5,7 @@
 //! The only place that knows HTTP status codes: [`status_of`] maps error kinds exhaustively.
 
 mod auth;
+mod changes;
 #[cfg(test)]
 mod tests;
 
@@ -55,6 +56,7 @@ pub fn router(
         .route("/health", get(health))
         .route("/query", get(influxql).post(influxql))
         .route("/api/v3/query_sql", get(query_get).post(query_post))
+        .route("/api/v3/views/{name}/changes", get(changes::view_changes))
         .route("/api/v3/tokens", get(auth::list_tokens).post(auth::create_token))
         .route("/api/v3/tokens/{name}", axum::routing::delete(auth::revoke_token))
         .layer(DefaultBodyLimit::max(request_bytes_max))

@@ -77,7 +77,9 @@ pub async fn execute(
             drop_tables(engine, db, &names, if_exists).await
         }
         Statement::Drop { object_type: ObjectType::Database, if_exists, names, .. } => {
-            drop_databases(engine, db, &names, if_exists).await
+            let dropped = drop_databases(engine, db, &names, if_exists).await;
+            query.views().sync();
+            dropped
         }
         other => Err(Error::Invalid(format!("not a DDL statement: {other}"))),
     }

@@ -71,10 +71,35 @@ pub async fn create(
     db: &str,
     create: CreateView,
 ) -> Result<&'static str, Error> {
-    let sql = Statement::CreateView(create.clone()).to_string();
+    let statement = Statement::CreateView(create.clone());
+    let sql = statement.to_string();
+    // The definition is stored as text: it must read back as what was accepted.
+    if crate::statement::parse(&sql).ok().and_then(|mut s| s.pop()).as_ref() != Some(&statement) {
+        return Err(Error::Unsupported(
+            "this definition does not read back the same once stored (a literal with quotes \
+             or backslashes?); write it another way"
+                .into(),
+        ));
+    }
     let (definition, if_not_exists) =
         definition::from_create(&create, sql.clone()).map_err(|e| Error::Unsupported(e.0))?;
     let views = query.views();
+    let _ddl = views.ddl.lock().await;
+    if views.depth(db, &definition.base) >= super::VIEW_DEPTH_MAX {
+        return Err(Error::Unsupported(format!(
+            "a view may read views at most {} deep",
+            super::VIEW_DEPTH_MAX
+        )));
+    }
+    let catalog = query.engine().catalog();
+    if catalog.views(db).count() >= super::VIEWS_PER_DATABASE_MAX
+        && catalog.view(db, &definition.name).is_none()
+    {
+        return Err(Error::Unsupported(format!(
+            "a database has at most {} materialized views",
+            super::VIEWS_PER_DATABASE_MAX
+        )));
+    }
     if definition.base == definition.name || views.reads(db, &definition.base, &definition.name) {
         return Err(Error::Unsupported(format!(
             "materialized view \"{}\" would read itself",
@@ -107,7 +132,15 @@ pub async fn drop(
     if_exists: bool,
 ) -> Result<&'static str, Error> {
     let engine = query.engine();
-    let names: Vec<String> = names.iter().map(last_name).collect();
+    let _ddl = query.views().ddl.lock().await;
+    // Named as at CREATE (unquoted names lowercased, as DataFusion resolves them).
+    let names: Vec<String> = names
+        .iter()
+        .map(|n| match n.0.last().and_then(|p| p.as_ident()) {
+            Some(i) if i.quote_style.is_none() => i.value.to_lowercase(),
+            _ => last_name(n),
+        })
+        .collect();
     let catalog = engine.catalog();
     for name in &names {
         if catalog.view(db, name).is_none() {

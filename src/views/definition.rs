@@ -87,7 +87,8 @@ pub fn from_create(create: &CreateView, sql: String) -> Result<(Definition, bool
     if create.or_replace || create.or_alter || create.temporary || !create.columns.is_empty() {
         return refuse("OR REPLACE, TEMPORARY and column lists are not supported");
     }
-    let name = last_ident(&create.name.0).ok_or_else(|| Refused("a view needs a name".into()))?;
+    let name = last_ident(&create.name.0)
+        .ok_or_else(|| Refused("a view is named by one name (or public.name)".into()))?;
     let mut refresh_interval = REFRESH_INTERVAL_DEFAULT;
     match &create.options {
         CreateTableOptions::None => {}
@@ -136,15 +137,30 @@ pub fn from_sql(sql: &str) -> Result<Definition, Refused> {
     }
 }
 
+/// An identifier as DataFusion resolves it: unquoted ones are lowercased.
+fn normalized(ident: &datafusion::sql::sqlparser::ast::Ident) -> String {
+    if ident.quote_style.is_some() {
+        ident.value.clone()
+    } else {
+        ident.value.to_lowercase()
+    }
+}
+
+/// A table or view name of the current database (`cpu`, `"Cpu"`, `public.cpu`).
 fn last_ident(parts: &[datafusion::sql::sqlparser::ast::ObjectNamePart]) -> Option<String> {
-    parts.last().and_then(|p| p.as_ident()).map(|i| i.value.clone())
+    let idents: Vec<_> = parts.iter().map(|p| p.as_ident()).collect::<Option<_>>()?;
+    match idents.as_slice() {
+        [name] => Some(normalized(name)),
+        [schema, name] if normalized(schema) == "public" => Some(normalized(name)),
+        _ => None,
+    }
 }
 
 /// The name a plain column reference stands for (`host`, `"host"`, `cpu.host`).
 fn column_name(expr: &Expr) -> Option<String> {
     match expr {
-        Expr::Identifier(ident) => Some(ident.value.clone()),
-        Expr::CompoundIdentifier(parts) => parts.last().map(|i| i.value.clone()),
+        Expr::Identifier(ident) => Some(normalized(ident)),
+        Expr::CompoundIdentifier(parts) => parts.last().map(normalized),
         Expr::Nested(inner) => column_name(inner),
         _ => None,
     }
@@ -207,9 +223,14 @@ fn check_query(query: &Query) -> Result<Definition, Refused> {
         return refuse("joins are not allowed in a view: it reads one table or view");
     }
     let base = match &select.from[0].relation {
-        TableFactor::Table { name, args: None, .. } => {
-            last_ident(&name.0).ok_or_else(|| Refused("the table has no name".into()))?
-        }
+        TableFactor::Table { name, args: None, .. } => match last_ident(&name.0) {
+            Some(name) => name,
+            None => {
+                return refuse(format!(
+                    "a view reads a table or view of its own database, not {name}"
+                ))
+            }
+        },
         _ => return refuse("a view reads one table or view by name (no subquery or function)"),
     };
     // Nothing but deterministic, row-local expressions anywhere.
@@ -249,7 +270,7 @@ fn check_query(query: &Query) -> Result<Definition, Refused> {
     for (i, item) in select.projection.iter().enumerate() {
         let (expr, alias) = match item {
             SelectItem::UnnamedExpr(e) => (e, None),
-            SelectItem::ExprWithAlias { expr, alias } => (expr, Some(alias.value.clone())),
+            SelectItem::ExprWithAlias { expr, alias } => (expr, Some(normalized(alias))),
             _ => return refuse("* is not allowed in a view; name its columns"),
         };
         if matches!(function_name(expr).as_deref(), Some("date_bin" | "time_bucket")) {
@@ -289,7 +310,7 @@ fn check_query(query: &Query) -> Result<Definition, Refused> {
             _ => select.projection.iter().position(|item| match item {
                 SelectItem::UnnamedExpr(e) => e == expr,
                 SelectItem::ExprWithAlias { expr: e, alias } => {
-                    e == expr || column_name(expr).is_some_and(|n| n == alias.value)
+                    e == expr || column_name(expr).is_some_and(|n| n == normalized(alias))
                 }
                 _ => false,
             }),
@@ -460,6 +481,21 @@ mod tests {
         )
         .expect("accepted");
         assert_eq!(d.bucket.origin_ns, 946_684_920_000_000_000);
+    }
+
+    #[test]
+    fn names_resolve_as_datafusion_resolves_them() {
+        let d = parse(
+            "CREATE MATERIALIZED VIEW V AS SELECT date_bin(INTERVAL '1 minute', Time) AS B, \
+             Host, \"Region\" FROM public.Cpu GROUP BY B, Host, \"Region\"",
+        )
+        .expect("accepted");
+        assert_eq!((d.name.as_str(), d.base.as_str()), ("v", "cpu"));
+        assert_eq!((d.bucket.output.as_str(), d.bucket.source.as_str()), ("b", "time"));
+        assert_eq!(d.groups[0], Group { output: "host".into(), source: "host".into() });
+        assert_eq!(d.groups[1], Group { output: "Region".into(), source: "Region".into() });
+        let error = parse("CREATE MATERIALIZED VIEW v AS SELECT date_bin(INTERVAL '1 minute', time) AS b, count(*) FROM system.views GROUP BY b").expect_err("other schema");
+        assert!(error.to_string().contains("its own database"), "{error}");
     }
 
     #[test]

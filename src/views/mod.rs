@@ -15,6 +15,7 @@
 //! are rebuilt from raw data after a restart (until they are, queries compute the view from
 //! raw), so a crash can lose work but never make a view wrong.
 
+pub mod changes;
 pub mod ddl;
 pub mod definition;
 mod state;
@@ -39,6 +40,13 @@ use state::{Marks, State};
 /// stay exact).
 pub const DIRTY_MARKS_MAX: usize = 1_000_000;
 
+/// At most this many views per database (each write's rows are checked against the views of
+/// its table on the WAL writer thread).
+pub const VIEWS_PER_DATABASE_MAX: usize = 100;
+
+/// A view may read a view that reads a view… at most this deep.
+pub const VIEW_DEPTH_MAX: usize = 8;
+
 /// At most this many bytes of materialized rows per view; a view whose rows grow past it is
 /// answered from raw data (exact, slower), and says so in `system.views`.
 pub const MATERIALIZED_BYTES_MAX: usize = 256 << 20;
@@ -60,6 +68,7 @@ pub struct View {
     state: Mutex<State>,
     /// Serialises refreshes of this view.
     refreshing: tokio::sync::Mutex<()>,
+    feed: Arc<changes::Feed>,
 }
 
 impl std::fmt::Debug for View {
@@ -89,6 +98,10 @@ struct Index {
 pub struct Views {
     engine: Arc<Engine>,
     index: RwLock<Index>,
+    /// Wakes the refresh task: a view with subscribers was marked.
+    wakeup: Arc<tokio::sync::Notify>,
+    /// Serialises CREATE and DROP MATERIALIZED VIEW (their checks and commits).
+    pub(crate) ddl: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Views {
@@ -122,7 +135,12 @@ pub struct Status {
 impl Views {
     /// The views of `engine`'s catalog; subscribes to its writes for the dirty marks.
     pub fn new(engine: Arc<Engine>) -> Arc<Views> {
-        let views = Arc::new(Views { engine: engine.clone(), index: RwLock::default() });
+        let views = Arc::new(Views {
+            engine: engine.clone(),
+            index: RwLock::default(),
+            wakeup: Arc::default(),
+            ddl: tokio::sync::Mutex::new(()),
+        });
         views.sync();
         let weak = Arc::downgrade(&views);
         engine.subscribe(Arc::new(move |change: &CommittedWrite<'_>| {
@@ -231,6 +249,20 @@ impl Views {
         false
     }
 
+    /// How many views deep `name` is (0: a table or nothing).
+    pub fn depth(&self, db: &str, name: &str) -> usize {
+        let catalog = self.engine.catalog();
+        let mut current = name.to_string();
+        for depth in 0..64 {
+            let Some(spec) = catalog.view(db, &current) else { return depth };
+            match definition::from_sql(&spec.sql) {
+                Ok(d) => current = d.base,
+                Err(_) => return depth + 1,
+            }
+        }
+        64
+    }
+
     /// On the WAL writer thread (or a drop's task), before the change is acknowledged.
     fn on_change(&self, change: &CommittedWrite<'_>) {
         if self.index.read().unwrap_or_else(|p| p.into_inner()).readers.is_empty() {
@@ -254,10 +286,15 @@ impl Views {
 
     /// Marks `view`'s buckets × groups dirty, and the buckets they fall in of views over it.
     fn mark(&self, view: &Arc<View>, marks: Marks, seq: u64, depth: usize) {
-        if depth > 16 {
+        if depth > VIEW_DEPTH_MAX {
+            // Deeper than CREATE allows: cannot happen; forget rather than go stale.
+            view.state().reset(seq);
             return;
         }
         view.state().mark(&marks, seq);
+        if view.feed.subscribers.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            self.wakeup.notify_one();
+        }
         for (reader, groups) in self.readers(&view.db, &view.spec.name) {
             let Ok(definition) = &reader.definition else { continue };
             match &groups {
@@ -273,10 +310,10 @@ impl Views {
     /// Forgets what `view` materialized (its base was dropped, or cannot be mapped): it is
     /// computed from raw until rebuilt.
     fn invalidate(&self, view: &Arc<View>, seq: u64, depth: usize) {
-        if depth > 16 {
+        view.state().reset(seq);
+        if depth > VIEW_DEPTH_MAX {
             return;
         }
-        view.state().reset(seq);
         for (reader, _) in self.readers(&view.db, &view.spec.name) {
             self.invalidate(&reader, seq, depth + 1);
         }
@@ -297,12 +334,14 @@ impl View {
 
     fn new(db: &str, spec: Arc<ViewSpec>) -> View {
         let definition = definition::from_sql(&spec.sql).map_err(|e| e.to_string());
+        let feed = Arc::new(changes::Feed::default());
         View {
             db: db.to_string(),
             spec,
             definition,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State { feed: feed.clone(), ..State::default() }),
             refreshing: tokio::sync::Mutex::new(()),
+            feed,
         }
     }
 
@@ -361,7 +400,7 @@ impl View {
     /// Whether a refresh has something to do.
     pub fn needs_refresh(&self) -> bool {
         let state = self.state();
-        state.failure.is_none() && !state.over_limit && (!state.complete || !state.dirty.is_empty())
+        !state.over_limit && (!state.complete || !state.dirty.is_empty() || state.failure.is_some())
     }
 
     fn note_refresh(&self, started: Instant) {
@@ -426,7 +465,10 @@ impl KeyColumn {
                     return None;
                 }
                 let key = dict.keys().value(row);
-                usize::try_from(key).ok().filter(|&k| k < values.len()).map(|k| values.value(k))
+                usize::try_from(key)
+                    .ok()
+                    .filter(|&k| k < values.len() && !values.is_null(k))
+                    .map(|k| values.value(k))
             }
             KeyColumn::Text(text) => (!text.is_null(row)).then(|| text.value(row)),
             KeyColumn::Missing => None,

@@ -9,6 +9,7 @@ use arrow::array::{Array, AsArray, BooleanArray, StringArray};
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatch;
 
+use super::changes::{Event, Feed, History};
 use super::definition::{Bucket, Definition};
 use super::{DIRTY_MARKS_MAX, MATERIALIZED_BYTES_MAX};
 
@@ -114,6 +115,31 @@ impl Chunk {
         }
     }
 
+    /// The live rows `dirty` covers (what a refresh of `dirty` replaces).
+    pub(super) fn covered_live(&self, dirty: &Dirty) -> Option<RecordBatch> {
+        let mut key = Vec::new();
+        let mask: BooleanArray = (0..self.batch.num_rows())
+            .map(|row| {
+                Some(
+                    self.live[row]
+                        && dirty.covers(self.buckets[row], || {
+                            self.key(row, &mut key);
+                            key.as_slice()
+                        }),
+                )
+            })
+            .collect();
+        let batch = arrow::compute::filter_record_batch(&self.batch, &mask).ok()?;
+        (batch.num_rows() > 0).then_some(batch)
+    }
+
+    /// The live rows.
+    pub(super) fn live_rows(&self) -> Option<RecordBatch> {
+        let mask = BooleanArray::from(self.live.as_ref().clone());
+        let batch = arrow::compute::filter_record_batch(&self.batch, &mask).ok()?;
+        (batch.num_rows() > 0).then_some(batch)
+    }
+
     /// The live rows with buckets in `[lo, hi]` that `dirty` does not cover.
     pub(super) fn clean(&self, dirty: &Dirty, lo: i64, hi: i64) -> Option<RecordBatch> {
         let mut key = Vec::new();
@@ -134,6 +160,28 @@ impl Chunk {
         let batch = arrow::compute::filter_record_batch(&self.batch, &mask).ok()?;
         (batch.num_rows() > 0).then_some(batch)
     }
+}
+
+/// The bucket × group key of each of a view's rows.
+pub(super) fn row_keys(
+    batch: &RecordBatch,
+    definition: &Definition,
+) -> Option<Vec<(i64, Vec<u8>)>> {
+    let buckets = bucket_values(batch, definition)?;
+    let groups = group_values(batch, definition)?;
+    Some(
+        buckets
+            .into_iter()
+            .enumerate()
+            .map(|(row, b)| {
+                let mut key = Vec::new();
+                for g in &groups {
+                    push_key_part(&mut key, (!g.is_null(row)).then(|| g.value(row)));
+                }
+                (b, key)
+            })
+            .collect(),
+    )
 }
 
 /// The bucket starts of a view's rows.
@@ -229,7 +277,7 @@ pub(super) struct State {
     pub(super) complete: bool,
     /// Bumped by every reset: a refresh that started before one installs nothing.
     pub(super) epoch: u64,
-    generation: u64,
+    pub(super) generation: u64,
     pub(super) chunks: Vec<Chunk>,
     pub(super) schema: Option<SchemaRef>,
     pub(super) dirty: Dirty,
@@ -243,6 +291,9 @@ pub(super) struct State {
     pub(super) refreshes: u64,
     pub(super) last_refresh: Option<SystemTime>,
     pub(super) last_refresh_duration: Option<Duration>,
+    /// The view's change feed (shared with the `View`) and its history.
+    pub(super) feed: Arc<Feed>,
+    pub(super) history: History,
 }
 
 /// What a refresh or a query works from, taken under the state's lock.
@@ -271,8 +322,11 @@ impl State {
     }
 
     /// Forgets every materialized row and mark: the view is computed from raw until rebuilt.
+    /// Subscribers are told to take a new snapshot.
     pub(super) fn reset(&mut self, seq: u64) {
         self.marked_seq = self.marked_seq.max(seq);
+        let feed = self.feed.clone();
+        self.history.publish(&feed, self.marked_seq, vec![Event::Reset]);
         self.complete = false;
         self.epoch += 1;
         self.chunks.clear();
@@ -306,7 +360,7 @@ impl State {
         Plan::Partial {
             epoch: self.epoch,
             marked_seq: self.marked_seq,
-            chunks: Vec::new(),
+            chunks: self.chunks.clone(),
             dirty: self.dirty.range(i64::MIN, i64::MAX, buckets_max),
         }
     }
@@ -350,7 +404,7 @@ impl State {
 
     /// Installs recomputed rows for the marks of `dirty` (a `Plan::Partial` refresh): rows of
     /// those bucket × groups are replaced, and each mark is cleared unless a write marked it
-    /// again meanwhile.
+    /// again meanwhile. `events` (what the replacement changes) go to the change feed.
     pub(super) fn install_partial(
         &mut self,
         epoch: u64,
@@ -358,6 +412,7 @@ impl State {
         dirty: &Dirty,
         fresh: Vec<RecordBatch>,
         definition: &Definition,
+        events: Vec<Event>,
     ) -> bool {
         if epoch != self.epoch || !self.complete {
             return false;
@@ -407,9 +462,16 @@ impl State {
         if self.dirty.is_empty() {
             self.materialized_seq = marked_seq;
         }
+        let feed = self.feed.clone();
+        self.history.publish(&feed, marked_seq, events);
         self.compact();
         self.check_limit();
         true
+    }
+
+    /// Every live materialized row.
+    pub(super) fn all_rows(&self) -> Vec<RecordBatch> {
+        self.chunks.iter().filter_map(|c| c.live_rows()).collect()
     }
 
     /// Rewrites the chunks into one when most of their rows are replaced ones.
@@ -510,7 +572,14 @@ mod tests {
         state.mark(&again, 2);
         let definition =
             super::super::definition::from_sql("CREATE MATERIALIZED VIEW v AS SELECT date_bin(INTERVAL '1 minute', time) AS b, count(*) FROM t GROUP BY b").expect("valid");
-        assert!(state.install_partial(epoch, marked_seq, &dirty, Vec::new(), &definition));
+        assert!(state.install_partial(
+            epoch,
+            marked_seq,
+            &dirty,
+            Vec::new(),
+            &definition,
+            Vec::new()
+        ));
         let left: Vec<_> = state.dirty.buckets[&60].keys().cloned().collect();
         assert_eq!(left, vec![b"b".to_vec()]);
         assert_eq!(state.dirty_marks, 1);
@@ -518,6 +587,13 @@ mod tests {
         let plan = state.plan_refresh(100);
         state.reset(3);
         let Plan::Partial { epoch, marked_seq, dirty, .. } = plan else { panic!() };
-        assert!(!state.install_partial(epoch, marked_seq, &dirty, Vec::new(), &definition));
+        assert!(!state.install_partial(
+            epoch,
+            marked_seq,
+            &dirty,
+            Vec::new(),
+            &definition,
+            Vec::new()
+        ));
     }
 }

@@ -6,6 +6,7 @@
 //! bucket × groups. Before the view is materialized the defining query answers alone.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,6 +46,9 @@ const RANGES_MAX: usize = 64;
 /// How often the refresh job looks for views whose refresh interval has passed.
 const REFRESH_TICK: Duration = Duration::from_millis(50);
 
+/// A view with subscribers refreshes at most this often (and when marked, not on the tick).
+const SUBSCRIBED_REFRESH_INTERVAL: Duration = Duration::from_millis(10);
+
 fn external(e: Error) -> DataFusionError {
     DataFusionError::External(Box::new(e))
 }
@@ -64,55 +68,77 @@ fn waiting(views: &Views, view: &View, definition: &Definition) -> bool {
     !views.has_rows_source(&view.db, &definition.base)
 }
 
-/// `definition`'s query with `restriction` (SQL text, built from quoted identifiers and
-/// literals) ANDed to its `WHERE`.
-fn restricted(definition: &Definition, restriction: Option<String>) -> DfResult<Query> {
+/// `definition`'s query with `restriction` ANDed to its `WHERE`. The restriction is built as
+/// an AST (identifiers and literals from user data never become SQL text).
+fn restricted(definition: &Definition, restriction: Option<SqlExpr>) -> DfResult<Query> {
     let mut query = definition.query.clone();
-    let Some(text) = restriction else { return Ok(query) };
-    let predicate = Parser::new(&PostgreSqlDialect {})
-        .try_with_sql(&text)
-        .and_then(|mut p| p.parse_expr())
-        .map_err(|e| DataFusionError::Internal(format!("view restriction {text}: {e}")))?;
+    let Some(predicate) = restriction else { return Ok(query) };
     let SetExpr::Select(select) = query.body.as_mut() else {
         return Err(DataFusionError::Internal("a view's query is a SELECT".into()));
     };
     select.selection = Some(match select.selection.take() {
-        Some(existing) => SqlExpr::BinaryOp {
-            left: Box::new(SqlExpr::Nested(Box::new(existing))),
-            op: BinaryOperator::And,
-            right: Box::new(SqlExpr::Nested(Box::new(predicate))),
-        },
+        Some(existing) => and(SqlExpr::Nested(Box::new(existing)), predicate),
         None => predicate,
     });
     Ok(query)
 }
 
-fn quoted(name: &str) -> String {
-    Ident::with_quote('"', name).to_string()
+fn column(name: &str) -> SqlExpr {
+    SqlExpr::Identifier(Ident::with_quote('"', name))
 }
 
-fn nanos(ns: i64) -> String {
-    format!("to_timestamp_nanos({ns})")
+fn and(left: SqlExpr, right: SqlExpr) -> SqlExpr {
+    SqlExpr::BinaryOp {
+        left: Box::new(left),
+        op: BinaryOperator::And,
+        right: Box::new(SqlExpr::Nested(Box::new(right))),
+    }
 }
 
-/// The source-time range of buckets `[lo, hi]` (bucket starts), as SQL.
-fn range_sql(definition: &Definition, lo: i64, hi: i64) -> Option<String> {
-    let time = quoted(&definition.bucket.source);
-    let mut parts = Vec::new();
-    if lo != i64::MIN {
-        parts.push(format!("{time} >= {}", nanos(definition.bucket.of(lo))));
+fn any(terms: Vec<SqlExpr>) -> Option<SqlExpr> {
+    let or = terms.into_iter().reduce(|a, b| SqlExpr::BinaryOp {
+        left: Box::new(a),
+        op: BinaryOperator::Or,
+        right: Box::new(b),
+    })?;
+    Some(SqlExpr::Nested(Box::new(or)))
+}
+
+/// `name <op> to_timestamp_nanos(ns)`.
+fn time_compare(name: &str, op: BinaryOperator, ns: i64) -> DfResult<SqlExpr> {
+    // Only digits reach the parser here.
+    let timestamp = Parser::new(&PostgreSqlDialect {})
+        .try_with_sql(&format!("to_timestamp_nanos({ns})"))
+        .and_then(|mut p| p.parse_expr())
+        .map_err(|e| DataFusionError::Internal(format!("timestamp literal {ns}: {e}")))?;
+    Ok(SqlExpr::BinaryOp { left: Box::new(column(name)), op, right: Box::new(timestamp) })
+}
+
+/// `start <= name < end`; no bound on a side at the end of the time range.
+fn time_range(name: &str, start: i64, end: i64) -> DfResult<SqlExpr> {
+    let lower = (start != i64::MIN).then(|| time_compare(name, BinaryOperator::GtEq, start));
+    let upper = (end != i64::MAX).then(|| time_compare(name, BinaryOperator::Lt, end));
+    match (lower.transpose()?, upper.transpose()?) {
+        (Some(l), Some(u)) => Ok(and(l, u)),
+        (Some(one), None) | (None, Some(one)) => Ok(one),
+        (None, None) => Ok(SqlExpr::value(Value::Boolean(true))),
     }
-    if hi != i64::MAX {
-        let end = definition.bucket.end(definition.bucket.of(hi));
-        parts.push(format!("{time} < {}", nanos(end)));
+}
+
+/// The source-time range of buckets `[lo, hi]` (bucket starts).
+fn range_predicate(definition: &Definition, lo: i64, hi: i64) -> DfResult<Option<SqlExpr>> {
+    let bucket = &definition.bucket;
+    let start = if lo == i64::MIN { i64::MIN } else { bucket.of(lo) };
+    let end = if hi == i64::MAX { i64::MAX } else { bucket.end(bucket.of(hi)) };
+    if start == i64::MIN && end == i64::MAX {
+        return Ok(None);
     }
-    (!parts.is_empty()).then(|| parts.join(" AND "))
+    time_range(&bucket.source, start, end).map(Some)
 }
 
 /// A restriction to the raw rows of `dirty`'s bucket × groups (a superset of them).
-fn dirty_sql(definition: &Definition, dirty: &Dirty) -> Option<String> {
+fn dirty_predicate(definition: &Definition, dirty: &Dirty) -> DfResult<Option<SqlExpr>> {
     let bucket = &definition.bucket;
-    let time = quoted(&bucket.source);
     // Contiguous dirty buckets become one range.
     let mut ranges: Vec<(i64, i64)> = Vec::new();
     for &start in dirty.buckets.keys() {
@@ -122,44 +148,82 @@ fn dirty_sql(definition: &Definition, dirty: &Dirty) -> Option<String> {
             _ => ranges.push((start, end)),
         }
     }
-    let (&first, _) = dirty.buckets.first_key_value()?;
-    let last = ranges.last().map(|r| r.1)?;
-    let mut sql = format!("{time} >= {} AND {time} < {}", nanos(first), nanos(last));
+    let (Some(first), Some(last)) = (ranges.first(), ranges.last()) else { return Ok(None) };
+    let mut predicate = time_range(&bucket.source, first.0, last.1)?;
     if ranges.len() > 1 && ranges.len() <= RANGES_MAX {
-        let any: Vec<String> = ranges
+        let terms = ranges
             .iter()
-            .map(|(s, e)| format!("({time} >= {} AND {time} < {})", nanos(*s), nanos(*e)))
-            .collect();
-        sql.push_str(&format!(" AND ({})", any.join(" OR ")));
+            .map(|(s, e)| time_range(&bucket.source, *s, *e).map(|t| SqlExpr::Nested(Box::new(t))))
+            .collect::<DfResult<Vec<_>>>()?;
+        if let Some(terms) = any(terms) {
+            predicate = and(predicate, terms);
+        }
     }
     if !definition.groups.is_empty() {
         let keys: BTreeSet<&Vec<u8>> = dirty.buckets.values().flat_map(|k| k.keys()).collect();
         if keys.len() <= GROUP_TERMS_MAX {
-            let any: Vec<String> = keys
+            let terms: Vec<SqlExpr> = keys
                 .iter()
-                .map(|key| {
+                .filter_map(|key| {
                     let values = decode_key(key);
-                    let terms: Vec<String> = definition
+                    definition
                         .groups
                         .iter()
                         .zip(values)
                         .map(|(g, v)| match v {
-                            None => format!("{} IS NULL", quoted(&g.source)),
-                            Some(v) => {
-                                format!("{} = {}", quoted(&g.source), Value::SingleQuotedString(v))
-                            }
+                            None => SqlExpr::IsNull(Box::new(column(&g.source))),
+                            Some(v) => SqlExpr::BinaryOp {
+                                left: Box::new(column(&g.source)),
+                                op: BinaryOperator::Eq,
+                                right: Box::new(SqlExpr::value(Value::SingleQuotedString(v))),
+                            },
                         })
-                        .collect();
-                    format!("({})", terms.join(" AND "))
+                        .reduce(and)
+                        .map(|t| SqlExpr::Nested(Box::new(t)))
                 })
                 .collect();
-            sql.push_str(&format!(" AND ({})", any.join(" OR ")));
+            if let Some(terms) = any(terms) {
+                predicate = and(predicate, terms);
+            }
         }
     }
-    Some(sql)
+    Ok(Some(predicate))
 }
 
 impl View {
+    /// A view whose table does not exist (yet, or any more) has no answer, and says why.
+    fn check_waiting(&self, views: &Views, definition: &Definition) -> Result<(), Error> {
+        if waiting(views, self, definition) {
+            return Err(self.failed(format!(
+                "its base \"{}\" does not exist yet (a table appears with its first write); \
+                 the view is empty until then",
+                definition.base
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether the definition fits what it reads now: a table's group columns must be tags
+    /// (a point's field may change by overwrite, moving it between groups, which marks by
+    /// the new value alone cannot follow).
+    fn check_fits(&self, views: &Views, definition: &Definition) -> Result<(), Error> {
+        let catalog = views.engine().catalog();
+        let Some(table) = catalog.table(&self.db, &definition.base) else { return Ok(()) };
+        for g in &definition.groups {
+            if let Some(c) = table.column(&g.source) {
+                if !matches!(c.kind, crate::catalog::ColumnKind::Tag) {
+                    let reason = format!(
+                        "it groups by \"{}\", a field of \"{}\"; a view groups by tags",
+                        g.source, definition.base
+                    );
+                    self.set_failure(Some(reason.clone()));
+                    return Err(self.failed(reason));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The view's rows for buckets in `[lo, hi]` (a superset: the caller filters), read in
     /// `state`: clean materialized rows ∪ dirty ones recomputed from raw.
     pub(super) async fn answer(
@@ -170,17 +234,18 @@ impl View {
         hi: i64,
     ) -> Result<(SchemaRef, Vec<RecordBatch>), Error> {
         let definition = self.definition()?;
-        if let Some(reason) = self.state().failure.clone() {
-            if !waiting(views, self, definition) {
-                return Err(self.failed(reason));
-            }
-        }
+        self.check_waiting(views, definition)?;
+        self.check_fits(views, definition)?;
         let plan = self.state().plan_query(lo, hi);
         let failed = |e: DataFusionError| self.failed(e.to_string());
         let result = match plan {
             Plan::Full { .. } => {
-                run(state, restricted(definition, range_sql(definition, lo, hi)).map_err(failed)?)
-                    .await
+                run(
+                    state,
+                    restricted(definition, range_predicate(definition, lo, hi).map_err(failed)?)
+                        .map_err(failed)?,
+                )
+                .await
             }
             Plan::Partial { chunks, dirty, .. } => {
                 let mut batches: Vec<RecordBatch> =
@@ -193,7 +258,8 @@ impl View {
                 }
                 match run(
                     state,
-                    restricted(definition, dirty_sql(definition, &dirty)).map_err(failed)?,
+                    restricted(definition, dirty_predicate(definition, &dirty).map_err(failed)?)
+                        .map_err(failed)?,
                 )
                 .await
                 {
@@ -221,6 +287,7 @@ impl View {
         if waiting(views, self, definition) {
             return Ok(false);
         }
+        self.check_fits(views, definition)?;
         let started = Instant::now();
         let ctx = query.context(&self.db).map_err(|e| self.failed(e.to_string()))?;
         let state = ctx.state();
@@ -238,11 +305,13 @@ impl View {
                 s.failure = None;
                 s.install_full(epoch, marked_seq, schema, batches, definition)
             }
-            Plan::Partial { epoch, marked_seq, dirty, .. } => {
+            Plan::Partial { epoch, marked_seq, dirty, chunks } => {
                 if dirty.is_empty() {
+                    self.set_failure(None);
                     return Ok(false);
                 }
-                let query = restricted(definition, dirty_sql(definition, &dirty))
+                let query = dirty_predicate(definition, &dirty)
+                    .and_then(|p| restricted(definition, p))
                     .map_err(|e| self.failed(e.to_string()))?;
                 let (schema, fresh) = match run(&state, query).await {
                     Ok(result) => result,
@@ -254,6 +323,15 @@ impl View {
                 let Some(fresh) = covered(fresh, &dirty, definition) else {
                     return Err(self.failed("the view's rows lack its bucket or group columns"));
                 };
+                // What this changes, for subscribers: the rows it replaces against the new ones
+                // (only the refresh changes the rows, and refreshes take turns).
+                let events = if self.feed.enabled() {
+                    let old: Vec<RecordBatch> =
+                        chunks.iter().filter_map(|c| c.covered_live(&dirty)).collect();
+                    super::changes::diff(&old, &fresh, definition).unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
                 let mut s = self.state();
                 s.failure = None;
                 if s.schema.as_ref().is_some_and(|known| known != &schema) {
@@ -261,7 +339,7 @@ impl View {
                     s.reset(marked_seq);
                     false
                 } else {
-                    s.install_partial(epoch, marked_seq, &dirty, fresh, definition)
+                    s.install_partial(epoch, marked_seq, &dirty, fresh, definition, events)
                 }
             }
         };
@@ -279,13 +357,8 @@ impl View {
             return Ok(schema);
         }
         let definition = self.definition()?;
-        if waiting(views, self, definition) {
-            return Err(self.failed(format!(
-                "its base \"{}\" does not exist yet (a table appears with its first write); \
-                 the view is empty until then",
-                definition.base
-            )));
-        }
+        self.check_waiting(views, definition)?;
+        self.check_fits(views, definition)?;
         let statement =
             DfStatement::Statement(Box::new(Statement::Query(Box::new(definition.query.clone()))));
         match state.statement_to_plan(statement).await {
@@ -346,21 +419,62 @@ impl Views {
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(REFRESH_TICK) => {}
+                () = self.wakeup.notified() => {}
             }
             for view in self.all() {
                 let Ok(definition) = view.definition() else { continue };
-                let due = last
-                    .get(&view.spec.id)
-                    .is_none_or(|t| t.elapsed() >= definition.refresh_interval);
+                // With subscribers, changes are pushed as soon as they are marked.
+                let interval = if view.feed.subscribers.load(Ordering::Acquire) > 0 {
+                    SUBSCRIBED_REFRESH_INTERVAL.min(definition.refresh_interval)
+                } else {
+                    definition.refresh_interval
+                };
+                let due = last.get(&view.spec.id).is_none_or(|t| t.elapsed() >= interval);
                 if !due || !view.needs_refresh() {
                     continue;
                 }
                 last.insert(view.spec.id, Instant::now());
                 if let Err(error) = view.refresh(&self, &query).await {
-                    tracing::warn!(view = %view.spec.name, %error, "refreshing a view failed");
+                    // Shown in system.views; retried at the view's interval.
+                    tracing::debug!(view = %view.spec.name, %error, "refreshing a view failed");
                 }
             }
         }
+    }
+
+    /// Subscribes to view `name`'s changes, from a snapshot (`since` = `None`) or after change
+    /// `since`. The view is materialized first if it is not.
+    pub async fn subscribe(
+        &self,
+        query: &QueryEngine,
+        db: &str,
+        name: &str,
+        since: Option<super::changes::ChangeId>,
+    ) -> Result<super::changes::Subscription, Error> {
+        self.sync_if_stale(db, name);
+        let Some(view) = self.get(db, name) else {
+            return Err(Error::Failed { view: name.into(), reason: "no such view".into() });
+        };
+        let definition = view.definition()?;
+        if waiting(self, &view, definition) {
+            return Err(view.failed(format!(
+                "its base \"{}\" does not exist yet; subscribe once it has rows",
+                definition.base
+            )));
+        }
+        for _ in 0..8 {
+            view.refresh(self, query).await?;
+            let mut state = view.state();
+            if !state.complete {
+                continue;
+            }
+            let seq = state.materialized_seq;
+            super::changes::begin(&mut state.history, seq);
+            let rows = || state.all_rows();
+            return super::changes::subscribe(&view, &state.history, since, rows)
+                .map_err(|e| view.failed(e.to_string()));
+        }
+        Err(view.failed("it is being rebuilt; subscribe again shortly"))
     }
 
     /// `REFRESH MATERIALIZED VIEW`: materializes what is dirty now.
@@ -374,8 +488,15 @@ impl Views {
         let Some(view) = self.get(db, name) else {
             return Err(Error::Failed { view: name.into(), reason: "no such view".into() });
         };
-        while view.needs_refresh() {
-            if !view.refresh(self, query).await? {
+        view.check_waiting(self, view.definition()?)?;
+        // Everything marked when it was asked for; writes after that may wait for the next.
+        let target = view.state().marked_seq;
+        for _ in 0..64 {
+            let installed = view.refresh(self, query).await?;
+            let state = view.state();
+            let done =
+                state.complete && (state.dirty.is_empty() || state.materialized_seq >= target);
+            if done || (!installed && state.complete) {
                 break;
             }
         }

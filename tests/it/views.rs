@@ -77,8 +77,16 @@ async fn create(server: &Server, case: &Case) {
 /// Lines of one random batch: in order, out of order, late by hours, duplicates, overwrites
 /// of one field only. Values are whole numbers, so float sums are exact in any order.
 fn batch(rng: &mut fastrand::Rng, now_s: &mut i64) -> String {
-    const HOSTS: [(&str, Option<&str>); 4] =
-        [("a", Some("eu")), ("b", Some("eu")), ("c", Some("us")), ("d", None)];
+    // Tag values with quotes and backslashes: they reach the view's recomputation as literals.
+    const HOSTS: [(&str, Option<&str>); 7] = [
+        ("a", Some("eu")),
+        ("b", Some("eu")),
+        ("c", Some("us")),
+        ("d", None),
+        ("q'x", Some("us")),
+        ("a''b", None),
+        ("O\\'B", Some("eu")),
+    ];
     let mut body = String::new();
     for _ in 0..rng.usize(1..40) {
         *now_s += rng.i64(0..20);
@@ -305,4 +313,111 @@ async fn view_statements_say_what_is_allowed_with_sqlstates() {
         server.write("/api/v3/write_lp?db=vdb&precision=s", "cpu,host=b u=1 60\n").await;
     assert_eq!(status, 204, "{body}");
     assert_eq!(server.count("vdb", "SELECT count(*) FROM cpu2").await, 1);
+}
+
+/// Reads Server-Sent Events from a streaming response: (event, id, data) per event.
+struct Events {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl Events {
+    async fn next(&mut self, timeout: Duration) -> Option<(String, String, String)> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let (mut event, mut id, mut data) = (String::new(), String::new(), String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("id:") {
+                        id = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if event.is_empty() && data.is_empty() {
+                    continue; // a heartbeat comment
+                }
+                return Some((event, id, data));
+            }
+            let chunk = tokio::time::timeout_at(deadline, self.response.chunk()).await.ok()?;
+            self.buffer.push_str(&String::from_utf8_lossy(&chunk.ok()??));
+        }
+    }
+}
+
+async fn changes(server: &Server, db: &str, query: &str, last: Option<&str>) -> reqwest::Response {
+    let mut request = crate::harness::client()
+        .get(server.url(&format!("/api/v3/views/cpu_1m/changes?db={db}{query}")));
+    if let Some(id) = last {
+        request = request.header("Last-Event-ID", id);
+    }
+    request.send().await.expect("changes request")
+}
+
+#[tokio::test]
+async fn view_changes_stream_as_server_sent_events_and_resume() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data"), &[]);
+    let db = "feed";
+    let write = |body: &'static str| {
+        let server = &server;
+        async move {
+            let (status, answer) =
+                server.write(&format!("/api/v3/write_lp?db={db}&precision=s"), body).await;
+            assert_eq!(status, 204, "{answer}");
+        }
+    };
+    write("cpu,host=a u=1 60\ncpu,host=b u=2 61\n").await;
+    let (status, body) = server
+        .execute(
+            db,
+            "CREATE MATERIALIZED VIEW cpu_1m AS SELECT date_bin(INTERVAL '1 minute', time) AS \
+             minute, host, max(u) AS peak FROM cpu GROUP BY 1, 2",
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    let response = changes(&server, db, "&snapshot=true", None).await;
+    assert_eq!(response.status().as_u16(), 200);
+    let mut events = Events { response, buffer: String::new() };
+    let (event, _, data) = events.next(Duration::from_secs(10)).await.expect("snapshot");
+    assert_eq!(event, "snapshot");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&data).expect("rows");
+    assert_eq!(rows.len(), 2, "{data}");
+
+    // A new bucket × group, then an overwrite that changes a value, then one that changes none.
+    let started = std::time::Instant::now();
+    write("cpu,host=a u=5 130\n").await;
+    let (event, first_id, data) = events.next(Duration::from_secs(5)).await.expect("change");
+    let latency = started.elapsed();
+    assert_eq!(event, "change", "{data}");
+    assert!(data.contains(r#""op":"upsert""#) && data.contains(r#""peak":5.0"#), "{data}");
+    assert!(latency < Duration::from_secs(2), "pushed after {latency:?}");
+    write("cpu,host=b u=7 61\n").await;
+    let (_, second_id, data) = events.next(Duration::from_secs(5)).await.expect("change");
+    assert!(data.contains(r#""host":"b""#) && data.contains(r#""peak":7.0"#), "{data}");
+    assert!(second_id.parse::<f64>().expect("id") > first_id.parse::<f64>().expect("id"));
+
+    // Resuming after the first change replays the second, then goes on live.
+    let response = changes(&server, db, "", Some(&first_id)).await;
+    assert_eq!(response.status().as_u16(), 200);
+    let mut resumed = Events { response, buffer: String::new() };
+    let (_, id, data) = resumed.next(Duration::from_secs(5)).await.expect("backlog");
+    assert_eq!(id, second_id, "{data}");
+    // A resume point the server never had is refused.
+    let response = changes(&server, db, "", Some("999999")).await;
+    assert_eq!(response.status().as_u16(), 400);
+    let response = changes(&server, db, "", Some("not-an-id")).await;
+    assert_eq!(response.status().as_u16(), 400);
+
+    // Rows gone: dropping the table rebuilds the view, which ends the streams.
+    let (status, body) = server.execute(db, "DROP TABLE cpu").await;
+    assert_eq!(status, 200, "{body}");
+    let (event, _, data) = events.next(Duration::from_secs(5)).await.expect("error event");
+    assert_eq!(event, "error", "{data}");
+    assert!(data.contains("take a new snapshot"), "{data}");
+    assert!(events.next(Duration::from_secs(2)).await.is_none(), "the stream ends");
 }
