@@ -663,6 +663,16 @@ async fn run_sql(
                 Err(e) => error_response(status_of(e.kind()), &e.to_string(), None),
             };
         }
+        Command::Subscribe { view, .. } => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                &format!(
+                    "COPY (SUBSCRIBE …) needs a Postgres connection; over HTTP, read \
+                     GET /api/v3/views/{view}/changes?db={db} (Server-Sent Events)"
+                ),
+                None,
+            )
+        }
         Command::Refresh { view } => {
             return match state.query.views().refresh_now(&state.query, &db, &view).await {
                 Ok(()) => Json(json!([])).into_response(),

@@ -439,6 +439,26 @@ fn escape_text_batch(batch: &RecordBatch) -> Result<RecordBatch, arrow::error::A
     RecordBatch::try_new(batch.schema(), columns)
 }
 
+/// A JSON value as a COPY text field: `\\N` for NULL, text escaped as COPY's text format does.
+pub fn text_value(value: Option<&serde_json::Value>) -> String {
+    let text = match value {
+        None | Some(serde_json::Value::Null) => return "\\N".to_string(),
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    };
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Renders result batches as COPY lines.
 pub fn render(
     copy: &Format,

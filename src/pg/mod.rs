@@ -206,6 +206,7 @@ fn in_failed_transaction<C: ClientInfo>(client: &C, command: &Command) -> bool {
             Command::Query(_)
                 | Command::Ddl(_)
                 | Command::Refresh { .. }
+                | Command::Subscribe { .. }
                 | Command::Copy(_)
                 | Command::Declare { .. }
                 | Command::Cursor(_)
@@ -516,6 +517,7 @@ impl Handler {
                 Err(user_error(SqlState::FeatureNotSupported, format!("{statement}")))
             }
             Command::NoOp { tag } => Ok(Response::Execution(Tag::new(tag))),
+            Command::Subscribe { view, snapshot } => self.subscribe(client, &view, snapshot).await,
             Command::Refresh { view } => {
                 let query = &self.databases.query;
                 query
@@ -715,6 +717,111 @@ impl Handler {
     /// Runs the query of a `COPY … TO STDOUT` through the statement pipeline (so gap filling
     /// and the last-value cache apply as anywhere) and streams its rows, one `CopyData` per
     /// line.
+    /// `COPY (SUBSCRIBE view) TO STDOUT`: the view's change feed as COPY text rows — the change
+    /// id, the kind (`snapshot`, `upsert`, `delete`) and the view's columns — until the client
+    /// cancels or goes away; a rebuilt view or a client too slow ends it with an error.
+    ///
+    /// The messages are sent here, each flushed as it is ready (pgwire would buffer a COPY's
+    /// rows until it ends): CopyOutResponse, CopyData per row, CopyDone, then the COPY tag.
+    async fn subscribe<C>(
+        &self,
+        client: &mut C,
+        view: &str,
+        snapshot: bool,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        use crate::views::changes::{ChangeId, Event};
+        use futures::StreamExt;
+        let query = &self.databases.query;
+        let db = database(client);
+        let subscription = query
+            .views()
+            .subscribe(query, &db, view, None)
+            .await
+            .map_err(|e| user_error(crate::views::sqlstate_of(&e), e.to_string()))?;
+        let schema = query
+            .views()
+            .get(&db, view)
+            .and_then(|v| v.schema())
+            .ok_or_else(|| user_error(SqlState::UndefinedTable, format!("no view {view}")))?;
+        let columns: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+        let line =
+            move |id: ChangeId, kind: &str, row: &serde_json::Map<String, serde_json::Value>| {
+                let mut fields = vec![id.to_string(), kind.to_string()];
+                fields.extend(columns.iter().map(|c| copy::text_value(row.get(c))));
+                let mut text = fields.join("\t");
+                text.push('\n');
+                Ok(pgwire::messages::copy::CopyData::new(bytes::Bytes::from(text)))
+            };
+        let crate::views::changes::Subscription { snapshot: rows, live, guard, .. } = subscription;
+        let mut first = Vec::new();
+        if let (true, Some((id, batches))) = (snapshot, rows) {
+            for batch in &batches {
+                for row in crate::views::changes::json_rows(batch).unwrap_or_default() {
+                    first.push(line(id, "snapshot", &row));
+                }
+            }
+        }
+        let running = self.running.start(client);
+        let changes = futures::stream::unfold(
+            Some((live, guard, running, line.clone())),
+            |state| async move {
+                let (mut live, guard, running, line) = state?;
+                let set = tokio::select! {
+                    set = live.recv() => set,
+                    error = running.stopped() => return Some((vec![Err(error)], None)),
+                };
+                let set = match set {
+                    Ok(set) => set,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let message = format!(
+                            "subscriber too slow: {n} change sets were not read in time; \
+                             subscribe again"
+                        );
+                        return Some((
+                            vec![Err(user_error(SqlState::ProgramLimitExceeded, message))],
+                            None,
+                        ));
+                    }
+                    Err(_) => return None,
+                };
+                let mut lines = Vec::new();
+                for event in &set.events {
+                    match event {
+                        Event::Upsert(row) => lines.push(line(set.id, "upsert", row)),
+                        Event::Delete(row) => lines.push(line(set.id, "delete", row)),
+                        Event::Reset => {
+                            let message = "the view was rebuilt from scratch; subscribe again";
+                            lines.push(Err(user_error(
+                                SqlState::ObjectNotInPrerequisiteState,
+                                message,
+                            )));
+                            return Some((lines, None));
+                        }
+                    }
+                }
+                Some((lines, Some((live, guard, running, line))))
+            },
+        )
+        .flat_map(futures::stream::iter);
+        use pgwire::messages::copy::{CopyDone, CopyOutResponse};
+        let columns = schema.fields().len() + 2;
+        let start = CopyOutResponse::new(0, columns as i16, vec![0; columns]);
+        client.send(PgWireBackendMessage::CopyOutResponse(start)).await?;
+        let mut rows = futures::stream::iter(first).chain(changes).boxed();
+        let mut sent = 0usize;
+        while let Some(row) = rows.next().await {
+            client.send(PgWireBackendMessage::CopyData(row?)).await?;
+            sent += 1;
+        }
+        client.send(PgWireBackendMessage::CopyDone(CopyDone::new())).await?;
+        Ok(Response::Execution(Tag::new("COPY").with_rows(sent)))
+    }
+
     async fn copy_out<C: ClientInfo + Send + Sync>(
         &self,
         client: &C,

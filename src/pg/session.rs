@@ -542,6 +542,14 @@ impl RunningQueries {
 }
 
 impl Running {
+    /// Resolves, with the error to send, once the query is canceled or times out.
+    pub async fn stopped(&self) -> PgWireError {
+        tokio::select! {
+            _ = self.token.cancelled() => query_canceled("user request"),
+            _ = sleep_until(self.deadline) => query_canceled("statement timeout"),
+        }
+    }
+
     /// Runs `work` (planning) unless the query is canceled or times out first.
     pub async fn guard<T>(
         &self,

@@ -53,6 +53,9 @@ pub enum Command {
     /// `REFRESH MATERIALIZED VIEW name`: materialize the view's dirty buckets now (never
     /// needed for a right answer).
     Refresh { view: String },
+    /// `COPY (SUBSCRIBE name [WITH (SNAPSHOT)]) TO STDOUT` (Postgres protocol only): a view's
+    /// changes as an endless COPY.
+    Subscribe { view: String, snapshot: bool },
     /// `COPY … TO STDOUT` / `COPY … FROM STDIN` (Postgres protocol only).
     Copy(Box<Statement>),
     /// `SHOW name` of a session setting.

@@ -23,6 +23,9 @@ pub fn command(sql: &str) -> Option<Command> {
         };
         return Some(Command::Refresh { view });
     }
+    if let Some(command) = subscribe(sql) {
+        return Some(command);
+    }
     let tag = match words.as_slice() {
         ["DEALLOCATE", ..] => "DEALLOCATE",
         ["DISCARD", "ALL"] => "DISCARD ALL",
@@ -32,6 +35,45 @@ pub fn command(sql: &str) -> Option<Command> {
         _ => return None,
     };
     Some(Command::NoOp { tag })
+}
+
+/// `COPY (SUBSCRIBE [TO] name [WITH (SNAPSHOT)]) TO STDOUT` (Materialize's shape, for a view's
+/// change feed; sqlparser has no SUBSCRIBE).
+fn subscribe(sql: &str) -> Option<Command> {
+    let text = sql.trim().trim_end_matches(';').trim();
+    let rest = strip_word(text, "COPY")?.trim_start().strip_prefix('(')?;
+    let close = rest.rfind(')')?;
+    let (inner, after) = (&rest[..close], &rest[close + 1..]);
+    let after: Vec<String> = after.split_whitespace().map(|w| w.to_ascii_uppercase()).collect();
+    if after != ["TO", "STDOUT"] {
+        return None;
+    }
+    let inner = strip_word(inner.trim(), "SUBSCRIBE")?.trim_start();
+    let inner = strip_word(inner, "TO").map(str::trim_start).unwrap_or(inner);
+    let (name, options) = if let Some(quoted) = inner.strip_prefix('"') {
+        let end = quoted.find('"')?;
+        (quoted[..end].to_string(), quoted[end + 1..].trim())
+    } else {
+        let end = inner.find(char::is_whitespace).unwrap_or(inner.len());
+        (inner[..end].to_lowercase(), inner[end..].trim())
+    };
+    let options: String =
+        options.split_whitespace().collect::<Vec<_>>().join(" ").to_ascii_uppercase();
+    let snapshot = match options.as_str() {
+        "" => false,
+        "WITH (SNAPSHOT)" | "WITH (SNAPSHOT = TRUE)" | "WITH (SNAPSHOT TRUE)" => true,
+        "WITH (SNAPSHOT = FALSE)" | "WITH (SNAPSHOT FALSE)" => false,
+        _ => return None,
+    };
+    (!name.is_empty()).then_some(Command::Subscribe { view: name, snapshot })
+}
+
+/// `text` without its first word if that is `word` (any case).
+fn strip_word<'a>(text: &'a str, word: &str) -> Option<&'a str> {
+    let head = text.get(..word.len())?;
+    let rest = &text[word.len()..];
+    (head.eq_ignore_ascii_case(word) && rest.starts_with(|c: char| c.is_whitespace() || c == '('))
+        .then_some(rest)
 }
 
 /// A database statement of InfluxQL on the v1 `/query` endpoint that SQL does not parse:
@@ -64,5 +106,14 @@ mod tests {
         assert_eq!(influxql_database("SELECT 1"), None);
         assert!(matches!(command("DISCARD ALL"), Some(Command::NoOp { tag: "DISCARD ALL" })));
         assert!(command("SELECT 1").is_none());
+        assert!(matches!(
+            command("copy (subscribe cpu_1m with (snapshot)) to stdout;"),
+            Some(Command::Subscribe { view, snapshot: true }) if view == "cpu_1m"
+        ));
+        assert!(matches!(
+            command("COPY (SUBSCRIBE TO \"My View\") TO STDOUT"),
+            Some(Command::Subscribe { view, snapshot: false }) if view == "My View"
+        ));
+        assert!(command("COPY (SUBSCRIBE v) TO '/tmp/x'").is_none());
     }
 }

@@ -19,6 +19,7 @@ fn kind(sql: &str) -> &'static str {
         Ok(Command::Declare { .. }) => "declare",
         Ok(Command::NoOp { .. }) => "noop",
         Ok(Command::Refresh { .. }) => "refresh",
+        Ok(Command::Subscribe { .. }) => "subscribe",
         Err(Error::Syntax(_)) => "syntax",
         Err(Error::Unsupported(_)) => "unsupported",
     }

@@ -421,3 +421,46 @@ async fn view_changes_stream_as_server_sent_events_and_resume() {
     assert!(data.contains("take a new snapshot"), "{data}");
     assert!(events.next(Duration::from_secs(2)).await.is_none(), "the stream ends");
 }
+
+#[tokio::test]
+async fn copy_subscribe_streams_changes_to_postgres_clients() {
+    use futures::StreamExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data"), &[]);
+    let (status, body) =
+        server.write("/api/v3/write_lp?db=sub&precision=s", "cpu,host=a u=1 60\n").await;
+    assert_eq!(status, 204, "{body}");
+    let client = connect(&server, "sub").await.expect("pg connects");
+    client
+        .batch_execute(
+            "CREATE MATERIALIZED VIEW cpu_1m AS SELECT date_bin(INTERVAL '1 minute', time) AS \
+             minute, host, max(u) AS peak FROM cpu GROUP BY 1, 2",
+        )
+        .await
+        .expect("create view");
+    let feed = connect(&server, "sub").await.expect("pg connects");
+    let stream = feed
+        .copy_out("COPY (SUBSCRIBE cpu_1m WITH (SNAPSHOT)) TO STDOUT")
+        .await
+        .expect("subscribe");
+    let mut stream = Box::pin(stream);
+    async fn next(stream: &mut std::pin::Pin<Box<tokio_postgres::CopyOutStream>>) -> String {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), stream.next()).await;
+        let chunk = chunk.expect("a row in time").expect("open").expect("row");
+        String::from_utf8(chunk.to_vec()).expect("text")
+    }
+    let snapshot = next(&mut stream).await;
+    assert!(snapshot.ends_with("\tsnapshot\t1970-01-01T00:01:00Z\ta\t1.0\n"), "{snapshot:?}");
+    let (status, body) = server
+        .write("/api/v3/write_lp?db=sub&precision=s", "cpu,host=a u=4 61\ncpu,host=b\\ x u=2 125\n")
+        .await;
+    assert_eq!(status, 204, "{body}");
+    let mut rows = vec![next(&mut stream).await, next(&mut stream).await];
+    rows.sort();
+    assert!(rows[0].ends_with("\tupsert\t1970-01-01T00:01:00Z\ta\t4.0\n"), "{rows:?}");
+    assert!(rows[1].ends_with("\tupsert\t1970-01-01T00:02:00Z\tb x\t2.0\n"), "{rows:?}");
+    // Over HTTP it is refused with a pointer to the SSE endpoint.
+    let (status, body) = server.execute("sub", "COPY (SUBSCRIBE cpu_1m) TO STDOUT").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("/api/v3/views/cpu_1m/changes"), "{body}");
+}
