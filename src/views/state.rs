@@ -402,51 +402,23 @@ impl State {
         true
     }
 
-    /// Installs recomputed rows for the marks of `dirty` (a `Plan::Partial` refresh): rows of
-    /// those bucket × groups are replaced, and each mark is cleared unless a write marked it
-    /// again meanwhile. `events` (what the replacement changes) go to the change feed.
+    /// Installs `chunks` (from [`replaced`]: the rows of `dirty`'s bucket × groups recomputed)
+    /// after a `Plan::Partial` refresh, and clears each mark of `dirty` unless a write marked
+    /// it again meanwhile. `events` (what the replacement changes) go to the change feed.
+    /// `false` if a reset happened since the plan (only refreshes, which take turns, change
+    /// the chunks otherwise, so `chunks` was computed from the current ones).
     pub(super) fn install_partial(
         &mut self,
         epoch: u64,
         marked_seq: u64,
         dirty: &Dirty,
-        fresh: Vec<RecordBatch>,
-        definition: &Definition,
+        chunks: Vec<Chunk>,
         events: Vec<Event>,
     ) -> bool {
         if epoch != self.epoch || !self.complete {
             return false;
         }
-        let Some(fresh) = fresh
-            .into_iter()
-            .filter(|b| b.num_rows() > 0)
-            .map(|b| Chunk::new(b, definition))
-            .collect::<Option<Vec<_>>>()
-        else {
-            return false;
-        };
-        let mut key = Vec::new();
-        for chunk in &mut self.chunks {
-            let mut live_rows = chunk.live_rows;
-            let live = Arc::make_mut(&mut chunk.live);
-            for (row, alive) in live.iter_mut().enumerate() {
-                if *alive
-                    && dirty.covers(chunk.buckets[row], || {
-                        key.clear();
-                        for g in chunk.groups.iter() {
-                            push_key_part(&mut key, (!g.is_null(row)).then(|| g.value(row)));
-                        }
-                        key.as_slice()
-                    })
-                {
-                    *alive = false;
-                    live_rows -= 1;
-                }
-            }
-            chunk.live_rows = live_rows;
-        }
-        self.chunks.retain(|c| c.live_rows > 0);
-        self.chunks.extend(fresh);
+        self.chunks = chunks;
         for (bucket, keys) in &dirty.buckets {
             let Some(current) = self.dirty.buckets.get_mut(bucket) else { continue };
             for (k, generation) in keys {
@@ -464,7 +436,6 @@ impl State {
         }
         let feed = self.feed.clone();
         self.history.publish(&feed, marked_seq, events);
-        self.compact();
         self.check_limit();
         true
     }
@@ -474,41 +445,6 @@ impl State {
         self.chunks.iter().filter_map(|c| c.live_rows()).collect()
     }
 
-    /// Rewrites the chunks into one when most of their rows are replaced ones.
-    fn compact(&mut self) {
-        let total: usize = self.chunks.iter().map(|c| c.batch.num_rows()).sum();
-        let live = self.rows();
-        if total - live <= live.max(10_000) {
-            return;
-        }
-        let mut kept = Vec::new();
-        for chunk in &self.chunks {
-            let mask = BooleanArray::from(chunk.live.as_ref().clone());
-            if let Ok(batch) = arrow::compute::filter_record_batch(&chunk.batch, &mask) {
-                kept.push((batch, chunk.clone()));
-            }
-        }
-        let Some(schema) = kept.first().map(|(b, _)| b.schema()) else { return };
-        let batches: Vec<RecordBatch> = kept.iter().map(|(b, _)| b.clone()).collect();
-        let Ok(batch) = arrow::compute::concat_batches(&schema, &batches) else { return };
-        let rows = batch.num_rows();
-        let (Some(buckets), Some(groups)) = (
-            Some(kept.iter().flat_map(|(_, c)| {
-                c.buckets.iter().zip(c.live.iter()).filter(|(_, l)| **l).map(|(b, _)| *b)
-            })),
-            concat_groups(&kept),
-        ) else {
-            return;
-        };
-        self.chunks = vec![Chunk {
-            batch,
-            buckets: Arc::new(buckets.collect()),
-            groups: Arc::new(groups),
-            live: Arc::new(vec![true; rows]),
-            live_rows: rows,
-        }];
-    }
-
     fn check_limit(&mut self) {
         if self.bytes() > MATERIALIZED_BYTES_MAX {
             self.chunks.clear();
@@ -516,6 +452,82 @@ impl State {
             self.over_limit = true;
         }
     }
+}
+
+/// `chunks` with the live rows of `dirty`'s bucket × groups replaced by `fresh` (their rows
+/// recomputed), rewritten into one chunk when most rows are replaced ones. Run outside the
+/// state's lock: it reads every materialized row.
+pub(super) fn replaced(
+    mut chunks: Vec<Chunk>,
+    dirty: &Dirty,
+    fresh: Vec<RecordBatch>,
+    definition: &Definition,
+) -> Option<Vec<Chunk>> {
+    let fresh = fresh
+        .into_iter()
+        .filter(|b| b.num_rows() > 0)
+        .map(|b| Chunk::new(b, definition))
+        .collect::<Option<Vec<_>>>()?;
+    let mut key = Vec::new();
+    for chunk in &mut chunks {
+        let mut live_rows = chunk.live_rows;
+        let groups = chunk.groups.clone();
+        let buckets = chunk.buckets.clone();
+        let live = Arc::make_mut(&mut chunk.live);
+        for (row, alive) in live.iter_mut().enumerate() {
+            if *alive
+                && dirty.covers(buckets[row], || {
+                    key.clear();
+                    for g in groups.iter() {
+                        push_key_part(&mut key, (!g.is_null(row)).then(|| g.value(row)));
+                    }
+                    key.as_slice()
+                })
+            {
+                *alive = false;
+                live_rows -= 1;
+            }
+        }
+        chunk.live_rows = live_rows;
+    }
+    chunks.retain(|c| c.live_rows > 0);
+    chunks.extend(fresh);
+    compact(&mut chunks);
+    Some(chunks)
+}
+
+/// Rewrites `chunks` into one when most of their rows are replaced ones.
+fn compact(chunks: &mut Vec<Chunk>) {
+    let total: usize = chunks.iter().map(|c| c.batch.num_rows()).sum();
+    let live: usize = chunks.iter().map(|c| c.live_rows).sum();
+    if total - live <= live.max(10_000) {
+        return;
+    }
+    let mut kept = Vec::new();
+    for chunk in chunks.iter() {
+        let mask = BooleanArray::from(chunk.live.as_ref().clone());
+        if let Ok(batch) = arrow::compute::filter_record_batch(&chunk.batch, &mask) {
+            kept.push((batch, chunk.clone()));
+        }
+    }
+    let Some(schema) = kept.first().map(|(b, _)| b.schema()) else { return };
+    let batches: Vec<RecordBatch> = kept.iter().map(|(b, _)| b.clone()).collect();
+    let Ok(batch) = arrow::compute::concat_batches(&schema, &batches) else { return };
+    let rows = batch.num_rows();
+    let Some(groups) = concat_groups(&kept) else { return };
+    let buckets: Vec<i64> = kept
+        .iter()
+        .flat_map(|(_, c)| {
+            c.buckets.iter().zip(c.live.iter()).filter(|(_, l)| **l).map(|(b, _)| *b)
+        })
+        .collect();
+    *chunks = vec![Chunk {
+        batch,
+        buckets: Arc::new(buckets),
+        groups: Arc::new(groups),
+        live: Arc::new(vec![true; rows]),
+        live_rows: rows,
+    }];
 }
 
 /// The live group values of `kept` chunks, concatenated per group column.
@@ -572,14 +584,8 @@ mod tests {
         state.mark(&again, 2);
         let definition =
             super::super::definition::from_sql("CREATE MATERIALIZED VIEW v AS SELECT date_bin(INTERVAL '1 minute', time) AS b, count(*) FROM t GROUP BY b").expect("valid");
-        assert!(state.install_partial(
-            epoch,
-            marked_seq,
-            &dirty,
-            Vec::new(),
-            &definition,
-            Vec::new()
-        ));
+        let chunks = replaced(state.chunks.clone(), &dirty, Vec::new(), &definition).expect("rows");
+        assert!(state.install_partial(epoch, marked_seq, &dirty, chunks, Vec::new()));
         let left: Vec<_> = state.dirty.buckets[&60].keys().cloned().collect();
         assert_eq!(left, vec![b"b".to_vec()]);
         assert_eq!(state.dirty_marks, 1);
@@ -587,13 +593,6 @@ mod tests {
         let plan = state.plan_refresh(100);
         state.reset(3);
         let Plan::Partial { epoch, marked_seq, dirty, .. } = plan else { panic!() };
-        assert!(!state.install_partial(
-            epoch,
-            marked_seq,
-            &dirty,
-            Vec::new(),
-            &definition,
-            Vec::new()
-        ));
+        assert!(!state.install_partial(epoch, marked_seq, &dirty, Vec::new(), Vec::new()));
     }
 }

@@ -332,14 +332,21 @@ impl View {
                 } else {
                     Vec::new()
                 };
+                // The replacement is computed here, outside the lock the WAL thread takes.
+                let same_shape = self.schema().is_none_or(|known| known == schema);
+                let chunks = match same_shape {
+                    true => super::state::replaced(chunks, &dirty, fresh, definition),
+                    false => None,
+                };
                 let mut s = self.state();
                 s.failure = None;
-                if s.schema.as_ref().is_some_and(|known| known != &schema) {
-                    // The base was replaced by one of other types: start over.
-                    s.reset(marked_seq);
-                    false
-                } else {
-                    s.install_partial(epoch, marked_seq, &dirty, fresh, definition, events)
+                match chunks {
+                    Some(chunks) => s.install_partial(epoch, marked_seq, &dirty, chunks, events),
+                    None => {
+                        // The base was replaced by one of other types: start over.
+                        s.reset(marked_seq);
+                        false
+                    }
                 }
             }
         };
