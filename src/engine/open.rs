@@ -115,6 +115,7 @@ impl Engine {
                 record.default_time_ns,
                 partition_ns,
                 &dropped,
+                crate::line_protocol::Strictness::Replay,
             );
             if prepared.wal_lines.is_empty() && prepared.rejected.is_empty() {
                 // Every line belonged to a table dropped since.

@@ -305,3 +305,42 @@ async fn drops_in_an_implicit_database_survive_restarts() {
         engine.close();
     }
 }
+
+/// WAL records an earlier version wrote are read back although today's writes refuse such
+/// lines (a string over 1 MiB, a tag value ending in a backslash): a restart after an upgrade
+/// comes up with every acknowledged row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_earlier_versions_replay_under_their_rules() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = Config::for_tests(dir.path().to_path_buf());
+    let long = "x".repeat(crate::line_protocol::STRING_BYTES_MAX + 1);
+    let lines = format!("old,host=a s=\"{long}\" 10\nold,host=b\\\\ v=1 20\n");
+    // Today's write path refuses both lines.
+    let engine = Engine::open(config.clone()).await.expect("open");
+    let refused = engine.write_lp("db", lines.as_bytes(), options()).await;
+    assert!(matches!(refused, Err(Error::Rejected(r)) if r.total == 2), "both refused");
+    engine.close();
+    drop(engine);
+    // An earlier version logged them.
+    let wal_config = crate::wal::Config {
+        dir: dir.path().join("wal"),
+        segment_bytes_max: config.wal_segment_bytes_max,
+        record_bytes_max: config.wal_record_bytes_max,
+        queue_len_max: 4,
+        sync: true,
+    };
+    let (wal, thread) = crate::wal::Wal::start(wal_config, 1).expect("wal");
+    let payload = super::record::LpRecord {
+        precision: Precision::Nanosecond,
+        default_time_ns: 0,
+        database: "db",
+        lines: lines.as_bytes(),
+    }
+    .encode();
+    wal.append(crate::wal::KIND_LINE_PROTOCOL, payload, true, None).await.expect("append");
+    drop(wal);
+    thread.join().expect("wal thread");
+    let engine = Engine::open(config).await.expect("an upgrade comes up");
+    assert_eq!(rows(&engine, "old"), (2, 0));
+    engine.close();
+}

@@ -43,7 +43,9 @@ pub(super) struct Prepared {
 const ORIGINAL_LINE_BYTES_MAX: usize = 1024;
 
 /// Checks and builds the lines of `body`; lines of tables for which `skip` says so are left
-/// out silently (replay skips the rows of dropped tables that way).
+/// out silently (replay skips the rows of dropped tables that way). Replay reads lines with
+/// `Strictness::Replay`: what an earlier version accepted is read back, not refused.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn prepare(
     catalog: &Catalog,
     db: &str,
@@ -52,6 +54,7 @@ pub(super) fn prepare(
     default_time_ns: i64,
     partition_ns: i64,
     skip: &dyn Fn(&str) -> bool,
+    strictness: line_protocol::Strictness,
 ) -> Prepared {
     let mut prepared = Prepared {
         wal_lines: Vec::with_capacity(body.len()),
@@ -63,7 +66,8 @@ pub(super) fn prepare(
     let empty_tables: &mut HashMap<String, TableSchema> = &mut HashMap::new();
     let mut new_tables = 0usize;
     for (number, bytes) in line_protocol::lines(body) {
-        let parsed = line_protocol::parse_line(number, bytes, &mut line).map_err(LineError::from);
+        let parsed = line_protocol::parse_line_as(number, bytes, &mut line, strictness)
+            .map_err(LineError::from);
         if parsed.is_ok() && skip(line.measurement.as_ref()) {
             continue;
         }
@@ -197,6 +201,7 @@ impl Engine {
             options.default_time_ns,
             partition_ns,
             &|_| false,
+            line_protocol::Strictness::Write,
         );
         let needs_growth = !self.catalog().has_database(db)
             || prepared.additions.values().any(|c| !c.is_empty())
@@ -214,6 +219,7 @@ impl Engine {
                     options.default_time_ns,
                     partition_ns,
                     &|_| false,
+                    line_protocol::Strictness::Write,
                 );
                 let grown = grow_catalog(&mut catalog, db, &prepared.additions);
                 debug_assert!(grown, "lines checked under the schema lock cannot conflict");

@@ -309,11 +309,22 @@ fn trim_start(mut bytes: &[u8]) -> &[u8] {
     bytes
 }
 
-/// Parses one line (as yielded by [`lines`]) into `out`.
+/// Parses one line (as yielded by [`lines`]) into `out`, as a write is read.
+#[cfg(test)]
 pub fn parse_line<'a>(
     line_number: usize,
     bytes: &'a [u8],
     out: &mut Line<'a>,
+) -> Result<(), ParseError> {
+    parse_line_as(line_number, bytes, out, Strictness::Write)
+}
+
+/// [`parse_line`], as strict as `strictness` says.
+pub fn parse_line_as<'a>(
+    line_number: usize,
+    bytes: &'a [u8],
+    out: &mut Line<'a>,
+    strictness: Strictness,
 ) -> Result<(), ParseError> {
     out.clear();
     let text = match std::str::from_utf8(bytes) {
@@ -326,7 +337,13 @@ pub fn parse_line<'a>(
             })
         }
     };
-    let mut parser = Parser { text, bytes: text.as_bytes(), pos: 0, line: line_number };
+    let mut parser = Parser {
+        text,
+        bytes: text.as_bytes(),
+        pos: 0,
+        line: line_number,
+        replay: strictness == Strictness::Replay,
+    };
     parser.skip_spaces();
     parser.parse(out)
 }
@@ -336,6 +353,17 @@ struct Parser<'a> {
     bytes: &'a [u8],
     pos: usize,
     line: usize,
+    /// Replaying a line an earlier version accepted: limits added since do not apply.
+    replay: bool,
+}
+
+/// How strictly a line is read: as sent now, or as replayed from the WAL, where a line an
+/// earlier version accepted (and acknowledged) must still be read — without the limits added
+/// since (strings over [`STRING_BYTES_MAX`], tag values ending in a backslash).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strictness {
+    Write,
+    Replay,
 }
 
 /// Which characters end a name or tag value, and which may be escaped in it.
@@ -408,7 +436,7 @@ impl<'a> Parser<'a> {
             if value.is_empty() {
                 return Err(self.error(value_pos, format!("missing value for tag \"{key}\"")));
             }
-            if value.ends_with('\\') {
+            if value.ends_with('\\') && !self.replay {
                 // It would escape whatever follows it wherever tags are written out again.
                 return Err(
                     self.error(value_pos, format!("value of tag \"{key}\" ends in a backslash"))
@@ -566,7 +594,7 @@ impl<'a> Parser<'a> {
             }
         }
         let raw = &self.text[start..self.pos];
-        if raw.len() > STRING_BYTES_MAX {
+        if raw.len() > STRING_BYTES_MAX && !self.replay {
             return Err(self.error(
                 open,
                 format!("string for field \"{key}\" longer than {STRING_BYTES_MAX} bytes"),
