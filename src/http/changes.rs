@@ -89,6 +89,15 @@ pub(super) async fn view_changes(
             first.push(event.event("ready").data("{}"));
         }
     }
+    if backlog.iter().any(|set| set.events.contains(&Event::Reset)) {
+        // Refused before the stream starts: an EventSource stops on a status other than 200,
+        // where an error event would have it reconnect with the same id again and again.
+        return error_response(
+            StatusCode::GONE,
+            "the view was rebuilt from scratch since that change: take a new snapshot",
+            None,
+        );
+    }
     let mut ended = false;
     for set in &backlog {
         match change_event(set) {

@@ -104,6 +104,10 @@ impl Feed {
     pub(super) fn enabled(&self) -> bool {
         self.enabled.load(Ordering::Acquire)
     }
+
+    pub(super) fn enable(&self) {
+        self.enabled.store(true, Ordering::Release);
+    }
 }
 
 /// The feed's history, kept in the view's state (changed under its lock, with the rows).
@@ -122,7 +126,7 @@ impl History {
         if seq > self.last.seq {
             ChangeId { seq, n: 0 }
         } else {
-            ChangeId { seq: self.last.seq, n: self.last.n + 1 }
+            ChangeId { seq: self.last.seq, n: self.last.n.saturating_add(1) }
         }
     }
 
@@ -191,7 +195,7 @@ pub(super) fn subscribe(
         }
         Some(since) => history.sets.iter().filter(|s| s.id > since).cloned().collect(),
     };
-    view.feed.enabled.store(true, Ordering::Release);
+    view.feed.enable();
     view.feed.subscribers.fetch_add(1, Ordering::AcqRel);
     let guard = SubscriberGuard(view.clone());
     let snapshot = since.is_none().then(|| (history.last, rows()));

@@ -170,6 +170,12 @@ impl Views {
             };
             views.insert(key, view);
         }
+        // A view dropped, or replaced by a new one of its name: its subscribers are told.
+        for (key, old) in &index.views {
+            if views.get(key).is_none_or(|new| !Arc::ptr_eq(new, old)) {
+                old.state().reset(0);
+            }
+        }
         let mut readers: HashMap<(String, String), Vec<Edge>> = HashMap::new();
         for ((db, _), view) in &views {
             let Ok(definition) = &view.definition else { continue };
@@ -214,53 +220,37 @@ impl Views {
             .unwrap_or_default()
     }
 
-    /// Whether `name` is `of`'s base or a base of its base, transitively.
-    pub fn reads(&self, db: &str, of: &str, name: &str) -> bool {
+    /// `name`, then its base while it is a view, that view's base, and so on (at most 64; a
+    /// definition that does not parse ends the chain).
+    fn chain(&self, db: &str, name: &str) -> Vec<String> {
         let catalog = self.engine.catalog();
-        let mut current = of.to_string();
-        for _ in 0..64 {
-            if current == name {
-                return true;
-            }
-            let Some(spec) = catalog.view(db, &current) else { return false };
+        let mut chain = vec![name.to_string()];
+        while chain.len() < 64 {
+            let Some(spec) = chain.last().and_then(|n| catalog.view(db, n)) else { break };
             match definition::from_sql(&spec.sql) {
-                Ok(d) => current = d.base,
-                Err(_) => return false,
+                Ok(d) => chain.push(d.base),
+                Err(_) => break,
             }
         }
-        true
+        chain
+    }
+
+    /// Whether `name` is `of` or one of the bases it reads, transitively.
+    pub fn reads(&self, db: &str, of: &str, name: &str) -> bool {
+        self.chain(db, of).iter().any(|n| n == name)
     }
 
     /// Whether `name` is a table, or a view that reads one (through any chain of views): a
     /// view over anything else waits, empty, for its table's first write.
     pub fn has_rows_source(&self, db: &str, name: &str) -> bool {
         let catalog = self.engine.catalog();
-        let mut current = name.to_string();
-        for _ in 0..64 {
-            if catalog.table(db, &current).is_some() {
-                return true;
-            }
-            let Some(spec) = catalog.view(db, &current) else { return false };
-            match definition::from_sql(&spec.sql) {
-                Ok(d) => current = d.base,
-                Err(_) => return false,
-            }
-        }
-        false
+        self.chain(db, name).iter().any(|n| catalog.table(db, n).is_some())
     }
 
     /// How many views deep `name` is (0: a table or nothing).
     pub fn depth(&self, db: &str, name: &str) -> usize {
         let catalog = self.engine.catalog();
-        let mut current = name.to_string();
-        for depth in 0..64 {
-            let Some(spec) = catalog.view(db, &current) else { return depth };
-            match definition::from_sql(&spec.sql) {
-                Ok(d) => current = d.base,
-                Err(_) => return depth + 1,
-            }
-        }
-        64
+        self.chain(db, name).iter().filter(|n| catalog.view(db, n).is_some()).count()
     }
 
     /// On the WAL writer thread (or a drop's task), before the change is acknowledged.

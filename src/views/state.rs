@@ -450,6 +450,9 @@ impl State {
             self.chunks.clear();
             self.complete = false;
             self.over_limit = true;
+            // Subscribers cannot follow rows that are no longer kept.
+            let feed = self.feed.clone();
+            self.history.publish(&feed, self.marked_seq, vec![Event::Reset]);
         }
     }
 }

@@ -469,14 +469,24 @@ impl Views {
                 definition.base
             )));
         }
+        if view.state().over_limit {
+            return Err(view.failed(format!(
+                "its rows would take more than {} bytes, so it is answered from raw data and \
+                 has no change feed",
+                super::MATERIALIZED_BYTES_MAX
+            )));
+        }
+        // On before the refresh, so a refresh running meanwhile records what it changes.
+        view.feed.enable();
         for _ in 0..8 {
             view.refresh(self, query).await?;
             let mut state = view.state();
             if !state.complete {
                 continue;
             }
-            let seq = state.materialized_seq;
-            super::changes::begin(&mut state.history, seq);
+            // Ids are base sequence numbers, which never repeat across restarts: a feed that
+            // begins here refuses to resume from any id of an earlier run or an earlier view.
+            super::changes::begin(&mut state.history, self.engine().applied_seq());
             let rows = || state.all_rows();
             return super::changes::subscribe(&view, &state.history, since, rows)
                 .map_err(|e| view.failed(e.to_string()));

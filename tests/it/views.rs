@@ -420,6 +420,19 @@ async fn view_changes_stream_as_server_sent_events_and_resume() {
     assert_eq!(event, "error", "{data}");
     assert!(data.contains("take a new snapshot"), "{data}");
     assert!(events.next(Duration::from_secs(2)).await.is_none(), "the stream ends");
+    // Resuming across the rebuild is refused with 410, so an EventSource stops retrying.
+    write("cpu,host=a u=1 60\n").await;
+    let response = changes(&server, db, "", Some(&first_id)).await;
+    assert_eq!(response.status().as_u16(), 410);
+    // And a dropped view ends its streams too.
+    let response = changes(&server, db, "", None).await;
+    let mut fresh = Events { response, buffer: String::new() };
+    let (event, _, _) = fresh.next(Duration::from_secs(5)).await.expect("ready");
+    assert_eq!(event, "ready");
+    let (status, body) = server.execute(db, "DROP MATERIALIZED VIEW cpu_1m").await;
+    assert_eq!(status, 200, "{body}");
+    let (event, _, data) = fresh.next(Duration::from_secs(5)).await.expect("error event");
+    assert_eq!(event, "error", "{data}");
 }
 
 #[tokio::test]
