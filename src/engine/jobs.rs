@@ -8,7 +8,8 @@
 //! Once stopped, no run starts, and `Scheduler::run` returns when the runs in progress have
 //! finished: a run is never cancelled halfway. A run that panics is logged; its job goes on.
 //!
-//! The engine runs one job, "persist" (persisting, then sorting buffered runs). Compaction, refreshing views, evaluating
+//! The engine runs one job, "persist" (persisting, then sorting buffered runs); views refresh in
+//! a task of their own (`views::Views::refresh_loop`, which plans SQL). Compaction, evaluating
 //! alerts and enforcing retention are meant to become further jobs on the same scheduler.
 
 use std::future::Future;
