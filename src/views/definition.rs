@@ -354,7 +354,9 @@ fn check_query(query: &Query) -> Result<Definition, Refused> {
 /// `date_bin(stride, time [, origin])` or `time_bucket(stride, time [, origin])`, with
 /// literal arguments.
 fn parse_bucket(expr: &Expr, output: String) -> Result<Bucket, Refused> {
-    let Expr::Function(f) = expr else { unreachable!("checked by the caller") };
+    let Expr::Function(f) = expr else {
+        return refuse("the time bucket must be date_bin(…) or time_bucket(…)");
+    };
     let name = function_name(expr).unwrap_or_default();
     let FunctionArguments::List(list) = &f.args else {
         return refuse(format!("{name} needs (interval, time [, origin])"));

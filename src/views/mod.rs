@@ -221,14 +221,16 @@ impl Views {
     }
 
     /// `name`, then its base while it is a view, that view's base, and so on (at most 64; a
-    /// definition that does not parse ends the chain).
+    /// view whose definition failed ends the chain). Read from the live views, whose
+    /// definitions are parsed once, not from the catalog's text.
     fn chain(&self, db: &str, name: &str) -> Vec<String> {
-        let catalog = self.engine.catalog();
+        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
         let mut chain = vec![name.to_string()];
         while chain.len() < 64 {
-            let Some(spec) = chain.last().and_then(|n| catalog.view(db, n)) else { break };
-            match definition::from_sql(&spec.sql) {
-                Ok(d) => chain.push(d.base),
+            let Some(last) = chain.last() else { break };
+            let Some(view) = index.views.get(&(db.to_string(), last.clone())) else { break };
+            match &view.definition {
+                Ok(d) => chain.push(d.base.clone()),
                 Err(_) => break,
             }
         }

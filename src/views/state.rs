@@ -424,7 +424,7 @@ impl State {
             for (k, generation) in keys {
                 if current.get(k) == Some(generation) {
                     current.remove(k);
-                    self.dirty_marks -= 1;
+                    self.dirty_marks = self.dirty_marks.saturating_sub(1);
                 }
             }
             if current.is_empty() {
