@@ -13,6 +13,9 @@ command -v openssl >/dev/null || apt_install openssl
 # pgjdbc, driven by tests/clients/JdbcClient.java.
 command -v java >/dev/null || apt_install default-jre-headless
 [ -f /usr/share/java/postgresql.jar ] || apt_install libpostgresql-jdbc-java
+# A real Prometheus Alertmanager that alert rules push to (tests/it/alerts.rs starts it on
+# loopback and stops it).
+command -v prometheus-alertmanager >/dev/null || apt_install prometheus-alertmanager
 # Format and lints first: both are cheap next to the build, and fail fast.
 cargo fmt --check
 cargo clippy --locked --all-targets -- -D warnings

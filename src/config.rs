@@ -148,6 +148,11 @@ pub struct ServeArgs {
     pub tls_key: Option<PathBuf>,
 
     /// Log filter (tracing's EnvFilter syntax).
+    /// The server's address as notification receivers should reach it: alert notifications'
+    /// `externalURL` and `generatorURL` (default: http://{http-bind}).
+    #[arg(long, env = "SUNDIAL_EXTERNAL_URL")]
+    pub external_url: Option<String>,
+
     #[arg(long, env = "SUNDIAL_LOG", default_value = "info")]
     pub log: String,
 }
@@ -190,6 +195,16 @@ impl ServeArgs {
                 .saturating_add(1 << 16),
             sort_rows_min: self.buffer_sort_rows,
             clock: std::sync::Arc::new(crate::clock::SystemClock),
+        }
+    }
+
+    pub fn alerts_config(&self) -> crate::alerts::Config {
+        let scheme = if self.tls_cert.is_some() { "https" } else { "http" };
+        crate::alerts::Config {
+            external_url: self
+                .external_url
+                .clone()
+                .unwrap_or_else(|| format!("{scheme}://{}", self.http_bind)),
         }
     }
 

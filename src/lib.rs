@@ -5,6 +5,7 @@
 //! The crate's API is what `main.rs` needs (`config`, `server`); every other module is
 //! `pub(crate)`, so the compiler reports what nothing uses.
 
+pub(crate) mod alerts;
 pub(crate) mod auth;
 pub(crate) mod buffer;
 pub(crate) mod catalog;

@@ -24,6 +24,8 @@ pub enum Error {
     Tls(#[from] crate::tls::Error),
     #[error("{0}")]
     Config(String),
+    #[error(transparent)]
+    Alerts(#[from] crate::alerts::Error),
 }
 
 /// The token store when authentication is on. `auto` is off on loopback-only listeners and
@@ -104,12 +106,19 @@ pub async fn run(
         _ => None,
     };
     let engine = Engine::open(args.engine_config()).await?;
-    let query = QueryEngine::new(engine.clone(), args.query_config())?;
+    let alerts = crate::alerts::Alerts::open(
+        &args.data_dir,
+        args.alerts_config(),
+        engine.config().clock.clone(),
+    )?;
+    let query = QueryEngine::new(engine.clone(), args.query_config(), alerts.clone())?;
     let stop_persist = CancellationToken::new();
     let persister = tokio::spawn(engine.clone().persist_loop(stop_persist.clone()));
     let stop_views = CancellationToken::new();
     let refresher =
         tokio::spawn(query.views().clone().refresh_loop(query.clone(), stop_views.clone()));
+    let stop_alerts = CancellationToken::new();
+    let alerting = tokio::spawn(alerts.clone().run(query.clone(), stop_alerts.clone()));
 
     let pg_listener = tokio::net::TcpListener::bind(args.pg_bind)
         .await
@@ -150,6 +159,8 @@ pub async fn run(
     tracing::info!("shutting down: http stopped, persisting the buffer");
     stop_pg.cancel();
     let _ = pg.await;
+    stop_alerts.cancel();
+    let _ = alerting.await;
     stop_views.cancel();
     let _ = refresher.await;
     stop_persist.cancel();

@@ -299,6 +299,8 @@ fn header() {
 }
 
 fn main() {
+    // reqwest takes its TLS from rustls with the ring provider the server uses.
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let benching = args.iter().any(|a| a == "--bench");
     let filter = args.iter().find(|a| !a.starts_with("--")).cloned().unwrap_or_default();

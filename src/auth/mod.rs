@@ -177,6 +177,9 @@ pub fn need(command: &crate::statement::Command, db: &str) -> Vec<Need> {
     use datafusion::sql::sqlparser::ast::{ObjectType, SetExpr, Statement};
     let on_db = |access| Need::Database(access, db.to_string());
     match command {
+        // An alert rule makes the server send requests to addresses the rule names: that is
+        // the server's administrator's to allow.
+        Command::Alert(_) => vec![Need::Admin],
         Command::Ddl(statement) => match statement.as_ref() {
             Statement::CreateDatabase { db_name, .. } => {
                 let name = db_name.0.last().and_then(|p| p.as_ident()).map(|i| i.value.clone());

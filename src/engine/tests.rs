@@ -198,8 +198,15 @@ async fn sorted_buffers_answer_like_unsorted_ones() {
     let mut config = Config::for_tests(dir.path().to_path_buf());
     config.sort_rows_min = 8;
     let engine = Engine::open(config).await.expect("open");
-    let queries = crate::query::QueryEngine::new(engine.clone(), crate::query::Config::for_tests())
-        .expect("query engine");
+    let alerts = crate::alerts::Alerts::open(
+        dir.path(),
+        crate::alerts::Config::for_tests(),
+        engine.config().clock.clone(),
+    )
+    .expect("alerts");
+    let queries =
+        crate::query::QueryEngine::new(engine.clone(), crate::query::Config::for_tests(), alerts)
+            .expect("query engine");
     let bodies = [
         "cpu,host=b,dc=x u=1 30\ncpu,host=a,dc=y u=2 10\ncpu,host=c,dc=x u=3 20\ncpu,host=a,dc=x u=4 20",
         "cpu,host=a,dc=x u=5 40\ncpu,dc=x u=6 40\ncpu,host=b,dc=x u=7 30\ncpu,host=c,dc=x u=8 10",

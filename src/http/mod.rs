@@ -673,6 +673,12 @@ async fn run_sql(
                 None,
             )
         }
+        Command::Alert(statement) => {
+            return match crate::alerts::ddl::execute(&state.query, &db, *statement).await {
+                Ok(_) => Json(json!([])).into_response(),
+                Err(e) => error_response(status_of(e.kind()), &e.to_string(), None),
+            };
+        }
         Command::Refresh { view } => {
             return match state.query.views().refresh_now(&state.query, &db, &view).await {
                 Ok(()) => Json(json!([])).into_response(),

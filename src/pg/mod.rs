@@ -183,7 +183,7 @@ fn query_error(error: &crate::query::Error) -> PgWireError {
     user_error(sqlstate_of_query(error), error.to_string())
 }
 
-fn sqlstate_of_query(error: &crate::query::Error) -> SqlState {
+pub(crate) fn sqlstate_of_query(error: &crate::query::Error) -> SqlState {
     match error {
         crate::query::Error::DatabaseNotFound(_) => SqlState::InvalidCatalogName,
         crate::query::Error::DataFusion(e) => sqlstate_of(e),
@@ -206,6 +206,7 @@ fn in_failed_transaction<C: ClientInfo>(client: &C, command: &Command) -> bool {
             Command::Query(_)
                 | Command::Ddl(_)
                 | Command::Refresh { .. }
+                | Command::Alert(_)
                 | Command::Subscribe { .. }
                 | Command::Copy(_)
                 | Command::Declare { .. }
@@ -518,6 +519,12 @@ impl Handler {
             }
             Command::NoOp { tag } => Ok(Response::Execution(Tag::new(tag))),
             Command::Subscribe { view, snapshot } => self.subscribe(client, &view, snapshot).await,
+            Command::Alert(statement) => {
+                crate::alerts::ddl::execute(&self.databases.query, &database(client), *statement)
+                    .await
+                    .map(|tag| Response::Execution(Tag::new(tag)))
+                    .map_err(|e| user_error(crate::alerts::sqlstate_of(&e), e.to_string()))
+            }
             Command::Refresh { view } => {
                 let query = &self.databases.query;
                 query

@@ -79,6 +79,13 @@ pub async fn execute(
         Statement::Drop { object_type: ObjectType::Database, if_exists, names, .. } => {
             let dropped = drop_databases(engine, db, &names, if_exists).await;
             query.views().sync();
+            for name in names.iter().map(last_name) {
+                if !engine.catalog().has_database(&name) {
+                    if let Err(e) = query.alerts().forget_database(&name).await {
+                        tracing::error!(error = %e, db = name, "dropping the alert rules of a dropped database");
+                    }
+                }
+            }
             dropped
         }
         other => Err(Error::Invalid(format!("not a DDL statement: {other}"))),

@@ -16,6 +16,7 @@ pub mod gapfill;
 pub mod insert;
 pub mod last_cache;
 pub mod prefilter;
+pub mod system;
 #[cfg(test)]
 mod tests;
 
@@ -126,12 +127,17 @@ pub struct QueryEngine {
     config: Config,
     contexts: Mutex<HashMap<String, SessionContext>>,
     views: Arc<crate::views::Views>,
+    alerts: Arc<crate::alerts::Alerts>,
     /// Itself, for the sessions' catalogs (a view is planned in its database's session).
     me: std::sync::Weak<QueryEngine>,
 }
 
 impl QueryEngine {
-    pub fn new(engine: Arc<Engine>, config: Config) -> Result<Arc<QueryEngine>, Error> {
+    pub fn new(
+        engine: Arc<Engine>,
+        config: Config,
+        alerts: Arc<crate::alerts::Alerts>,
+    ) -> Result<Arc<QueryEngine>, Error> {
         let runtime =
             RuntimeEnvBuilder::new().with_memory_limit(config.memory_bytes_max, 1.0).build_arc()?;
         let url = url::Url::parse(&engine.store().datafusion_url)
@@ -149,6 +155,7 @@ impl QueryEngine {
             config,
             contexts: Mutex::new(HashMap::new()),
             views,
+            alerts,
             me: me.clone(),
         }))
     }
@@ -159,6 +166,10 @@ impl QueryEngine {
 
     pub fn views(&self) -> &Arc<crate::views::Views> {
         &self.views
+    }
+
+    pub fn alerts(&self) -> &Arc<crate::alerts::Alerts> {
+        &self.alerts
     }
 
     /// The session for `db` (one per database, cached).
@@ -199,8 +210,9 @@ impl QueryEngine {
         )?;
         catalog.register_schema(
             "system",
-            Arc::new(crate::views::system::SystemSchema {
+            Arc::new(system::SystemSchema {
                 views: self.views.clone(),
+                alerts: self.alerts.clone(),
                 db: db.to_string(),
             }),
         )?;

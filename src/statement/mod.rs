@@ -50,6 +50,8 @@ pub enum Command {
     /// `CREATE DATABASE`, `CREATE TABLE`, `DROP TABLE`, `DROP DATABASE`, `CREATE
     /// MATERIALIZED VIEW`, `DROP MATERIALIZED VIEW` (`query::ddl`).
     Ddl(Box<Statement>),
+    /// `CREATE ALERT`, `DROP ALERT`, `ALTER ALERT … PAUSE | RESUME` (`alerts::ddl`).
+    Alert(Box<crate::alerts::sql::Statement>),
     /// `REFRESH MATERIALIZED VIEW name`: materialize the view's dirty buckets now (never
     /// needed for a right answer).
     Refresh { view: String },
@@ -82,7 +84,7 @@ pub enum Command {
 /// what a `GET` must not run and what needs write permission.
 pub fn changes_data(command: &Command) -> bool {
     match command {
-        Command::Ddl(_) => true,
+        Command::Ddl(_) | Command::Alert(_) => true,
         Command::Copy(statement) => matches!(statement.as_ref(), Statement::Copy { to: false, .. }),
         Command::Query(statement) => match statement.as_ref() {
             Statement::Insert(_) => true,
@@ -106,13 +108,17 @@ pub fn parse(sql: &str) -> Result<Vec<Statement>, Error> {
 }
 
 /// Parses and classifies every statement of `sql`. A text sqlparser cannot parse is tried
-/// against the client quirks before its syntax error is returned.
+/// as an alert statement (Sundial's own, which sqlparser does not know) and against the client
+/// quirks before its syntax error is returned.
 pub fn commands(sql: &str) -> Result<Vec<Command>, Error> {
     match parse(sql) {
         Ok(statements) => statements.into_iter().map(classify).collect(),
-        Err(error) => match quirks::command(sql) {
-            Some(command) => Ok(vec![command]),
-            None => Err(error),
+        Err(error) => match crate::alerts::sql::parse(sql) {
+            Some(alert) => Ok(vec![Command::Alert(Box::new(alert?))]),
+            None => match quirks::command(sql) {
+                Some(command) => Ok(vec![command]),
+                None => Err(error),
+            },
         },
     }
 }
@@ -133,7 +139,7 @@ fn unsupported(what: &str) -> Error {
     Error::Unsupported(format!(
         "{what} is not supported: Sundial runs SELECT, EXPLAIN, INSERT, COPY … TO STDOUT / FROM \
          STDIN, CREATE DATABASE, CREATE TABLE, DROP TABLE, DROP DATABASE, CREATE / DROP / \
-         REFRESH MATERIALIZED VIEW, SHOW, SET and RESET"
+         REFRESH MATERIALIZED VIEW, CREATE / DROP / ALTER ALERT, SHOW, SET and RESET"
     ))
 }
 
@@ -159,6 +165,14 @@ pub fn classify(statement: Statement) -> Result<Command, Error> {
         Statement::ShowVariable { ref variable } => {
             let name = variable.iter().map(|i| i.value.to_ascii_lowercase()).collect::<Vec<_>>();
             let name = name.join(" ");
+            if name == "alerts" && variable.iter().all(|i| i.quote_style.is_none()) {
+                let query = "SELECT name, paused, pending, firing, last_evaluation, last_error, \
+                             definition FROM system.alert_rules ORDER BY name";
+                return match parse(query)?.pop() {
+                    Some(statement) => Ok(Command::Query(boxed(statement))),
+                    None => Err(unsupported("SHOW ALERTS")),
+                };
+            }
             // DataFusion answers `SHOW datafusion.…` by building SQL from the name: only plain
             // names go there (a quoted one could carry SQL, or panic its planner).
             let plain = variable.iter().all(|i| {
@@ -261,7 +275,7 @@ pub fn classify(statement: Statement) -> Result<Command, Error> {
 
 /// Whether a query's body is an `INSERT`, `UPDATE`, `DELETE` or `MERGE` (sqlparser reads those
 /// as queries after `WITH` or inside `DECLARE … CURSOR FOR`).
-fn writes(body: &SetExpr) -> bool {
+pub(crate) fn writes(body: &SetExpr) -> bool {
     match body {
         SetExpr::Insert(_) | SetExpr::Update(_) | SetExpr::Delete(_) | SetExpr::Merge(_) => true,
         SetExpr::Query(query) => writes(&query.body),

@@ -1,23 +1,14 @@
-//! `system.views`: one row per materialized view of the database, read live.
+//! `system.views`: one row per materialized view of the database, read live
+//! (`query::system` serves it).
 
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, BooleanArray, StringArray, TimestampNanosecondArray, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
-use async_trait::async_trait;
-use datafusion::catalog::SchemaProvider;
-use datafusion::datasource::{MemTable, TableProvider};
 use datafusion::error::Result as DfResult;
 
 use super::Views;
-
-/// The `system` schema of a database.
-#[derive(Debug)]
-pub struct SystemSchema {
-    pub views: Arc<Views>,
-    pub db: String,
-}
 
 fn schema() -> SchemaRef {
     let text = |name: &str, nullable| Field::new(name, DataType::Utf8, nullable);
@@ -44,7 +35,8 @@ fn schema() -> SchemaRef {
     ]))
 }
 
-fn views_table(views: &Views, db: &str) -> DfResult<RecordBatch> {
+/// `system.views` of `db`.
+pub fn views_table(views: &Views, db: &str) -> DfResult<RecordBatch> {
     let all: Vec<_> = views.statuses().into_iter().filter(|s| s.db == db).collect();
     let text = |f: &dyn Fn(&super::Status) -> String| -> ArrayRef {
         Arc::new(StringArray::from(all.iter().map(f).collect::<Vec<_>>()))
@@ -95,50 +87,4 @@ fn views_table(views: &Views, db: &str) -> DfResult<RecordBatch> {
         )),
     ];
     Ok(RecordBatch::try_new(schema(), columns)?)
-}
-
-/// A system table: read-only, and listed by catalog queries as a view (relkind `v`), not as
-/// one of the user's tables (`\dt`, SQLAlchemy's `get_table_names` list only those).
-#[derive(Debug)]
-struct SystemTable(MemTable);
-
-#[async_trait]
-impl TableProvider for SystemTable {
-    fn schema(&self) -> SchemaRef {
-        self.0.schema()
-    }
-
-    fn table_type(&self) -> datafusion::datasource::TableType {
-        datafusion::datasource::TableType::View
-    }
-
-    async fn scan(
-        &self,
-        state: &dyn datafusion::catalog::Session,
-        projection: Option<&Vec<usize>>,
-        filters: &[datafusion::logical_expr::Expr],
-        limit: Option<usize>,
-    ) -> DfResult<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
-        self.0.scan(state, projection, filters, limit).await
-    }
-}
-
-#[async_trait]
-impl SchemaProvider for SystemSchema {
-    fn table_names(&self) -> Vec<String> {
-        vec!["views".to_string()]
-    }
-
-    async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
-        if name != "views" {
-            return Ok(None);
-        }
-        let batch = views_table(&self.views, &self.db)?;
-        let table = MemTable::try_new(batch.schema(), vec![vec![batch]])?;
-        Ok(Some(Arc::new(SystemTable(table))))
-    }
-
-    fn table_exist(&self, name: &str) -> bool {
-        name == "views"
-    }
 }

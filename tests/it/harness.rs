@@ -15,7 +15,14 @@ pub struct Server {
     stderr_path: PathBuf,
 }
 
+/// reqwest takes its TLS from rustls with the ring provider the server uses; it must be the
+/// process's provider before a client is built.
+pub fn tls_provider() {
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+}
+
 pub fn client() -> reqwest::Client {
+    tls_provider();
     reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("http client")
 }
 

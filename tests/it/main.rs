@@ -1,6 +1,7 @@
 //! The one integration-test binary: every test starts the real `sundial` server on an ephemeral
 //! loopback port and talks to it as a client would.
 
+mod alerts;
 mod auth;
 mod durability;
 mod harness;
