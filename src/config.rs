@@ -17,7 +17,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Start the server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create, list and revoke access tokens (works beside a running server).
     Token(TokenArgs),
 }
@@ -153,6 +153,30 @@ pub struct ServeArgs {
     #[arg(long, env = "SUNDIAL_EXTERNAL_URL")]
     pub external_url: Option<String>,
 
+    /// SMTP relay (host:port) for `EMAIL` alert targets that do not name one.
+    #[arg(long, env = "SUNDIAL_SMTP_SMARTHOST")]
+    pub smtp_smarthost: Option<String>,
+
+    /// Sender address for `EMAIL` alert targets that do not name one.
+    #[arg(long, env = "SUNDIAL_SMTP_FROM")]
+    pub smtp_from: Option<String>,
+
+    /// Host name Sundial greets the SMTP relay with (EHLO).
+    #[arg(long, env = "SUNDIAL_SMTP_HELLO")]
+    pub smtp_hello: Option<String>,
+
+    /// SMTP AUTH user for `EMAIL` alert targets that do not name one.
+    #[arg(long, env = "SUNDIAL_SMTP_AUTH_USERNAME")]
+    pub smtp_auth_username: Option<String>,
+
+    /// SMTP AUTH password (better given by the environment than on the command line).
+    #[arg(long, env = "SUNDIAL_SMTP_AUTH_PASSWORD", hide_env_values = true)]
+    pub smtp_auth_password: Option<String>,
+
+    /// Whether e-mail needs STARTTLS (port 465 always uses TLS).
+    #[arg(long, env = "SUNDIAL_SMTP_REQUIRE_TLS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub smtp_require_tls: bool,
+
     #[arg(long, env = "SUNDIAL_LOG", default_value = "info")]
     pub log: String,
 }
@@ -205,6 +229,14 @@ impl ServeArgs {
                 .external_url
                 .clone()
                 .unwrap_or_else(|| format!("{scheme}://{}", self.http_bind)),
+            smtp: crate::alerts::Smtp {
+                smarthost: self.smtp_smarthost.clone(),
+                from: self.smtp_from.clone(),
+                hello: self.smtp_hello.clone(),
+                auth_username: self.smtp_auth_username.clone(),
+                auth_password: self.smtp_auth_password.clone(),
+                require_tls: self.smtp_require_tls,
+            },
         }
     }
 

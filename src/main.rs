@@ -34,7 +34,8 @@ fn main() -> std::process::ExitCode {
                     return std::process::ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(sundial::server::run(args, sundial::server::shutdown_signal())) {
+            match runtime.block_on(sundial::server::run(*args, sundial::server::shutdown_signal()))
+            {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("sundial: {e}");

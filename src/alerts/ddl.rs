@@ -77,7 +77,27 @@ fn http_url(kind: &str, address: &str) -> Result<String, Error> {
     Ok(address.to_string())
 }
 
-fn target(raw: RawTarget) -> Result<Target, Error> {
+/// Checks an e-mail address (`name <a@b>` or `a@b`).
+fn mailbox(what: &str, address: &str) -> Result<(), Error> {
+    address
+        .parse::<lettre::message::Mailbox>()
+        .map(|_| ())
+        .map_err(|e| Error::Invalid(format!("{what} '{address}' is not an e-mail address: {e}")))
+}
+
+/// Checks `host:port`.
+pub fn host_port(text: &str) -> Result<(String, u16), Error> {
+    let bad = || Error::Invalid(format!("smarthost '{text}' is not host:port"));
+    let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().ok().filter(|p| *p > 0).ok_or_else(bad)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(bad());
+    }
+    Ok((host.to_string(), port))
+}
+
+fn target(raw: RawTarget, smtp: &super::Smtp) -> Result<Target, Error> {
     let mut timeout_ms = u64::try_from(rule::TIMEOUT_DEFAULT.as_millis()).unwrap_or(10_000);
     let mut max_attempts = rule::ATTEMPTS_DEFAULT;
     match raw.kind.as_str() {
@@ -108,8 +128,15 @@ fn target(raw: RawTarget) -> Result<Target, Error> {
                                     "header '{header}' is not a valid HTTP header"
                                 ));
                             }
-                            let reserved =
-                                ["content-type", "content-length", "host", "idempotency-key"];
+                            let reserved = [
+                                "content-type",
+                                "content-length",
+                                "content-encoding",
+                                "transfer-encoding",
+                                "connection",
+                                "host",
+                                "idempotency-key",
+                            ];
                             if reserved.contains(&name.to_ascii_lowercase().as_str()) {
                                 return invalid(format!("header {name} is set by Sundial"));
                             }
@@ -145,14 +172,92 @@ fn target(raw: RawTarget) -> Result<Target, Error> {
             }
             Ok(Target::Alertmanager { url, timeout_ms, max_attempts })
         }
-        "EMAIL" => Err(Error::Unsupported(
-            "EMAIL targets are not supported yet: notify by WEBHOOK, or by ALERTMANAGER and let \
-             its e-mail receiver send the mail"
-                .into(),
-        )),
+        "EMAIL" => {
+            text_bounded("the EMAIL address", &raw.address)?;
+            mailbox("EMAIL", &raw.address)?;
+            let (mut from, mut smarthost, mut hello, mut auth_username, mut auth_password) =
+                (None, None, None, None, None);
+            let (mut require_tls, mut send_resolved, mut ca_pem) = (None, false, None);
+            for (key, value) in &raw.options {
+                text_bounded(&format!("EMAIL option {key}"), value)?;
+                match key.to_ascii_lowercase().as_str() {
+                    "from" => {
+                        mailbox("from", value)?;
+                        from = Some(value.clone());
+                    }
+                    "smarthost" => {
+                        host_port(value)?;
+                        smarthost = Some(value.clone());
+                    }
+                    "hello" => hello = Some(value.clone()),
+                    "auth_username" => auth_username = Some(value.clone()),
+                    "auth_password" => auth_password = Some(value.clone()),
+                    "require_tls" => require_tls = Some(boolean("require_tls", value)?),
+                    "send_resolved" => send_resolved = boolean("send_resolved", value)?,
+                    "ca_pem" | "ca_file" => {
+                        let pem = if key.eq_ignore_ascii_case("ca_file") {
+                            std::fs::read_to_string(value).map_err(|e| {
+                                Error::Invalid(format!("ca_file '{value}' cannot be read: {e}"))
+                            })?
+                        } else {
+                            value.clone()
+                        };
+                        text_bounded("the CA certificate", &pem)?;
+                        if lettre::transport::smtp::client::Certificate::from_pem(pem.as_bytes())
+                            .is_err()
+                        {
+                            return invalid(format!("{key} is not a PEM certificate"));
+                        }
+                        ca_pem = Some(pem);
+                    }
+                    "timeout" => {
+                        timeout_ms =
+                            rule::bounded("timeout", value, rule::TIMEOUT_MIN, rule::TIMEOUT_MAX)?
+                    }
+                    "max_attempts" => max_attempts = attempts(value)?,
+                    other => {
+                        return invalid(format!(
+                            "unknown EMAIL option \"{other}\"; the options are from, smarthost, \
+                             hello, auth_username, auth_password, require_tls, send_resolved, \
+                             ca_file, ca_pem, timeout and max_attempts"
+                        ))
+                    }
+                }
+            }
+            if auth_username.is_some() != auth_password.is_some()
+                && (auth_password.is_some() || smtp.auth_password.is_none())
+            {
+                return invalid("EMAIL needs auth_username and auth_password together".into());
+            }
+            if from.is_none() && smtp.from.is_none() {
+                return invalid(
+                    "EMAIL needs a sender: WITH (from = '…') or the server's --smtp-from".into(),
+                );
+            }
+            if smarthost.is_none() && smtp.smarthost.is_none() {
+                return invalid(
+                    "EMAIL needs a relay: WITH (smarthost = 'host:port') or the server's \
+                     --smtp-smarthost"
+                        .into(),
+                );
+            }
+            Ok(Target::Email {
+                to: raw.address,
+                from,
+                smarthost,
+                hello,
+                auth_username,
+                auth_password,
+                require_tls,
+                send_resolved,
+                ca_pem,
+                timeout_ms,
+                max_attempts,
+            })
+        }
         other => invalid(format!(
-            "unknown notification target {other}: the targets are WEBHOOK 'http://…' and \
-             ALERTMANAGER 'http://…'"
+            "unknown notification target {other}: the targets are WEBHOOK 'http://…', \
+             ALERTMANAGER 'http://…' and EMAIL 'name@example.com'"
         )),
     }
 }
@@ -196,7 +301,9 @@ pub async fn check(query: &QueryEngine, db: &str, create: Create) -> Result<Rule
     if create.targets.is_empty() || create.targets.len() > rule::TARGETS_MAX {
         return invalid(format!("NOTIFY names 1 to {} targets", rule::TARGETS_MAX));
     }
-    let targets = create.targets.into_iter().map(target).collect::<Result<Vec<_>, _>>()?;
+    let smtp = &query.alerts().smtp();
+    let targets =
+        create.targets.into_iter().map(|t| target(t, smtp)).collect::<Result<Vec<_>, _>>()?;
 
     // The query: one read, planned in the database now (it must plan; its columns decide
     // what labels and template names there are).
@@ -244,6 +351,14 @@ pub async fn check(query: &QueryEngine, db: &str, create: Create) -> Result<Rule
         }
         text_bounded(&format!("label {key}"), value)?;
         seen.push(key.clone());
+    }
+    let rule_text: usize =
+        create.labels.iter().chain(&create.annotations).map(|(k, v)| k.len() + v.len()).sum();
+    if rule_text > rule::RULE_TEXT_BYTES_MAX {
+        return Err(Error::Limit(format!(
+            "the rule's labels and annotations are {rule_text} bytes, more than the {} allowed",
+            rule::RULE_TEXT_BYTES_MAX
+        )));
     }
     let mut known: Vec<String> = columns.clone();
     known.extend(seen.iter().cloned());

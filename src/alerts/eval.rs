@@ -98,7 +98,9 @@ pub fn rows(rule: &Rule, schema: &Schema, batches: &[RecordBatch]) -> Result<Vec
                      that many instances"
                 ));
             }
-            let mut key = Vec::with_capacity(labels.len());
+            // Row keys begin with "r": never the key of the rule's own nodata/error instances.
+            let mut key = Vec::with_capacity(labels.len() + 1);
+            key.push("r".to_string());
             let mut row_labels = base.clone();
             for (name, array) in &labels {
                 if array.is_null(row) {
@@ -129,13 +131,23 @@ pub fn rows(rule: &Rule, schema: &Schema, batches: &[RecordBatch]) -> Result<Vec
                 };
                 row_values.push((name.clone(), value));
             }
+            let size: usize = row_labels.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+                + row_values.iter().map(|(k, v)| k.len() + v.to_string().len()).sum::<usize>();
+            if size > super::rule::INSTANCE_BYTES_MAX {
+                return Err(format!(
+                    "row {} has {size} bytes of labels and values, more than the {} an alert \
+                     instance may have",
+                    out.len() + 1,
+                    super::rule::INSTANCE_BYTES_MAX
+                ));
+            }
             if let Some(first) = seen.insert(key.clone(), out.len()) {
                 return Err(format!(
                     "rows {} and {} have the same labels ({}): an alert's rows must differ in \
                      their text columns",
                     first + 1,
                     out.len() + 1,
-                    key.join(", ")
+                    key[1..].join(", ")
                 ));
             }
             out.push(Row { key, labels: row_labels, values: row_values });

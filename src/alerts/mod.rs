@@ -40,6 +40,8 @@ pub const SENDS_PER_TARGET: usize = 4;
 pub const SENDS_AT_ONCE: usize = 64;
 /// Outbox entries waiting; a rule whose notification finds the outbox full records an error.
 pub const OUTBOX_MAX: usize = 10_000;
+/// Undelivered entries of one rule.
+pub const OUTBOX_PER_RULE: usize = 100;
 /// Dead-lettered entries kept for `system.alert_notifications` (the newest).
 pub const DEAD_KEPT: usize = 1000;
 /// Events kept in memory for `system.alert_events` (the newest).
@@ -104,12 +106,38 @@ pub fn sqlstate_of(error: &Error) -> SqlState {
 pub struct Config {
     /// The server's address as receivers reach it (`externalURL`, `generatorURL`).
     pub external_url: String,
+    pub smtp: Smtp,
+}
+
+/// E-mail defaults for `EMAIL` targets that do not set them (`--smtp-*`).
+#[derive(Clone, Default)]
+pub struct Smtp {
+    pub smarthost: Option<String>,
+    pub from: Option<String>,
+    pub hello: Option<String>,
+    pub auth_username: Option<String>,
+    pub auth_password: Option<String>,
+    pub require_tls: bool,
+}
+
+impl std::fmt::Debug for Smtp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Smtp")
+            .field("smarthost", &self.smarthost)
+            .field("from", &self.from)
+            .field("auth_username", &self.auth_username)
+            .field("require_tls", &self.require_tls)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Config {
     #[cfg(test)]
     pub fn for_tests() -> Config {
-        Config { external_url: "http://127.0.0.1:8086".into() }
+        Config {
+            external_url: "http://127.0.0.1:8086".into(),
+            smtp: Smtp { require_tls: true, ..Smtp::default() },
+        }
     }
 }
 
@@ -128,7 +156,8 @@ pub struct Event {
     pub target: Option<String>,
     /// `delivered`, `retry`, `dead`, `error`.
     pub outcome: Option<String>,
-    pub http_status: Option<u16>,
+    /// The HTTP status or the SMTP reply code.
+    pub status: Option<u16>,
     pub attempt: Option<u32>,
     pub message: Option<String>,
     pub key: Option<String>,
@@ -146,7 +175,7 @@ impl Event {
             to_state: None,
             target: None,
             outcome: None,
-            http_status: None,
+            status: None,
             attempt: None,
             message: None,
             key: None,
@@ -158,6 +187,126 @@ pub fn labels_json(labels: &[(String, String)]) -> String {
     let map: serde_json::Map<String, serde_json::Value> =
         labels.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect();
     serde_json::Value::Object(map).to_string()
+}
+
+/// The inverse of one statement's change, applied if its save fails.
+type Undo = Box<dyn FnOnce(&mut Inner) + Send>;
+
+/// One notification to queue: for which of the rule's targets, and what.
+struct Queued {
+    target_index: usize,
+    target: Target,
+    key: String,
+    body: serde_json::Value,
+    firing: usize,
+    resolved: usize,
+}
+
+/// The notifications an evaluation of `rule` calls for: with `transitions`, to every target
+/// (webhooks and e-mail without resolved alerts unless `send_resolved`); with `resend` (firing
+/// alerts whose last push is a minute old), to its Alertmanagers.
+fn notifications(
+    rule: &Rule,
+    rule_id: u64,
+    alerts: &[Alert],
+    transitions: bool,
+    resend: bool,
+    now: i64,
+    external_url: &str,
+) -> Vec<Queued> {
+    let mut queued = Vec::new();
+    for (index, target) in rule.targets.iter().enumerate() {
+        let (chosen, extra): (Vec<Alert>, String) = match target {
+            Target::Webhook { send_resolved, .. } | Target::Email { send_resolved, .. }
+                if transitions =>
+            {
+                let chosen = alerts
+                    .iter()
+                    .filter(|a| *send_resolved || a.status == Notify::Firing)
+                    .cloned()
+                    .collect();
+                (chosen, String::new())
+            }
+            Target::Alertmanager { .. } if transitions => (alerts.to_vec(), String::new()),
+            Target::Alertmanager { .. } if resend => (alerts.to_vec(), format!("resend {now}")),
+            _ => continue,
+        };
+        if chosen.is_empty() {
+            continue;
+        }
+        for chunk in chosen.chunks(notify::ALERTS_PER_PAYLOAD) {
+            let body = match target {
+                Target::Webhook { .. } => notify::webhook_body(rule, chunk, external_url),
+                Target::Alertmanager { .. } => {
+                    notify::alertmanager_body(rule, chunk, external_url, now)
+                }
+                Target::Email { .. } => notify::email_body(rule, chunk, external_url),
+            };
+            let firing = chunk.iter().filter(|a| a.status == Notify::Firing).count();
+            queued.push(Queued {
+                target_index: index,
+                target: target.clone(),
+                key: notify::idempotency_key(rule_id, index, chunk, &extra),
+                body,
+                firing,
+                resolved: chunk.len() - firing,
+            });
+        }
+    }
+    queued
+}
+
+/// Removes rules (with their undelivered notifications) and queues a resolved notification
+/// for each of their firing alerts, so no receiver is left showing an alert nothing will
+/// resolve. The inverse puts the rules and entries back and withdraws the resolutions.
+fn remove_rules(
+    inner: &mut Inner,
+    keys: &[(String, String)],
+    now: i64,
+    external_url: &str,
+) -> Undo {
+    let mut removed = Vec::new();
+    let mut entries = Vec::new();
+    let mut resolutions = Vec::new();
+    for key in keys {
+        let Some(r) = inner.rules.remove(key) else { continue };
+        let ids: Vec<u64> = inner
+            .outbox
+            .values()
+            .filter(|o| o.db == key.0 && o.rule == key.1)
+            .map(|o| o.id)
+            .collect();
+        entries.extend(ids.iter().filter_map(|id| inner.outbox.remove(id)));
+        let alerts: Vec<Alert> = r
+            .instances
+            .values()
+            .filter(|i| i.state.firing())
+            .map(|i| {
+                let mut i = i.clone();
+                i.state = state::State::Normal;
+                i.resolved_at = Some(now);
+                Alert::of(&r.rule, &i)
+            })
+            .collect();
+        if !alerts.is_empty() {
+            let queued = notifications(&r.rule, r.id, &alerts, true, false, now, external_url);
+            let generation = inner.generation + 1;
+            resolutions.extend(inner.enqueue(&key.0, &key.1, queued, now, generation));
+        }
+        removed.push(r);
+    }
+    Box::new(move |inner: &mut Inner| {
+        for id in resolutions {
+            inner.outbox.remove(&id);
+        }
+        for mut r in removed {
+            r.running = false;
+            inner.rules.entry((r.rule.db.clone(), r.rule.name.clone())).or_insert(r);
+        }
+        for o in entries {
+            inner.outbox.entry(o.id).or_insert(o);
+        }
+    })
 }
 
 /// A rule and where its evaluation stands.
@@ -200,6 +349,87 @@ impl Inner {
         self.events.push_back(event);
     }
 
+    /// Makes room for `adding` entries of one rule: past [`OUTBOX_PER_RULE`] (or the whole
+    /// outbox's [`OUTBOX_MAX`]) its oldest undelivered entries not in flight are dropped — each
+    /// notification carries every firing alert of the rule, so the newer ones supersede them.
+    fn make_room(&mut self, db: &str, rule: &str, adding: usize, now: i64) {
+        let pending_all = self.outbox.values().filter(|o| o.status == Delivery::Pending).count();
+        let mine: Vec<u64> = self
+            .outbox
+            .values()
+            .filter(|o| o.status == Delivery::Pending && o.db == db && o.rule == rule)
+            .filter(|o| !self.in_flight.contains(&o.id))
+            .map(|o| o.id)
+            .collect();
+        let over_rule = (mine.len() + adding).saturating_sub(OUTBOX_PER_RULE);
+        let over_all = (pending_all + adding).saturating_sub(OUTBOX_MAX);
+        let drop = over_rule.max(over_all).min(mine.len());
+        if drop == 0 {
+            return;
+        }
+        for id in &mine[..drop] {
+            self.outbox.remove(id);
+        }
+        let mut event = Event::new(now, db, rule, "notification");
+        event.outcome = Some("superseded".into());
+        event.message = Some(format!(
+            "{drop} undelivered notifications of this rule were dropped for newer ones (at most \
+             {OUTBOX_PER_RULE} wait per rule)"
+        ));
+        self.event(event);
+    }
+
+    /// Queues `queued` notifications of one rule, sendable once `generation` is saved; the
+    /// new entries' ids.
+    fn enqueue(
+        &mut self,
+        db: &str,
+        rule: &str,
+        mut queued: Vec<Queued>,
+        now: i64,
+        generation: u64,
+    ) -> Vec<u64> {
+        self.make_room(db, rule, queued.len(), now);
+        let pending = self.outbox.values().filter(|o| o.status == Delivery::Pending).count();
+        if pending + queued.len() > OUTBOX_MAX {
+            let mut event = Event::new(now, db, rule, "notification");
+            event.outcome = Some("error".into());
+            event.message = Some(format!(
+                "the outbox holds {pending} undelivered notifications, the most it keeps: {} \
+                 notifications were not queued",
+                queued.len()
+            ));
+            self.event(event);
+            queued.clear();
+        }
+        let mut ids = Vec::new();
+        for q in queued {
+            let id = self.take_id();
+            ids.push(id);
+            self.outbox.insert(
+                id,
+                Outgoing {
+                    id,
+                    db: db.to_string(),
+                    rule: rule.to_string(),
+                    target_index: q.target_index,
+                    target: q.target,
+                    key: q.key,
+                    body: q.body,
+                    firing: q.firing,
+                    resolved: q.resolved,
+                    created_ns: now,
+                    attempts: 0,
+                    next_attempt_ns: now,
+                    status: Delivery::Pending,
+                    last_error: None,
+                    generation,
+                },
+            );
+        }
+        ids
+    }
+
     fn changed(&mut self) -> u64 {
         self.generation += 1;
         self.generation
@@ -207,7 +437,7 @@ impl Inner {
 
     fn take_id(&mut self) -> u64 {
         let id = self.next_id.max(1);
-        self.next_id = id + 1;
+        self.next_id = id.saturating_add(1);
         id
     }
 
@@ -254,6 +484,10 @@ pub struct Alerts {
     inner: Mutex<Inner>,
     /// One save at a time; whoever saves writes every change made so far.
     save_lock: tokio::sync::Mutex<()>,
+    /// One rule statement at a time (held across its save).
+    ddl: tokio::sync::Mutex<()>,
+    /// A background save is running (the scheduler starts at most one).
+    saving: std::sync::atomic::AtomicBool,
     client: reqwest::Client,
 }
 
@@ -265,7 +499,7 @@ impl std::fmt::Debug for Alerts {
 
 /// A spread of evaluations over the interval, stable per rule (as Prometheus offsets groups).
 fn offset_ns(rule: &Rule) -> i64 {
-    let every = i64::try_from(rule.every_ms).unwrap_or(1).max(1) * 1_000_000;
+    let every = rule.every_ns();
     let hash = notify::fingerprint(&[(rule.db.clone(), rule.name.clone())]);
     let hash = u64::from_str_radix(&hash, 16).unwrap_or(0);
     i64::try_from(hash % every as u64).unwrap_or(0)
@@ -286,8 +520,8 @@ impl Alerts {
             let mut instances: BTreeMap<Vec<String>, Instance> =
                 r.instances.into_iter().map(|i| (i.key.clone(), i)).collect();
             state::after_restart(&mut instances, r.last_evaluation_ns, now, OUTAGE_TOLERANCE_NS);
-            let next_due_ns = now + offset_ns(&r.rule);
-            inner.next_id = inner.next_id.max(r.id + 1);
+            let next_due_ns = now.saturating_add(offset_ns(&r.rule));
+            inner.next_id = inner.next_id.max(r.id.saturating_add(1));
             inner.rules.insert(
                 (r.rule.db.clone(), r.rule.name.clone()),
                 RuleState {
@@ -306,7 +540,7 @@ impl Alerts {
             );
         }
         for entry in saved.outbox {
-            inner.next_id = inner.next_id.max(entry.id + 1);
+            inner.next_id = inner.next_id.max(entry.id.saturating_add(1));
             inner.outbox.insert(entry.id, entry);
         }
         inner.events = saved.events.into();
@@ -325,8 +559,14 @@ impl Alerts {
             clock,
             inner: Mutex::new(inner),
             save_lock: tokio::sync::Mutex::new(()),
+            ddl: tokio::sync::Mutex::new(()),
+            saving: std::sync::atomic::AtomicBool::new(false),
             client,
         }))
+    }
+
+    pub fn smtp(&self) -> Smtp {
+        self.config.smtp.clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -337,20 +577,22 @@ impl Alerts {
     /// Writes every change made so far (and returns once it is durable).
     pub async fn save_now(&self) -> Result<(), String> {
         let _one = self.save_lock.lock().await;
-        let (generation, bytes) = {
+        let (generation, saved) = {
             let mut inner = self.lock();
             if inner.saved >= inner.generation && !inner.soft {
                 return Ok(());
             }
             inner.soft = false;
-            let bytes = serde_json::to_vec(&inner.saved_form()).map_err(|e| e.to_string())?;
-            (inner.generation, bytes)
+            (inner.generation, inner.saved_form())
         };
         let path = self.path.clone();
-        let written = tokio::task::spawn_blocking(move || store::save(&path, &bytes))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| format!("writing alerts/state.json: {e}")));
+        let written = tokio::task::spawn_blocking(move || {
+            let bytes = serde_json::to_vec(&saved).map_err(std::io::Error::other)?;
+            store::save(&path, &bytes)
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| format!("writing alerts/state.json: {e}")));
         let mut inner = self.lock();
         match written {
             Ok(()) => {
@@ -359,7 +601,9 @@ impl Alerts {
                 Ok(())
             }
             Err(e) => {
-                tracing::error!(error = %e, "saving the alert state failed; retrying");
+                if inner.save_error.as_deref() != Some(e.as_str()) {
+                    tracing::error!(error = %e, "saving the alert state failed; retrying");
+                }
                 inner.save_error = Some(e.clone());
                 inner.soft = true;
                 Err(e)
@@ -367,27 +611,26 @@ impl Alerts {
         }
     }
 
-    /// Applies `change` to the state and saves it; if the save fails, restores the rules as
-    /// they were and reports the failure (nothing changed).
+    /// Applies one statement's `change` and saves it. `change` returns its result and the
+    /// inverse of what it did; if the save fails, only that inverse is applied (other changes
+    /// made meanwhile stay) and the statement fails. Statements run one at a time.
     async fn durably<T>(
         &self,
-        change: impl FnOnce(&mut Inner, i64) -> Result<T, Error>,
+        change: impl FnOnce(&mut Inner, i64) -> Result<(T, Undo), Error>,
     ) -> Result<T, Error> {
-        let before = {
+        let _one = self.ddl.lock().await;
+        let (out, undo) = {
             let mut inner = self.lock();
-            let before = (inner.rules.clone(), inner.outbox.clone());
             let now = self.clock.now_ns();
-            let out = change(&mut inner, now)?;
+            let done = change(&mut inner, now)?;
             inner.changed();
-            (before, out)
+            done
         };
-        let ((rules, outbox), out) = before;
         match self.save_now().await {
             Ok(()) => Ok(out),
             Err(e) => {
                 let mut inner = self.lock();
-                inner.rules = rules;
-                inner.outbox = outbox;
+                undo(&mut inner);
                 inner.changed();
                 Err(Error::Storage(e))
             }
@@ -399,7 +642,11 @@ impl Alerts {
         self.durably(|inner, now| {
             let key = (rule.db.clone(), rule.name.clone());
             if inner.rules.contains_key(&key) {
-                return if if_not_exists { Ok(false) } else { Err(Error::Duplicate(rule.name)) };
+                return if if_not_exists {
+                    Ok((false, Box::new(|_: &mut Inner| {}) as Undo))
+                } else {
+                    Err(Error::Duplicate(rule.name))
+                };
             }
             if inner.rules.len() >= rule::RULES_MAX {
                 return Err(Error::Limit(format!(
@@ -408,9 +655,9 @@ impl Alerts {
                 )));
             }
             let id = inner.take_id();
-            let next_due_ns = now + offset_ns(&rule);
+            let next_due_ns = now.saturating_add(offset_ns(&rule));
             inner.rules.insert(
-                key,
+                key.clone(),
                 RuleState {
                     id,
                     rule,
@@ -425,7 +672,13 @@ impl Alerts {
                     next_due_ns,
                 },
             );
-            Ok(true)
+            let undo: Undo = Box::new(move |inner: &mut Inner| {
+                if inner.rules.get(&key).is_some_and(|r| r.id == id) {
+                    inner.rules.remove(&key);
+                    inner.outbox.retain(|_, o| !(o.db == key.0 && o.rule == key.1));
+                }
+            });
+            Ok((true, undo))
         })
         .await
     }
@@ -437,17 +690,16 @@ impl Alerts {
         names: &[String],
         if_exists: bool,
     ) -> Result<(), Error> {
-        self.durably(|inner, _| {
+        let external_url = self.config.external_url.clone();
+        self.durably(|inner, now| {
             for name in names {
                 if !inner.rules.contains_key(&(db.to_string(), name.clone())) && !if_exists {
                     return Err(Error::Undefined(name.clone()));
                 }
             }
-            for name in names {
-                inner.rules.remove(&(db.to_string(), name.clone()));
-                inner.outbox.retain(|_, o| !(o.db == db && &o.rule == name));
-            }
-            Ok(())
+            let keys: Vec<_> = names.iter().map(|n| (db.to_string(), n.clone())).collect();
+            let undo = remove_rules(inner, &keys, now, &external_url);
+            Ok(((), undo))
         })
         .await
     }
@@ -460,11 +712,25 @@ impl Alerts {
                 .rules
                 .get_mut(&(db.to_string(), name.to_string()))
                 .ok_or_else(|| Error::Undefined(name.to_string()))?;
+            let was = rule.rule.paused;
             rule.rule.paused = paused;
-            if !paused {
+            if was && !paused {
                 rule.next_due_ns = now;
+                // A long pause is an outage: Pending timers start again.
+                state::after_restart(
+                    &mut rule.instances,
+                    rule.last_evaluation_ns,
+                    now,
+                    OUTAGE_TOLERANCE_NS,
+                );
             }
-            Ok(())
+            let key = (db.to_string(), name.to_string());
+            let undo: Undo = Box::new(move |inner: &mut Inner| {
+                if let Some(r) = inner.rules.get_mut(&key) {
+                    r.rule.paused = was;
+                }
+            });
+            Ok(((), undo))
         })
         .await
     }
@@ -474,10 +740,11 @@ impl Alerts {
         if !self.lock().rules.keys().any(|(d, _)| d == db) {
             return Ok(());
         }
-        self.durably(|inner, _| {
-            inner.rules.retain(|(d, _), _| d != db);
-            inner.outbox.retain(|_, o| o.db != db);
-            Ok(())
+        let external_url = self.config.external_url.clone();
+        self.durably(|inner, now| {
+            let keys: Vec<_> = inner.rules.keys().filter(|(d, _)| d == db).cloned().collect();
+            let undo = remove_rules(inner, &keys, now, &external_url);
+            Ok(((), undo))
         })
         .await
     }
@@ -536,8 +803,17 @@ impl Alerts {
                 (inner.generation > inner.saved, inner.soft)
             };
             if hard || (soft && last_soft_save.elapsed() >= SOFT_SAVE_EVERY) {
-                last_soft_save = Instant::now();
-                let _ = self.save_now().await;
+                use std::sync::atomic::Ordering;
+                // In the background, one at a time: a slow disk delays deliveries (they wait
+                // for their save), never the scheduling of evaluations.
+                if !self.saving.swap(true, Ordering::AcqRel) {
+                    last_soft_save = Instant::now();
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let _ = me.save_now().await;
+                        me.saving.store(false, Ordering::Release);
+                    });
+                }
             }
         }
         let _ = self.save_now().await;
@@ -591,11 +867,12 @@ impl Alerts {
         r.last_evaluation_ns = Some(now);
         r.last_evaluation_ms = Some(took.as_secs_f64() * 1000.0);
         r.last_lag_ms = Some(done.saturating_sub(scheduled) as f64 / 1e6);
-        let every = i64::try_from(r.rule.every_ms).unwrap_or(1).max(1) * 1_000_000;
+        let every = r.rule.every_ns();
         let mut next = scheduled.saturating_add(every);
         if next <= done {
             // Missed slots are skipped, keeping the rule's phase.
-            next += ((done - next) / every + 1) * every;
+            next = next
+                .saturating_add(((done - next) / every).saturating_add(1).saturating_mul(every));
         }
         r.next_due_ns = next;
         let mut events = Vec::new();
@@ -633,50 +910,17 @@ impl Alerts {
         let firing = alerts.iter().any(|a| a.status == Notify::Firing);
         let resend_due =
             r.last_alertmanager_send_ns.is_none_or(|t| now.saturating_sub(t) >= notify::RESEND_NS);
-        let mut entries = Vec::new();
-        for (index, target) in r.rule.targets.iter().enumerate() {
-            let (chosen, extra): (Vec<Alert>, String) = match target {
-                Target::Webhook { send_resolved, .. } if transitions => (
-                    alerts
-                        .iter()
-                        .filter(|a| *send_resolved || a.status == Notify::Firing)
-                        .cloned()
-                        .collect(),
-                    String::new(),
-                ),
-                Target::Webhook { .. } => continue,
-                Target::Alertmanager { .. } if transitions => (alerts.clone(), String::new()),
-                Target::Alertmanager { .. } if firing && resend_due => {
-                    (alerts.clone(), format!("resend {now}"))
-                }
-                Target::Alertmanager { .. } => continue,
-            };
-            if chosen.is_empty()
-                || (!chosen.iter().any(|a| a.status == Notify::Firing) && !transitions)
-            {
-                continue;
-            }
-            for chunk in chosen.chunks(notify::ALERTS_PER_PAYLOAD) {
-                let body = match target {
-                    Target::Webhook { .. } => {
-                        notify::webhook_body(&r.rule, chunk, &self.config.external_url)
-                    }
-                    Target::Alertmanager { .. } => {
-                        notify::alertmanager_body(&r.rule, chunk, &self.config.external_url, now)
-                    }
-                };
-                let firing = chunk.iter().filter(|a| a.status == Notify::Firing).count();
-                entries.push((
-                    target.clone(),
-                    notify::idempotency_key(r.id, index, chunk, &extra),
-                    body,
-                    firing,
-                    chunk.len() - firing,
-                ));
-            }
-            if matches!(target, Target::Alertmanager { .. }) {
-                r.last_alertmanager_send_ns = Some(now);
-            }
+        let entries = notifications(
+            &r.rule,
+            r.id,
+            &alerts,
+            transitions,
+            firing && resend_due,
+            now,
+            &self.config.external_url,
+        );
+        if entries.iter().any(|e| matches!(e.target, Target::Alertmanager { .. })) {
+            r.last_alertmanager_send_ns = Some(now);
         }
         let (db, name) = (r.rule.db.clone(), r.rule.name.clone());
         let durable = !changes.is_empty() || !entries.is_empty();
@@ -685,40 +929,7 @@ impl Alerts {
         }
         if durable {
             let generation = inner.changed();
-            let pending = inner.outbox.values().filter(|o| o.status == Delivery::Pending).count();
-            if pending + entries.len() > OUTBOX_MAX {
-                let mut event = Event::new(now, &db, &name, "notification");
-                event.outcome = Some("error".into());
-                event.message = Some(format!(
-                    "the outbox holds {pending} undelivered notifications, the most it keeps: \
-                     {} notifications of this evaluation were not queued",
-                    entries.len()
-                ));
-                inner.event(event);
-                entries.clear();
-            }
-            for (target, key, body, firing, resolved) in entries {
-                let id = inner.take_id();
-                inner.outbox.insert(
-                    id,
-                    Outgoing {
-                        id,
-                        db: db.clone(),
-                        rule: name.clone(),
-                        target,
-                        key,
-                        body,
-                        firing,
-                        resolved,
-                        created_ns: now,
-                        attempts: 0,
-                        next_attempt_ns: now,
-                        status: Delivery::Pending,
-                        last_error: None,
-                        generation,
-                    },
-                );
-            }
+            inner.enqueue(&db, &name, entries, now, generation);
         } else {
             inner.soft = true;
         }
@@ -737,9 +948,18 @@ impl Alerts {
         }
         let mut due = Vec::new();
         let mut in_flight = inner.in_flight.len();
+        // Each rule's notifications to one target go in order (ids grow with time): only the
+        // oldest undelivered one of each is a candidate, so a retried "firing" can never land
+        // after the "resolved" that followed it.
+        let mut streams: HashSet<(&str, &str, usize)> = HashSet::new();
         for o in inner.outbox.values() {
             if in_flight >= SENDS_AT_ONCE {
                 break;
+            }
+            if o.status != Delivery::Pending
+                || !streams.insert((o.db.as_str(), o.rule.as_str(), o.target_index))
+            {
+                continue;
             }
             let sending = per_target.entry(o.target.url().to_string()).or_default();
             if o.status == Delivery::Pending
@@ -761,16 +981,16 @@ impl Alerts {
 
     async fn deliver(&self, entry: Outgoing) {
         crate::crash_point("alert-before-delivery");
-        let attempt = notify::send(&self.client, &entry).await;
+        let attempt = notify::send(&self.client, &self.config.smtp, &entry).await;
         let now = self.clock.now_ns();
         let mut guard = self.lock();
         let inner = &mut *guard;
         inner.in_flight.remove(&entry.id);
         let Some(o) = inner.outbox.get_mut(&entry.id) else { return };
-        o.attempts += 1;
+        o.attempts = o.attempts.saturating_add(1);
         let mut event = Event::new(now, &o.db, &o.rule, "notification");
         event.target = Some(o.target.describe());
-        event.http_status = attempt.status;
+        event.status = attempt.status;
         event.attempt = Some(o.attempts);
         event.key = Some(o.key.clone());
         event.message = attempt.error.clone();

@@ -32,6 +32,9 @@ pub struct Outgoing {
     pub id: u64,
     pub db: String,
     pub rule: String,
+    /// Which of the rule's targets (its notifications to one target are sent in order).
+    #[serde(default)]
+    pub target_index: usize,
     pub target: Target,
     /// Stable per rule, target and set of transitions: the `Idempotency-Key` header.
     pub key: String,
@@ -196,10 +199,7 @@ pub fn webhook_body(rule: &Rule, alerts: &[Alert], external_url: &str) -> Value 
 /// Prometheus sets them: 4 × max(interval, resend delay) ahead), resolved ones when they did.
 pub fn alertmanager_body(rule: &Rule, alerts: &[Alert], external_url: &str, now: i64) -> Value {
     let generator = generator_url(external_url, rule);
-    let ahead = 4 * i64::try_from(rule.every_ms)
-        .unwrap_or(i64::MAX / 4_000_000)
-        .saturating_mul(1_000_000)
-        .max(RESEND_NS);
+    let ahead = rule.every_ns().max(RESEND_NS).saturating_mul(4);
     Value::Array(
         alerts
             .iter()
@@ -214,6 +214,62 @@ pub fn alertmanager_body(rule: &Rule, alerts: &[Alert], external_url: &str, now:
             })
             .collect(),
     )
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// An e-mail: `subject`, `text` and `html`, as Alertmanager's default templates shape them
+/// (subject `[FIRING:n] name (common labels)` or `[RESOLVED] name …`).
+pub fn email_body(rule: &Rule, alerts: &[Alert], external_url: &str) -> Value {
+    let firing: Vec<&Alert> = alerts.iter().filter(|a| a.status == Notify::Firing).collect();
+    let resolved: Vec<&Alert> = alerts.iter().filter(|a| a.status == Notify::Resolved).collect();
+    let labels: Vec<&[(String, String)]> = alerts.iter().map(|a| a.labels.as_slice()).collect();
+    let common: Vec<String> =
+        common(&labels).into_iter().filter(|(k, _)| k != "alertname").map(|(_, v)| v).collect();
+    let mut subject = if firing.is_empty() {
+        format!("[RESOLVED] {}", rule.name)
+    } else {
+        format!("[FIRING:{}] {}", firing.len(), rule.name)
+    };
+    if !common.is_empty() {
+        subject += &format!(" ({})", common.join(" "));
+    }
+    let link = generator_url(external_url, rule);
+    let mut text = String::new();
+    let mut html = format!(
+        "<html><body><h2>{}</h2><p><a href=\"{}\">View in Sundial</a></p>",
+        escape(&subject),
+        escape(&link)
+    );
+    for (title, group) in [("Firing", &firing), ("Resolved", &resolved)] {
+        if group.is_empty() {
+            continue;
+        }
+        text += &format!("{title} ({}):\n", group.len());
+        html += &format!("<h3>{title} ({})</h3><ul>", group.len());
+        for a in group.iter() {
+            let labels: Vec<String> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            text +=
+                &format!("- Labels: {}\n  Since: {}\n", labels.join(", "), rfc3339(a.starts_ns));
+            html += &format!(
+                "<li><b>Labels:</b> {}<br><b>Since:</b> {}",
+                escape(&labels.join(", ")),
+                rfc3339(a.starts_ns)
+            );
+            for (k, v) in &a.annotations {
+                text += &format!("  {k}: {v}\n");
+                html += &format!("<br><b>{}:</b> {}", escape(k), escape(v));
+            }
+            html += "</li>";
+        }
+        text += "\n";
+        html += "</ul>";
+    }
+    text += &format!("Source: {link}\n");
+    html += "</body></html>";
+    json!({ "subject": subject, "text": text, "html": html })
 }
 
 /// The idempotency key of a notification: the same for the same rule, target and
@@ -253,7 +309,8 @@ pub struct Attempt {
 /// The URL a target is posted to.
 pub fn endpoint(target: &Target) -> String {
     match target {
-        Target::Webhook { url, .. } => url.clone(),
+        Target::Webhook { url, .. } | Target::Email { smarthost: Some(url), .. } => url.clone(),
+        Target::Email { .. } => String::new(),
         Target::Alertmanager { url, .. } => {
             let base = url.trim_end_matches('/');
             if base.ends_with("/api/v2/alerts") {
@@ -266,7 +323,10 @@ pub fn endpoint(target: &Target) -> String {
 }
 
 /// One delivery attempt of `entry`.
-pub async fn send(client: &reqwest::Client, entry: &Outgoing) -> Attempt {
+pub async fn send(client: &reqwest::Client, smtp: &super::Smtp, entry: &Outgoing) -> Attempt {
+    if let Target::Email { .. } = &entry.target {
+        return send_email(smtp, entry).await;
+    }
     let mut request = client
         .post(endpoint(&entry.target))
         .timeout(entry.target.timeout())
@@ -284,8 +344,19 @@ pub async fn send(client: &reqwest::Client, entry: &Outgoing) -> Attempt {
             if status.is_success() {
                 return Attempt { status: code, error: None, permanent: false };
             }
-            let body = response.text().await.unwrap_or_default();
-            let body: String = body.chars().take(200).collect();
+            // At most the first KiB of an error's body: a target cannot make us hold more.
+            let mut response = response;
+            let mut head = Vec::new();
+            while head.len() < 1024 {
+                match response.chunk().await {
+                    Ok(Some(chunk)) => {
+                        let room = 1024 - head.len();
+                        head.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                    }
+                    _ => break,
+                }
+            }
+            let body: String = String::from_utf8_lossy(&head).chars().take(200).collect();
             let permanent = status.is_client_error()
                 && status != reqwest::StatusCode::REQUEST_TIMEOUT
                 && status != reqwest::StatusCode::TOO_MANY_REQUESTS;
@@ -307,6 +378,105 @@ pub async fn send(client: &reqwest::Client, entry: &Outgoing) -> Attempt {
             }
             let error = if detail.is_empty() { what } else { format!("{what}: {detail}") };
             Attempt { status: None, error: Some(error), permanent: false }
+        }
+    }
+}
+
+/// One e-mail attempt: the entry's message to its relay (implicit TLS on port 465, STARTTLS
+/// when TLS is required, AUTH when credentials are given). The `Message-ID` carries the
+/// idempotency key, so repeats can be recognised.
+async fn send_email(defaults: &super::Smtp, entry: &Outgoing) -> Attempt {
+    use lettre::message::{Mailbox, MultiPart};
+    use lettre::transport::smtp::authentication::Credentials;
+    use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
+    use lettre::transport::smtp::extension::ClientId;
+    use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+    let Target::Email {
+        to,
+        from,
+        smarthost,
+        hello,
+        auth_username,
+        auth_password,
+        require_tls,
+        ca_pem,
+        timeout_ms,
+        ..
+    } = &entry.target
+    else {
+        return Attempt { status: None, error: Some("not an e-mail".into()), permanent: true };
+    };
+    let fail = |error: String| Attempt { status: None, error: Some(error), permanent: true };
+    let Some(smarthost) = smarthost.clone().or_else(|| defaults.smarthost.clone()) else {
+        return fail("no smarthost: set it on the target or with --smtp-smarthost".into());
+    };
+    let Some(from) = from.clone().or_else(|| defaults.from.clone()) else {
+        return fail("no sender: set from on the target or --smtp-from".into());
+    };
+    let (host, port) = match super::ddl::host_port(&smarthost) {
+        Ok(hp) => hp,
+        Err(e) => return fail(e.to_string()),
+    };
+    let (Ok(from), Ok(to)) = (from.parse::<Mailbox>(), to.parse::<Mailbox>()) else {
+        return fail("the sender or the recipient is not an e-mail address".into());
+    };
+    let text = |k: &str| entry.body.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+    let message = lettre::Message::builder()
+        .from(from)
+        .to(to)
+        .subject(text("subject"))
+        .message_id(Some(format!("<{}@sundial>", entry.key)))
+        .multipart(MultiPart::alternative_plain_html(text("text"), text("html")));
+    let message = match message {
+        Ok(m) => m,
+        Err(e) => return fail(format!("the message cannot be built: {e}")),
+    };
+    let mut tls = TlsParameters::builder(host.clone());
+    if let Some(pem) = ca_pem {
+        match Certificate::from_pem(pem.as_bytes()) {
+            Ok(cert) => tls = tls.add_root_certificate(cert),
+            Err(e) => return fail(format!("ca_pem: {e}")),
+        }
+    }
+    let tls = match tls.build_rustls() {
+        Ok(tls) => tls,
+        Err(e) => return fail(format!("TLS set-up: {e}")),
+    };
+    let tls = if port == 465 {
+        Tls::Wrapper(tls)
+    } else if require_tls.unwrap_or(defaults.require_tls) {
+        Tls::Required(tls)
+    } else {
+        Tls::None
+    };
+    let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
+        .port(port)
+        .tls(tls)
+        .timeout(Some(Duration::from_millis(*timeout_ms)));
+    if let Some(name) = hello.clone().or_else(|| defaults.hello.clone()) {
+        builder = builder.hello_name(ClientId::Domain(name));
+    }
+    let user = auth_username.clone().or_else(|| defaults.auth_username.clone());
+    let password = auth_password.clone().or_else(|| defaults.auth_password.clone());
+    if let (Some(user), Some(password)) = (user, password) {
+        builder = builder.credentials(Credentials::new(user, password));
+    }
+    let transport = builder.build();
+    match transport.send(message).await {
+        Ok(response) => Attempt {
+            status: response.code().to_string().parse().ok(),
+            error: None,
+            permanent: false,
+        },
+        Err(e) => {
+            let status = e.status().and_then(|c| c.to_string().parse().ok());
+            let mut detail = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                detail = format!("{detail}: {s}");
+                source = s.source();
+            }
+            Attempt { status, error: Some(format!("SMTP: {detail}")), permanent: e.is_permanent() }
         }
     }
 }

@@ -21,6 +21,10 @@ pub const TARGETS_MAX: usize = 16;
 pub const LABELS_MAX: usize = 64;
 /// Bytes of one label value, annotation template or target address.
 pub const TEXT_BYTES_MAX: usize = 16 << 10;
+/// Bytes of all of a rule's labels and annotation templates together, and of one instance's
+/// labels and values.
+pub const RULE_TEXT_BYTES_MAX: usize = 64 << 10;
+pub const INSTANCE_BYTES_MAX: usize = 16 << 10;
 /// A target's request timeout: default and bounds.
 pub const TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
 pub const TIMEOUT_MIN: Duration = Duration::from_millis(100);
@@ -70,36 +74,57 @@ pub enum Target {
     /// POST to a Prometheus Alertmanager's `/api/v2/alerts`, firing alerts re-sent as
     /// Prometheus does.
     Alertmanager { url: String, timeout_ms: u64, max_attempts: u32 },
+    /// An e-mail over SMTP; what is not set here comes from the server's `--smtp-*` flags at
+    /// sending time.
+    Email {
+        to: String,
+        from: Option<String>,
+        smarthost: Option<String>,
+        hello: Option<String>,
+        auth_username: Option<String>,
+        auth_password: Option<String>,
+        require_tls: Option<bool>,
+        send_resolved: bool,
+        /// Extra trusted certificates (PEM), for a relay with a private CA.
+        ca_pem: Option<String>,
+        timeout_ms: u64,
+        max_attempts: u32,
+    },
 }
 
 impl Target {
+    /// Where the target's requests go (the unit of its concurrency limit).
     pub fn url(&self) -> &str {
         match self {
             Target::Webhook { url, .. } | Target::Alertmanager { url, .. } => url,
+            Target::Email { smarthost: Some(host), .. } => host,
+            Target::Email { .. } => "smtp",
         }
     }
 
     pub fn max_attempts(&self) -> u32 {
         match self {
-            Target::Webhook { max_attempts, .. } | Target::Alertmanager { max_attempts, .. } => {
-                *max_attempts
-            }
+            Target::Webhook { max_attempts, .. }
+            | Target::Alertmanager { max_attempts, .. }
+            | Target::Email { max_attempts, .. } => *max_attempts,
         }
     }
 
     pub fn timeout(&self) -> Duration {
         match self {
-            Target::Webhook { timeout_ms, .. } | Target::Alertmanager { timeout_ms, .. } => {
-                Duration::from_millis(*timeout_ms)
-            }
+            Target::Webhook { timeout_ms, .. }
+            | Target::Alertmanager { timeout_ms, .. }
+            | Target::Email { timeout_ms, .. } => Duration::from_millis(*timeout_ms),
         }
     }
 
-    /// The target as written in `NOTIFY (…)`, for messages and the system tables.
+    /// The target as written in `NOTIFY (…)`, for messages and the system tables, without
+    /// what may be a secret (a URL's credentials, path and query).
     pub fn describe(&self) -> String {
         match self {
-            Target::Webhook { url, .. } => format!("WEBHOOK '{url}'"),
-            Target::Alertmanager { url, .. } => format!("ALERTMANAGER '{url}'"),
+            Target::Webhook { url, .. } => format!("WEBHOOK '{}'", redact_url(url)),
+            Target::Alertmanager { url, .. } => format!("ALERTMANAGER '{}'", redact_url(url)),
+            Target::Email { to, .. } => format!("EMAIL '{to}'"),
         }
     }
 }
@@ -123,6 +148,27 @@ pub struct Rule {
     pub targets: Vec<Target>,
     pub paused: bool,
 }
+
+/// A URL as shown to readers: scheme, host and port, with `/…` for a path or query (webhook
+/// URLs of chat and paging services carry their tokens there).
+pub fn redact_url(text: &str) -> String {
+    match url::Url::parse(text) {
+        Ok(url) => {
+            let mut shown = format!("{}://{}", url.scheme(), url.host_str().unwrap_or_default());
+            if let Some(port) = url.port() {
+                shown += &format!(":{port}");
+            }
+            if url.path() != "/" || url.query().is_some() {
+                shown += "/…";
+            }
+            shown
+        }
+        Err(_) => "…".to_string(),
+    }
+}
+
+/// Header values are not shown (they are usually credentials).
+const HIDDEN: &str = "********";
 
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -151,6 +197,11 @@ impl Rule {
         Duration::from_millis(self.every_ms)
     }
 
+    /// `EVERY` in nanoseconds, at least 1 (also for a state file edited by hand).
+    pub fn every_ns(&self) -> i64 {
+        i64::try_from(self.every_ms).unwrap_or(i64::MAX).saturating_mul(1_000_000).max(1)
+    }
+
     pub fn for_ns(&self) -> i64 {
         i64::try_from(self.for_ms).unwrap_or(i64::MAX / 2_000_000).saturating_mul(1_000_000)
     }
@@ -161,7 +212,8 @@ impl Rule {
             .saturating_mul(1_000_000)
     }
 
-    /// The rule as a `CREATE ALERT` statement that parses back to it.
+    /// The rule as a `CREATE ALERT` statement, for `system.alert_rules` and `SHOW ALERTS`:
+    /// it parses back, with secrets (URL paths and queries, header values, passwords) hidden.
     pub fn sql(&self) -> String {
         let mut sql = format!(
             "CREATE ALERT {} ON ({}) EVERY '{}'",
@@ -209,16 +261,50 @@ impl Rule {
                     let mut options = vec![format!("timeout = '{}'", duration_text(*timeout_ms))];
                     options.push(format!("send_resolved = {send_resolved}"));
                     options.push(format!("max_attempts = {max_attempts}"));
-                    for (name, value) in headers {
-                        options.push(format!("header = {}", quote(&format!("{name}: {value}"))));
+                    for (name, _) in headers {
+                        options.push(format!("header = {}", quote(&format!("{name}: {HIDDEN}"))));
                     }
-                    format!("WEBHOOK {} WITH ({})", quote(url), options.join(", "))
+                    format!("WEBHOOK {} WITH ({})", quote(&redact_url(url)), options.join(", "))
                 }
                 Target::Alertmanager { url, timeout_ms, max_attempts } => format!(
                     "ALERTMANAGER {} WITH (timeout = '{}', max_attempts = {max_attempts})",
-                    quote(url),
+                    quote(&redact_url(url)),
                     duration_text(*timeout_ms)
                 ),
+                Target::Email {
+                    to,
+                    from,
+                    smarthost,
+                    hello,
+                    auth_username,
+                    auth_password,
+                    require_tls,
+                    send_resolved,
+                    ca_pem,
+                    timeout_ms,
+                    max_attempts,
+                } => {
+                    let mut options = Vec::new();
+                    let mut text = |key: &str, value: &Option<String>| {
+                        if let Some(v) = value {
+                            options.push(format!("{key} = {}", quote(v)));
+                        }
+                    };
+                    text("from", from);
+                    text("smarthost", smarthost);
+                    text("hello", hello);
+                    text("auth_username", auth_username);
+                    // The password is never shown.
+                    text("auth_password", &auth_password.as_ref().map(|_| HIDDEN.to_string()));
+                    text("ca_pem", ca_pem);
+                    if let Some(tls) = require_tls {
+                        options.push(format!("require_tls = {tls}"));
+                    }
+                    options.push(format!("send_resolved = {send_resolved}"));
+                    options.push(format!("timeout = '{}'", duration_text(*timeout_ms)));
+                    options.push(format!("max_attempts = {max_attempts}"));
+                    format!("EMAIL {} WITH ({})", quote(to), options.join(", "))
+                }
             })
             .collect();
         sql += &format!(" NOTIFY ({})", targets.join(", "));
@@ -277,11 +363,15 @@ pub fn template_names(template: &str) -> Result<Vec<String>, String> {
     Ok(names)
 }
 
-/// `template` with each `{{ name }}` replaced by `lookup(name)` (empty when it has none).
+/// `template` with each `{{ name }}` replaced by `lookup(name)` (empty when it has none), cut
+/// at [`TEXT_BYTES_MAX`].
 pub fn render(template: &str, lookup: impl Fn(&str) -> Option<String>) -> String {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
     while let Some(open) = rest.find("{{") {
+        if out.len() > TEXT_BYTES_MAX {
+            break;
+        }
         out.push_str(&rest[..open]);
         let after = &rest[open + 2..];
         match after.find("}}") {
@@ -296,6 +386,14 @@ pub fn render(template: &str, lookup: impl Fn(&str) -> Option<String>) -> String
         }
     }
     out.push_str(rest);
+    if out.len() > TEXT_BYTES_MAX {
+        let mut end = TEXT_BYTES_MAX;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+        out.push('…');
+    }
     out
 }
 

@@ -288,3 +288,62 @@ async fn the_storage_format_fixture_loads() {
     // New ids continue after the file's.
     assert_eq!(alerts.lock().take_id(), 4);
 }
+
+#[tokio::test]
+async fn one_rule_s_notifications_to_a_target_go_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(T0));
+    let alerts = open(dir.path(), &clock);
+    let mut r =
+        rule(vec![webhook("http://127.0.0.1:9/hook", 3), webhook("http://127.0.0.1:9/b", 3)]);
+    r.for_ms = 0;
+    alerts.create(r, false).await.unwrap();
+    evaluate(&alerts, &clock, rows(&["a"]));
+    clock.advance(Duration::from_secs(10));
+    evaluate(&alerts, &clock, rows(&[]));
+    alerts.save_now().await.unwrap();
+    assert_eq!(alerts.outbox_of("db").len(), 4, "firing and resolved, to each of two targets");
+    let due = alerts.due_deliveries(clock.now_ns());
+    // Only the firing notification of each target: its resolved one waits for it.
+    assert_eq!(due.len(), 2);
+    assert!(due.iter().all(|o| o.body["status"] == "firing"));
+    assert_ne!(due[0].target_index, due[1].target_index);
+    assert!(alerts.due_deliveries(clock.now_ns()).is_empty(), "in flight: nothing else is due");
+}
+
+#[test]
+fn secrets_are_not_shown() {
+    use super::rule::redact_url;
+    assert_eq!(redact_url("https://hooks.slack.com/services/T/B/XXX"), "https://hooks.slack.com/…");
+    assert_eq!(redact_url("http://user:pw@am:9093/"), "http://am:9093");
+    assert_eq!(redact_url("http://h/x?token=1"), "http://h/…");
+    let mut r = rule(vec![webhook("https://h/secret-path", 3)]);
+    if let Target::Webhook { headers, .. } = &mut r.targets[0] {
+        headers[0].1 = "Bearer very-secret".into();
+    }
+    let sql = r.sql();
+    assert!(!sql.contains("secret"), "{sql}");
+    assert!(!r.targets[0].describe().contains("secret"));
+}
+
+#[tokio::test]
+async fn dropping_a_firing_rule_resolves_its_alerts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(T0));
+    let alerts = open(dir.path(), &clock);
+    let mut r = rule(vec![webhook("http://127.0.0.1:9/hook", 3)]);
+    r.for_ms = 0;
+    alerts.create(r, false).await.unwrap();
+    evaluate(&alerts, &clock, rows(&["a"]));
+    clock.advance(Duration::from_secs(5));
+    alerts.drop_rules("db", &["high".into()], false).await.unwrap();
+    let outbox = alerts.outbox_of("db");
+    assert_eq!(outbox.len(), 1, "the undelivered firing one gives way to the resolution");
+    assert_eq!(outbox[0].body["status"], "resolved");
+    assert_eq!(outbox[0].body["alerts"][0]["labels"]["host"], "a");
+    assert_eq!(alerts.due_deliveries(clock.now_ns()).len(), 1, "saved with the drop");
+    drop(alerts);
+    let alerts = open(dir.path(), &clock);
+    assert!(alerts.rules_of("db").is_empty());
+    assert_eq!(alerts.outbox_of("db").len(), 1, "and sent after a restart too");
+}

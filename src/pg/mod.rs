@@ -328,6 +328,15 @@ impl QueryParser for DatabaseParser {
         let mut statements = match statement::parse(sql) {
             Ok(statements) => statements,
             // Answered when the portal runs (`Handler::run_portal`).
+            // Sundial's own statements sqlparser does not know (alerts) and client quirks.
+            Err(_) if crate::alerts::sql::parse(sql).is_some_and(|a| a.is_ok()) => {
+                return Ok(Some((sql.to_string(), None)))
+            }
+            Err(_) if crate::alerts::sql::parse(sql).is_some() => {
+                return Err(statement_error(statement::command(sql).err().unwrap_or_else(|| {
+                    statement::Error::Unsupported("not an alert statement".into())
+                })))
+            }
             Err(_) if statement::quirks::command(sql).is_some() => {
                 return Ok(Some((sql.to_string(), None)))
             }
@@ -919,9 +928,10 @@ impl ExtendedQueryHandler for Handler {
     {
         let parsed = match &portal.statement.statement {
             (sql, None) => {
-                return match statement::quirks::command(sql) {
-                    Some(command) => self.execute(client, command).await,
-                    None => Ok(Response::EmptyQuery),
+                return match statement::command(sql) {
+                    Ok(Some(command)) => self.execute(client, command).await,
+                    Ok(None) => Ok(Response::EmptyQuery),
+                    Err(e) => Err(statement_error(e)),
                 }
             }
             (_, Some((parsed, _))) => parsed,
