@@ -85,16 +85,35 @@ fn mailbox(what: &str, address: &str) -> Result<(), Error> {
         .map_err(|e| Error::Invalid(format!("{what} '{address}' is not an e-mail address: {e}")))
 }
 
-/// Checks `host:port`.
+/// Checks `host:port` (an IPv6 address in brackets: `[::1]:25`).
 pub fn host_port(text: &str) -> Result<(String, u16), Error> {
     let bad = || Error::Invalid(format!("smarthost '{text}' is not host:port"));
     let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
     let port: u16 = port.parse().ok().filter(|p| *p > 0).ok_or_else(bad)?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let host = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) if v6.parse::<std::net::Ipv6Addr>().is_ok() => v6,
+        Some(_) => return Err(bad()),
+        None if host.contains(':') => return Err(bad()),
+        None => host,
+    };
     if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(bad());
     }
     Ok((host.to_string(), port))
+}
+
+/// Checks the name Sundial greets a relay with (it is written into `EHLO` as is).
+pub fn hello_name(name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '[' | ']' | ':'));
+    if ok {
+        Ok(())
+    } else {
+        invalid(format!("hello '{name}' is not a host name"))
+    }
 }
 
 fn target(raw: RawTarget, smtp: &super::Smtp) -> Result<Target, Error> {
@@ -189,26 +208,28 @@ fn target(raw: RawTarget, smtp: &super::Smtp) -> Result<Target, Error> {
                         host_port(value)?;
                         smarthost = Some(value.clone());
                     }
-                    "hello" => hello = Some(value.clone()),
+                    "hello" => {
+                        hello_name(value)?;
+                        hello = Some(value.clone());
+                    }
                     "auth_username" => auth_username = Some(value.clone()),
                     "auth_password" => auth_password = Some(value.clone()),
                     "require_tls" => require_tls = Some(boolean("require_tls", value)?),
                     "send_resolved" => send_resolved = boolean("send_resolved", value)?,
-                    "ca_pem" | "ca_file" => {
-                        let pem = if key.eq_ignore_ascii_case("ca_file") {
-                            std::fs::read_to_string(value).map_err(|e| {
-                                Error::Invalid(format!("ca_file '{value}' cannot be read: {e}"))
-                            })?
-                        } else {
-                            value.clone()
-                        };
-                        text_bounded("the CA certificate", &pem)?;
-                        if lettre::transport::smtp::client::Certificate::from_pem(pem.as_bytes())
-                            .is_err()
-                        {
-                            return invalid(format!("{key} is not a PEM certificate"));
+                    "ca_pem" => {
+                        use tokio_rustls::rustls::pki_types::pem::PemObject;
+                        use tokio_rustls::rustls::pki_types::CertificateDer;
+                        let certs: Result<Vec<_>, _> =
+                            CertificateDer::pem_slice_iter(value.as_bytes()).collect();
+                        match certs {
+                            Ok(certs) if !certs.is_empty() => ca_pem = Some(value.clone()),
+                            _ => {
+                                return invalid(
+                                    "ca_pem holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+                                        .into(),
+                                )
+                            }
                         }
-                        ca_pem = Some(pem);
                     }
                     "timeout" => {
                         timeout_ms =
@@ -219,7 +240,7 @@ fn target(raw: RawTarget, smtp: &super::Smtp) -> Result<Target, Error> {
                         return invalid(format!(
                             "unknown EMAIL option \"{other}\"; the options are from, smarthost, \
                              hello, auth_username, auth_password, require_tls, send_resolved, \
-                             ca_file, ca_pem, timeout and max_attempts"
+                             ca_pem, timeout and max_attempts"
                         ))
                     }
                 }

@@ -270,12 +270,8 @@ fn remove_rules(
     let mut resolutions = Vec::new();
     for key in keys {
         let Some(r) = inner.rules.remove(key) else { continue };
-        let ids: Vec<u64> = inner
-            .outbox
-            .values()
-            .filter(|o| o.db == key.0 && o.rule == key.1)
-            .map(|o| o.id)
-            .collect();
+        let ids: Vec<u64> =
+            inner.outbox.values().filter(|o| o.rule_id == r.id).map(|o| o.id).collect();
         entries.extend(ids.iter().filter_map(|id| inner.outbox.remove(id)));
         let alerts: Vec<Alert> = r
             .instances
@@ -291,7 +287,7 @@ fn remove_rules(
         if !alerts.is_empty() {
             let queued = notifications(&r.rule, r.id, &alerts, true, false, now, external_url);
             let generation = inner.generation + 1;
-            resolutions.extend(inner.enqueue(&key.0, &key.1, queued, now, generation));
+            resolutions.extend(inner.enqueue(&key.0, &key.1, r.id, queued, now, generation));
         }
         removed.push(r);
     }
@@ -352,12 +348,13 @@ impl Inner {
     /// Makes room for `adding` entries of one rule: past [`OUTBOX_PER_RULE`] (or the whole
     /// outbox's [`OUTBOX_MAX`]) its oldest undelivered entries not in flight are dropped — each
     /// notification carries every firing alert of the rule, so the newer ones supersede them.
-    fn make_room(&mut self, db: &str, rule: &str, adding: usize, now: i64) {
+    fn make_room(&mut self, db: &str, rule: &str, rule_id: u64, adding: usize, now: i64) {
         let pending_all = self.outbox.values().filter(|o| o.status == Delivery::Pending).count();
+        // Entries that resolve alerts are kept: no later notification repeats a resolution.
         let mine: Vec<u64> = self
             .outbox
             .values()
-            .filter(|o| o.status == Delivery::Pending && o.db == db && o.rule == rule)
+            .filter(|o| o.status == Delivery::Pending && o.rule_id == rule_id && o.resolved == 0)
             .filter(|o| !self.in_flight.contains(&o.id))
             .map(|o| o.id)
             .collect();
@@ -385,11 +382,12 @@ impl Inner {
         &mut self,
         db: &str,
         rule: &str,
+        rule_id: u64,
         mut queued: Vec<Queued>,
         now: i64,
         generation: u64,
     ) -> Vec<u64> {
-        self.make_room(db, rule, queued.len(), now);
+        self.make_room(db, rule, rule_id, queued.len(), now);
         let pending = self.outbox.values().filter(|o| o.status == Delivery::Pending).count();
         if pending + queued.len() > OUTBOX_MAX {
             let mut event = Event::new(now, db, rule, "notification");
@@ -412,6 +410,7 @@ impl Inner {
                     id,
                     db: db.to_string(),
                     rule: rule.to_string(),
+                    rule_id,
                     target_index: q.target_index,
                     target: q.target,
                     key: q.key,
@@ -619,17 +618,23 @@ impl Alerts {
         change: impl FnOnce(&mut Inner, i64) -> Result<(T, Undo), Error>,
     ) -> Result<T, Error> {
         let _one = self.ddl.lock().await;
-        let (out, undo) = {
+        let (out, undo, generation) = {
             let mut inner = self.lock();
             let now = self.clock.now_ns();
-            let done = change(&mut inner, now)?;
-            inner.changed();
-            done
+            let (out, undo) = change(&mut inner, now)?;
+            (out, undo, inner.changed())
         };
         match self.save_now().await {
             Ok(()) => Ok(out),
             Err(e) => {
+                // No save may begin between the check and the undo.
+                let _saving = self.save_lock.lock().await;
                 let mut inner = self.lock();
+                if inner.saved >= generation {
+                    // A later save (by the scheduler) holds the change: it is durable, and
+                    // may already have been acted on.
+                    return Ok(out);
+                }
                 undo(&mut inner);
                 inner.changed();
                 Err(Error::Storage(e))
@@ -675,7 +680,7 @@ impl Alerts {
             let undo: Undo = Box::new(move |inner: &mut Inner| {
                 if inner.rules.get(&key).is_some_and(|r| r.id == id) {
                     inner.rules.remove(&key);
-                    inner.outbox.retain(|_, o| !(o.db == key.0 && o.rule == key.1));
+                    inner.outbox.retain(|_, o| o.rule_id != id);
                 }
             });
             Ok((true, undo))
@@ -840,7 +845,9 @@ impl Alerts {
         rule: Rule,
         scheduled: i64,
     ) {
-        let now = self.clock.now_ns();
+        // The evaluation's time is its slot (as Prometheus times evaluations), so `FOR 2s` with
+        // `EVERY 1s` fires at the third evaluation whatever the scheduler's jitter.
+        let now = scheduled.min(self.clock.now_ns());
         let started = Instant::now();
         let outcome = eval::evaluate(query, &rule).await;
         let took = started.elapsed();
@@ -929,7 +936,7 @@ impl Alerts {
         }
         if durable {
             let generation = inner.changed();
-            inner.enqueue(&db, &name, entries, now, generation);
+            inner.enqueue(&db, &name, id, entries, now, generation);
         } else {
             inner.soft = true;
         }
@@ -951,14 +958,12 @@ impl Alerts {
         // Each rule's notifications to one target go in order (ids grow with time): only the
         // oldest undelivered one of each is a candidate, so a retried "firing" can never land
         // after the "resolved" that followed it.
-        let mut streams: HashSet<(&str, &str, usize)> = HashSet::new();
+        let mut streams: HashSet<(u64, usize)> = HashSet::new();
         for o in inner.outbox.values() {
             if in_flight >= SENDS_AT_ONCE {
                 break;
             }
-            if o.status != Delivery::Pending
-                || !streams.insert((o.db.as_str(), o.rule.as_str(), o.target_index))
-            {
+            if o.status != Delivery::Pending || !streams.insert((o.rule_id, o.target_index)) {
                 continue;
             }
             let sending = per_target.entry(o.target.url().to_string()).or_default();

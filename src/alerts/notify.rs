@@ -32,8 +32,9 @@ pub struct Outgoing {
     pub id: u64,
     pub db: String,
     pub rule: String,
+    /// The rule's id (a rule dropped and created again is another rule).
+    pub rule_id: u64,
     /// Which of the rule's targets (its notifications to one target are sent in order).
-    #[serde(default)]
     pub target_index: usize,
     pub target: Target,
     /// Stable per rule, target and set of transitions: the `Idempotency-Key` header.
@@ -431,29 +432,46 @@ async fn send_email(defaults: &super::Smtp, entry: &Outgoing) -> Attempt {
         Ok(m) => m,
         Err(e) => return fail(format!("the message cannot be built: {e}")),
     };
-    let mut tls = TlsParameters::builder(host.clone());
-    if let Some(pem) = ca_pem {
-        match Certificate::from_pem(pem.as_bytes()) {
-            Ok(cert) => tls = tls.add_root_certificate(cert),
-            Err(e) => return fail(format!("ca_pem: {e}")),
+    let wrapped = port == 465;
+    let tls = if wrapped || require_tls.unwrap_or(defaults.require_tls) {
+        let mut tls = TlsParameters::builder(host.clone());
+        if let Some(pem) = ca_pem {
+            match Certificate::from_pem(pem.as_bytes()) {
+                Ok(cert) => tls = tls.add_root_certificate(cert),
+                Err(e) => return fail(format!("ca_pem: {e}")),
+            }
         }
-    }
-    let tls = match tls.build_rustls() {
-        Ok(tls) => tls,
-        Err(e) => return fail(format!("TLS set-up: {e}")),
-    };
-    let tls = if port == 465 {
-        Tls::Wrapper(tls)
-    } else if require_tls.unwrap_or(defaults.require_tls) {
-        Tls::Required(tls)
+        // Loading the system's roots blocks: not on a runtime worker. A failure (no CA bundle
+        // on the machine) may be fixed there, so it is retried, not dead at once.
+        match tokio::task::spawn_blocking(move || tls.build_rustls()).await {
+            Ok(Ok(tls)) if wrapped => Tls::Wrapper(tls),
+            Ok(Ok(tls)) => Tls::Required(tls),
+            Ok(Err(e)) => {
+                return Attempt {
+                    status: None,
+                    error: Some(format!("TLS set-up: {e}")),
+                    permanent: false,
+                }
+            }
+            Err(e) => {
+                return Attempt {
+                    status: None,
+                    error: Some(format!("TLS set-up: {e}")),
+                    permanent: false,
+                }
+            }
+        }
     } else {
         Tls::None
     };
-    let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
+    let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host.clone())
         .port(port)
         .tls(tls)
         .timeout(Some(Duration::from_millis(*timeout_ms)));
     if let Some(name) = hello.clone().or_else(|| defaults.hello.clone()) {
+        if super::ddl::hello_name(&name).is_err() {
+            return fail(format!("hello '{name}' is not a host name"));
+        }
         builder = builder.hello_name(ClientId::Domain(name));
     }
     let user = auth_username.clone().or_else(|| defaults.auth_username.clone());

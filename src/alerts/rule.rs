@@ -296,7 +296,7 @@ impl Rule {
                     text("auth_username", auth_username);
                     // The password is never shown.
                     text("auth_password", &auth_password.as_ref().map(|_| HIDDEN.to_string()));
-                    text("ca_pem", ca_pem);
+                    text("ca_pem", &ca_pem.as_ref().map(|_| "(certificate)".to_string()));
                     if let Some(tls) = require_tls {
                         options.push(format!("require_tls = {tls}"));
                     }

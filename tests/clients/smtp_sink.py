@@ -50,7 +50,7 @@ context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
 context.load_cert_chain(cert, key)
 controller = Controller(Handler(), hostname="127.0.0.1", port=port, tls_context=context,
                         require_starttls=True, authenticator=authenticator, auth_required=True,
-                        auth_require_tls=True)
+                        auth_require_tls=True, ready_timeout=60)
 controller.start()
 print("ready", flush=True)
 while True:

@@ -479,7 +479,7 @@ async fn bad_rules_are_refused_with_their_sqlstates() {
         (format!("CREATE ALERT a ON ({q}) EVERY '1s' NOTIFY (EMAIL 'ops@example.com')"), SqlState::INVALID_PARAMETER_VALUE, "needs a sender"),
         (format!("CREATE ALERT a ON ({q}) EVERY '1s' NOTIFY (EMAIL 'nobody' WITH (smarthost = 'h:25', from = 'a@b.c'))"), SqlState::INVALID_PARAMETER_VALUE, "not an e-mail address"),
         (format!("CREATE ALERT a ON ({q}) EVERY '1s' NOTIFY (EMAIL 'o@x.y' WITH (smarthost = 'h', from = 'a@b.c'))"), SqlState::INVALID_PARAMETER_VALUE, "host:port"),
-        (format!("CREATE ALERT a ON ({q}) EVERY '1s' NOTIFY (EMAIL 'o@x.y' WITH (smarthost = 'h:25', from = 'a@b.c', ca_file = '/nonexistent'))"), SqlState::INVALID_PARAMETER_VALUE, "cannot be read"),
+        (format!("CREATE ALERT a ON ({q}) EVERY '1s' NOTIFY (EMAIL 'o@x.y' WITH (smarthost = 'h:25', from = 'a@b.c', ca_pem = '/etc/passwd'))"), SqlState::INVALID_PARAMETER_VALUE, "no PEM certificate"),
         (
             format!("CREATE ALERT a ON (SELECT host FROM nope) EVERY '1s' {hook}"),
             SqlState::UNDEFINED_TABLE,
@@ -759,20 +759,22 @@ async fn email_over_starttls_with_auth_reaches_an_smtp_sink() {
         l.local_addr().expect("addr").port()
     };
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/smtp_sink.py");
-    let mut sink = std::process::Command::new("python3")
-        .args([
-            script,
-            out.to_str().unwrap(),
-            &port.to_string(),
-            leaf.to_str().unwrap(),
-            key.to_str().unwrap(),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3 with aiosmtpd (installed by scripts/test.sh)");
+    let mut sink = Killed(
+        std::process::Command::new("python3")
+            .args([
+                script,
+                out.to_str().unwrap(),
+                &port.to_string(),
+                leaf.to_str().unwrap(),
+                key.to_str().unwrap(),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 with aiosmtpd (installed by scripts/test.sh)"),
+    );
     let mut line = String::new();
     std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(sink.stdout.take().unwrap()),
+        &mut std::io::BufReader::new(sink.0.stdout.take().unwrap()),
         &mut line,
     )
     .unwrap();
@@ -784,7 +786,7 @@ async fn email_over_starttls_with_auth_reaches_an_smtp_sink() {
         &["--smtp-smarthost", &smarthost, "--smtp-from", "Sundial <alerts@example.com>"],
     );
     write(&server, &format!("cpu,host=a,region=eu u=95 {}", now_ns())).await;
-    let ca = ca.to_str().unwrap();
+    let ca = std::fs::read_to_string(&ca).unwrap();
     let (status, body) = server
         .execute(
             DB,
@@ -792,7 +794,7 @@ async fn email_over_starttls_with_auth_reaches_an_smtp_sink() {
                 "CREATE ALERT mail_high ON ({LAST_HIGH}) EVERY '1s' LABELS (severity = 'page') \
                  ANNOTATIONS (summary = '{{{{host}}}} at {{{{u}}}}%') ERROR AS keep_last NOTIFY \
                  (EMAIL 'Ops <ops@example.com>' WITH (auth_username = 'alerts', auth_password = \
-                 's3cret', ca_file = '{ca}'))"
+                 's3cret', ca_pem = '{ca}'))"
             ),
         )
         .await;
@@ -803,7 +805,7 @@ async fn email_over_starttls_with_auth_reaches_an_smtp_sink() {
             &format!(
                 "CREATE ALERT mail_bad_password ON ({LAST_HIGH}) EVERY '1s' ERROR AS keep_last \
                  NOTIFY (EMAIL 'ops@example.com' WITH (auth_username = 'alerts', auth_password = \
-                 'wrong', ca_file = '{ca}'))"
+                 'wrong', ca_pem = '{ca}'))"
             ),
         )
         .await;
@@ -868,6 +870,15 @@ async fn email_over_starttls_with_auth_reaches_an_smtp_sink() {
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(mails(&out).len(), 1, "a resolved alert sends no mail without send_resolved");
-    let _ = sink.kill();
-    let _ = sink.wait();
+    drop(sink);
+}
+
+/// A child process killed when the test ends, however it ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
