@@ -577,6 +577,11 @@ impl TableProvider for ViewTable {
         TableType::View
     }
 
+    /// `information_schema.views.definition` (and `SHOW CREATE TABLE`): the stored statement.
+    fn get_table_definition(&self) -> Option<&str> {
+        Some(&self.view.spec.sql)
+    }
+
     fn supports_filters_pushdown(
         &self,
         filters: &[&Expr],

@@ -410,3 +410,53 @@ fn no_network_listener_without_an_auth_decision() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("without authentication") && stderr.contains("--auth on"), "{stderr}");
 }
+
+/// Alert rules make the server send requests to addresses they name: only an admin creates,
+/// alters or drops them; a reader sees them (without their secrets).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alert_statements_need_an_admin_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &["--auth", "on"]);
+    let admin = create_token(&data, "admin", &["--admin"]);
+    let writer = create_token(&data, "writer", &["--write", "db", "--read", "db"]);
+    let reader = create_token(&data, "reader", &["--read", "db"]);
+    let write_url = server.url("/api/v3/write_lp?db=db");
+    assert_eq!(
+        status(client().post(&write_url).bearer_auth(&admin).body("m,h=a v=1 1")).await.0,
+        204
+    );
+    let statement = |token: &str, q: &str| {
+        client()
+            .post(server.url("/api/v3/query_sql"))
+            .bearer_auth(token)
+            .json(&json!({ "db": "db", "q": q }))
+    };
+    let create = "CREATE ALERT a ON (SELECT h, v FROM m) EVERY '1s' NOTIFY (WEBHOOK \
+                  'http://169.254.169.254/latest/meta-data')";
+    for token in [&writer, &reader] {
+        let (code, body) = status(statement(token, create)).await;
+        assert_eq!(code, 403, "{body}");
+        assert!(body.contains("admin"), "{body}");
+    }
+    assert_eq!(status(statement(&admin, create)).await.0, 200);
+    for q in ["ALTER ALERT a PAUSE", "DROP ALERT a"] {
+        assert_eq!(status(statement(&writer, q)).await.0, 403, "{q}");
+    }
+    let (code, body) = status(
+        client()
+            .get(server.url(&format!(
+                "/api/v3/query_sql?db=db&q={}",
+                crate::harness::enc("SELECT name, targets FROM system.alert_rules")
+            )))
+            .bearer_auth(&reader),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("169.254.169.254") && !body.contains("meta-data"), "{body}");
+    // Over Postgres: 42501 for the writer.
+    let client = pg_connect(&server, "writer", &writer).await.expect("connect");
+    let error = client.batch_execute("DROP ALERT a").await.expect_err("refused");
+    assert_eq!(error.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE));
+    assert_eq!(status(statement(&admin, "DROP ALERT a")).await.0, 200);
+}
