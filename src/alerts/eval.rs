@@ -155,3 +155,86 @@ pub fn rows(rule: &Rule, schema: &Schema, batches: &[RecordBatch]) -> Result<Vec
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{Float64Array, Int64Array, StringArray, TimestampNanosecondArray};
+    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    use arrow::record_batch::RecordBatch;
+
+    use super::*;
+    use crate::alerts::rule::{OnError, OnNoData};
+
+    fn rule() -> Rule {
+        Rule {
+            db: "db".into(),
+            name: "r".into(),
+            query: "SELECT 1".into(),
+            every_ms: 1000,
+            for_ms: 0,
+            keep_firing_for_ms: 0,
+            labels: vec![("team".into(), "db".into())],
+            annotations: Vec::new(),
+            no_data: OnNoData::Ok,
+            on_error: OnError::Error,
+            targets: Vec::new(),
+            paused: false,
+        }
+    }
+
+    fn batch(hosts: Vec<Option<&str>>) -> (Schema, RecordBatch) {
+        let n = hosts.len();
+        let schema = Schema::new(vec![
+            Field::new("host", DataType::Utf8, true),
+            Field::new("v", DataType::Float64, true),
+            Field::new("n", DataType::Int64, false),
+            Field::new("t", DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into())), false),
+        ]);
+        let batch = RecordBatch::try_new(
+            Arc::new(schema.clone()),
+            vec![
+                Arc::new(StringArray::from(hosts)),
+                Arc::new(Float64Array::from(vec![Some(f64::NAN); n])),
+                Arc::new(Int64Array::from(vec![7; n])),
+                Arc::new(TimestampNanosecondArray::from(vec![0; n]).with_timezone("UTC")),
+            ],
+        )
+        .expect("batch");
+        (schema, batch)
+    }
+
+    #[test]
+    fn text_columns_are_labels_the_rest_values() {
+        let (schema, b) = batch(vec![Some("a"), None]);
+        let rows = rows(&rule(), &schema, &[b]).expect("rows");
+        assert_eq!(rows[0].key, ["r", "a"]);
+        assert_eq!(
+            rows[0].labels,
+            [
+                ("alertname".into(), "r".into()),
+                ("team".into(), "db".into()),
+                ("host".into(), "a".into())
+            ]
+        );
+        // NULL text: no label (as Prometheus drops empty labels).
+        assert_eq!(rows[1].labels.len(), 2);
+        assert_eq!(rows[0].values[0], ("v".to_string(), Value::String("NaN".into())));
+        assert_eq!(rows[0].values[1], ("n".to_string(), serde_json::json!(7.0)));
+        assert_eq!(rows[0].values[2].1, Value::String("1970-01-01T00:00:00Z".into()));
+    }
+
+    #[test]
+    fn duplicate_labels_and_too_many_rows_are_errors() {
+        let (schema, b) = batch(vec![Some("a"), Some("b"), Some("a")]);
+        let error = rows(&rule(), &schema, &[b]).unwrap_err();
+        assert!(error.contains("rows 1 and 3 have the same labels (a)"), "{error}");
+        let many: Vec<String> = (0..=INSTANCES_MAX).map(|i| i.to_string()).collect();
+        let (schema, b) = batch(many.iter().map(|s| Some(s.as_str())).collect());
+        assert!(rows(&rule(), &schema, &[b]).unwrap_err().contains("more than"));
+        let long = "x".repeat(super::super::rule::INSTANCE_BYTES_MAX);
+        let (schema, b) = batch(vec![Some(long.as_str())]);
+        assert!(rows(&rule(), &schema, &[b]).unwrap_err().contains("bytes of labels"));
+    }
+}

@@ -40,6 +40,8 @@ pub const SENDS_PER_TARGET: usize = 4;
 pub const SENDS_AT_ONCE: usize = 64;
 /// Outbox entries waiting; a rule whose notification finds the outbox full records an error.
 pub const OUTBOX_MAX: usize = 10_000;
+/// Instances of all rules together.
+pub const INSTANCES_TOTAL_MAX: usize = 200_000;
 /// Undelivered entries of one rule.
 pub const OUTBOX_PER_RULE: usize = 100;
 /// Dead-lettered entries kept for `system.alert_notifications` (the newest).
@@ -867,6 +869,20 @@ impl Alerts {
         let done = self.clock.now_ns();
         let mut guard = self.lock();
         let inner = &mut *guard;
+        // Instances of all rules together are bounded: an evaluation that would pass the
+        // bound is an error of that rule, not the server's memory.
+        let others: usize =
+            inner.rules.iter().filter(|(k, _)| *k != key).map(|(_, r)| r.instances.len()).sum();
+        let outcome = match outcome {
+            Outcome::Rows(rows) if others + rows.len() > INSTANCES_TOTAL_MAX => {
+                Outcome::Error(format!(
+                    "the server keeps at most {INSTANCES_TOTAL_MAX} alert instances and the \
+                     other rules hold {others}: this evaluation's {} rows do not fit",
+                    rows.len()
+                ))
+            }
+            outcome => outcome,
+        };
         let Some(r) = inner.rules.get_mut(key).filter(|r| r.id == id) else { return };
         let changes = state::apply(&r.rule, &mut r.instances, &outcome, now);
         r.running = false;

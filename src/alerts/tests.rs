@@ -347,3 +347,53 @@ async fn dropping_a_firing_rule_resolves_its_alerts() {
     assert!(alerts.rules_of("db").is_empty());
     assert_eq!(alerts.outbox_of("db").len(), 1, "and sent after a restart too");
 }
+
+#[tokio::test]
+async fn instances_of_all_rules_are_bounded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(T0));
+    let alerts = open(dir.path(), &clock);
+    alerts.create(rule(vec![webhook("http://127.0.0.1:9/hook", 3)]), false).await.unwrap();
+    let many: Vec<String> = (0..=INSTANCES_TOTAL_MAX).map(|i| format!("h{i}")).collect();
+    let hosts: Vec<&str> = many.iter().map(String::as_str).collect();
+    evaluate(&alerts, &clock, rows(&hosts));
+    let r = &alerts.rules_of("db")[0];
+    assert!(r.last_error.as_deref().unwrap_or_default().contains("at most"), "{:?}", r.last_error);
+    assert_eq!(r.instances.len(), 1, "only the rule's error instance");
+}
+
+/// Whatever text arrives, the alert statement parser, the templates and the address checks
+/// answer without panicking.
+#[test]
+fn hostile_text_never_panics() {
+    use proptest::prelude::*;
+    let words = proptest::collection::vec(
+        prop_oneof![
+            Just("CREATE ALERT".to_string()),
+            Just("DROP ALERT".to_string()),
+            Just("ALTER ALERT".to_string()),
+            Just("ON (SELECT 1)".to_string()),
+            Just("EVERY '1s'".to_string()),
+            Just("FOR".to_string()),
+            Just("KEEP FIRING FOR".to_string()),
+            Just("NOTIFY (".to_string()),
+            Just("WEBHOOK 'http://x'".to_string()),
+            Just("WITH (a = 'b')".to_string()),
+            Just("LABELS (".to_string()),
+            Just(")".to_string()),
+            Just(",".to_string()),
+            "\\PC{0,12}",
+        ],
+        0..12,
+    );
+    proptest!(ProptestConfig::with_cases(2000), |(parts in words, text in "\\PC{0,40}")| {
+        let sql = parts.join(" ");
+        let _ = super::sql::parse(&sql);
+        let _ = super::rule::template_names(&text);
+        let _ = super::rule::render(&text, |n| Some(n.repeat(3)));
+        let _ = super::rule::parse_duration(&text);
+        let _ = super::rule::redact_url(&text);
+        let _ = super::ddl::host_port(&text);
+        let _ = super::ddl::hello_name(&text);
+    });
+}
