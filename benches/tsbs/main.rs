@@ -7,8 +7,10 @@
 //! Postgres protocol on 1000 hosts × 13 hours, side by side with DuckDB on the same rows in
 //! Parquet (`queries.py`), right after ingest and after a restart. Under `cargo test` (no
 //! `--bench`) it runs a small smoke version of both instead, so CI keeps the benchmark working
-//! and checks every query type's answers against DuckDB.
+//! and checks every query type's answers against DuckDB. `cargo bench --bench tsbs -- alerts`
+//! runs 1,000 alert rules over a view every 10 s during ingest (`alerts.rs`).
 
+mod alerts;
 mod generate;
 
 use std::io::{BufRead, BufReader};
@@ -312,6 +314,10 @@ fn main() {
         println!("tsbs smoke: {} rows ingested and persisted", o.rows);
         // Every query type, checked against DuckDB, on 20 hosts × 13 h.
         queries(20, 13, 1);
+        // Alert rules during ingest: every trigger notified.
+        let report = alerts::run(10, 1, 20, 600, 3);
+        report.print();
+        assert_eq!(report.notified, report.triggers, "every triggered rule notified");
         return;
     }
     // `ingest` runs both parts; `ingest-small` / `ingest-large` one of them.
@@ -334,5 +340,9 @@ fn main() {
     }
     if filter.is_empty() || filter == "queries" {
         queries(1_000, 13, 5);
+    }
+    if filter.is_empty() || filter == "alerts" {
+        // 1,000 rules × 10 instances every 10 s during 1000 hosts × 3 h of ingest.
+        alerts::run(1_000, 10, 1_000, 3 * 3600, 50).print();
     }
 }
