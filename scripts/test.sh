@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # Real Postgres clients the integration tests drive.
 python3 -m pip install --quiet --disable-pip-version-check "psycopg[binary]" asyncpg sqlalchemy pandas duckdb aiosmtpd
+# An S3-compatible server with conditional writes, which tests/it/s3.rs starts on loopback.
+python3 -m pip install --quiet --disable-pip-version-check "moto[server]==5.2.5"
 apt_install() { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"; }
 command -v psql >/dev/null || apt_install postgresql-client
 # HTTPS is checked with curl, against a certificate the tests make with openssl.

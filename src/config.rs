@@ -83,10 +83,43 @@ pub struct ServeArgs {
     #[arg(long, env = "SUNDIAL_DATA_DIR", default_value = "./sundial-data")]
     pub data_dir: PathBuf,
 
-    /// Object store for Parquet files and the manifest (`file:///abs/dir`). Default:
-    /// `{data-dir}/objects`, so one directory holds everything.
+    /// Object store for Parquet files and the manifest: `file:///abs/dir` or
+    /// `s3://bucket[/prefix]` (credentials and other settings from the standard `AWS_*`
+    /// variables, or the `--s3-*` flags). Default: `{data-dir}/objects`, so one directory
+    /// holds everything. The WAL is always in the data directory.
     #[arg(long, env = "SUNDIAL_OBJECT_STORE")]
     pub object_store: Option<String>,
+
+    /// S3 endpoint for S3-compatible stores (MinIO, SeaweedFS, Ceph, R2); else `AWS_ENDPOINT`,
+    /// else AWS's own for the region.
+    #[arg(long, env = "SUNDIAL_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+
+    /// S3 region; else `AWS_REGION` (or `AWS_DEFAULT_REGION`), else us-east-1.
+    #[arg(long, env = "SUNDIAL_S3_REGION")]
+    pub s3_region: Option<String>,
+
+    /// Allows a plain-http endpoint (a store on loopback); else `AWS_ALLOW_HTTP`.
+    #[arg(long, env = "SUNDIAL_S3_ALLOW_HTTP")]
+    pub s3_allow_http: Option<bool>,
+
+    /// Virtual-hosted-style requests (`bucket.host`) instead of path style (`host/bucket`);
+    /// else `AWS_VIRTUAL_HOSTED_STYLE_REQUEST`.
+    #[arg(long, env = "SUNDIAL_S3_VIRTUAL_HOSTED_STYLE")]
+    pub s3_virtual_hosted_style: Option<bool>,
+
+    /// Time limit of one request to a remote store; failed requests are retried (up to 4
+    /// times within 30 s), then the persist waits and tries again, or the query fails.
+    #[arg(long, env = "SUNDIAL_S3_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub s3_request_timeout: Duration,
+
+    /// Local disk cache of a remote store's Parquet files. Default: `{data-dir}/cache`.
+    #[arg(long, env = "SUNDIAL_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Bytes the cache may hold; least recently used files are evicted beyond it.
+    #[arg(long, env = "SUNDIAL_CACHE_SIZE", default_value = "10GiB", value_parser = parse_bytes)]
+    pub cache_size: u64,
 
     /// HTTP address. 8086 is the port Telegraf and influx clients try first.
     #[arg(long, env = "SUNDIAL_HTTP_BIND", default_value = "127.0.0.1:8086")]
@@ -209,6 +242,15 @@ impl ServeArgs {
         crate::engine::Config {
             data_dir: self.data_dir.clone(),
             object_store_url: self.object_store.clone(),
+            store: crate::persist::store::Options {
+                endpoint: self.s3_endpoint.clone(),
+                region: self.s3_region.clone(),
+                allow_http: self.s3_allow_http,
+                virtual_hosted_style: self.s3_virtual_hosted_style,
+                cache_dir: self.cache_dir.clone(),
+                cache_bytes_max: self.cache_size,
+                request_timeout: self.s3_request_timeout.max(Duration::from_millis(100)),
+            },
             buffer_bytes_max: usize::try_from(self.buffer_memory_max).unwrap_or(usize::MAX),
             partition: self.partition_duration,
             persist_interval: self.persist_interval,

@@ -26,6 +26,11 @@ pub enum Error {
     Config(String),
     #[error(transparent)]
     Alerts(#[from] crate::alerts::Error),
+    #[error(
+        "stopped: another server committed to the same object store (fenced). Acknowledged \
+         writes are in this server's WAL; start it again once it is the only one on the store"
+    )]
+    Fenced,
 }
 
 /// The token store when authentication is on. `auto` is off on loopback-only listeners and
@@ -148,6 +153,17 @@ pub async fn run(
     }
 
     let app = crate::http::router(query.clone(), args.request_max as usize, tokens.clone());
+    // Stops on the signal, or when another server has committed to the same object store.
+    let fenced = engine.fenced();
+    let shutdown = {
+        let fenced = fenced.clone();
+        async move {
+            tokio::select! {
+                () = shutdown => {}
+                () = fenced.cancelled() => {}
+            }
+        }
+    };
     let served = match &tls {
         Some(tls) => {
             let listener = crate::tls::Listener::new(listener, tls.acceptor.clone())
@@ -175,6 +191,9 @@ pub async fn run(
     let closing = engine.clone();
     let _ = tokio::task::spawn_blocking(move || closing.close()).await;
     served.map_err(Error::Serve)?;
+    if fenced.is_cancelled() {
+        return Err(Error::Fenced);
+    }
     tracing::info!("shutdown complete");
     Ok(())
 }

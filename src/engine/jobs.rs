@@ -26,8 +26,11 @@ use super::Engine;
 /// How often the engine's jobs look for work when nothing wakes them.
 const TICK: Duration = Duration::from_secs(1);
 
-/// How long the persist job waits after a failed persist before it may run again.
-const PERSIST_BACKOFF: Duration = Duration::from_secs(1);
+/// How long the persist job waits after a failed persist before it may run again: doubling
+/// from the first to the last with each failure in a row (a store that is down is not
+/// hammered), with up to half of it again as jitter, and back to the first after a success.
+const PERSIST_BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const PERSIST_BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 impl Engine {
     /// Background persistence: everything every `persist_interval`; the largest partitions
@@ -41,6 +44,7 @@ impl Engine {
     /// cancelled and a run in progress has finished.
     pub async fn persist_loop(self: Arc<Self>, shutdown: CancellationToken) {
         let mut last_full = Instant::now();
+        let failures = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let high_water = self.config.buffer_bytes_max / 4;
         let persist_interval = self.config.persist_interval;
 
@@ -52,6 +56,7 @@ impl Engine {
                 last_full = Instant::now();
             }
             let engine = engine.clone();
+            let failures = failures.clone();
             async move {
                 let result = if full {
                     engine.persist_all().await.map(|_| ())
@@ -60,9 +65,18 @@ impl Engine {
                 } else {
                     Ok(())
                 };
-                if let Err(error) = result {
-                    tracing::error!(%error, "persist failed; rows stay buffered and in the WAL");
-                    tokio::time::sleep(PERSIST_BACKOFF).await;
+                match result {
+                    Ok(()) => failures.store(0, std::sync::atomic::Ordering::Relaxed),
+                    Err(error) => {
+                        let n = failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let wait = backoff(n);
+                        tracing::error!(
+                            %error,
+                            retry_in_ms = wait.as_millis() as u64,
+                            "persist failed; rows stay buffered and in the WAL"
+                        );
+                        tokio::time::sleep(wait).await;
+                    }
                 }
                 if let Err(error) = engine.sort_buffers().await {
                     tracing::error!(%error, "sorting buffered rows failed; they stay as they were");
@@ -74,6 +88,14 @@ impl Engine {
 
         Scheduler::default().with(persist).run(shutdown).await;
     }
+}
+
+/// The wait after the `n`th failure in a row (0 for the first).
+fn backoff(n: u32) -> Duration {
+    let base = PERSIST_BACKOFF_FIRST.saturating_mul(1 << n.min(16)).min(PERSIST_BACKOFF_MAX);
+    let mut byte = [0u8; 1];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut byte);
+    base + base.mul_f64(f64::from(byte[0]) / 510.0)
 }
 
 /// A background job: what one run does, how often it runs, how many runs may overlap.

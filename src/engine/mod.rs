@@ -54,6 +54,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Where Parquet files and the manifest go; `None` means `file://{data_dir}/objects`.
     pub object_store_url: Option<String>,
+    /// How a remote store is reached and cached (`cache_dir` `None`: `{data_dir}/cache`).
+    pub store: crate::persist::store::Options,
     /// Buffered rows may use this much memory; writes get 503 beyond it.
     pub buffer_bytes_max: usize,
     /// Width of a time partition.
@@ -74,6 +76,11 @@ impl Config {
         Config {
             data_dir,
             object_store_url: None,
+            store: crate::persist::store::Options {
+                cache_bytes_max: 1 << 30,
+                request_timeout: Duration::from_secs(30),
+                ..Default::default()
+            },
             buffer_bytes_max: 64 << 20,
             partition: Duration::from_secs(86_400),
             persist_interval: Duration::from_secs(3600),
@@ -249,6 +256,8 @@ pub struct Engine {
     wal_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     store: Store,
     manifest: tokio::sync::Mutex<Manifest>,
+    /// Cancelled when another server committed to the same store (`Manifest::fenced`).
+    fenced: tokio_util::sync::CancellationToken,
     buffered_bytes: AtomicUsize,
     applied_seq: AtomicU64,
     file_counter: AtomicU64,
@@ -274,6 +283,11 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Cancelled when another server has committed to this store: the server then stops.
+    pub fn fenced(&self) -> tokio_util::sync::CancellationToken {
+        self.fenced.clone()
     }
 
     /// The clock every "now" of the data path is read from.

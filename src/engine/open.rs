@@ -44,7 +44,16 @@ impl Engine {
                 .map_err(|()| Error::Startup("data directory is not an absolute path".into()))?
                 .to_string(),
         };
-        let store = Store::open(&url).map_err(|e| startup("opening the object store", &e))?;
+        let mut options = config.store.clone();
+        options.cache_dir.get_or_insert_with(|| data_dir.join("cache"));
+        let store =
+            Store::open(&url, &options).map_err(|e| startup("opening the object store", &e))?;
+        if store.is_remote() {
+            store
+                .check_conditional_writes()
+                .await
+                .map_err(|e| startup("checking the object store", &e))?;
+        }
         let mut manifest =
             Manifest::load(store.clone()).await.map_err(|e| startup("loading the manifest", &e))?;
         config.partition = partition_duration(&mut manifest, config.partition)
@@ -183,6 +192,7 @@ impl Engine {
             wal: Mutex::new(Some(wal)),
             wal_thread: Mutex::new(Some(wal_thread)),
             store,
+            fenced: manifest.fenced(),
             manifest: tokio::sync::Mutex::new(manifest),
             buffered_bytes: AtomicUsize::new(buffered),
             applied_seq: AtomicU64::new(next_seq - 1),

@@ -40,11 +40,19 @@ pub async fn delete_file(store: &Store, path: &Path) -> Result<(), Error> {
     Ok(store.delete(path).await?)
 }
 
+/// Age below which a remote store's unnamed file may still be about to be committed.
+const REMOTE_ORPHAN_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Deletes Parquet files no manifest record names: those a persist wrote before a crash or a
 /// failed commit. Only files under id directories (`data/{n}/{n}/…`) are considered; paths
 /// made of names (older stores) are left alone. Run at startup, before anything persists.
+///
+/// On a remote store only files older than `REMOTE_ORPHAN_AGE` go: another server wrongly
+/// started on the same prefix may be between writing a file and committing it (it is fenced at
+/// its next commit, but its file must not vanish before), so a crash's orphans there wait for a
+/// later start.
 pub async fn remove_orphans(store: &Store, named: &std::collections::HashSet<Path>) -> usize {
-    let listed = match store.list(&Path::from("data")).await {
+    let listed = match store.list_meta(&Path::from("data")).await {
         Ok(listed) => listed,
         Err(error) => {
             tracing::warn!(%error, "listing data files to remove orphans failed");
@@ -57,8 +65,17 @@ pub async fn remove_orphans(store: &Store, named: &std::collections::HashSet<Pat
             && parts[1..3].iter().all(|p| p.as_ref().bytes().all(|b| b.is_ascii_digit()))
             && parts[4].as_ref().ends_with(".parquet")
     };
+    let cutoff =
+        chrono::DateTime::<chrono::Utc>::from(std::time::SystemTime::now() - REMOTE_ORPHAN_AGE);
+    let old_enough =
+        |meta: &object_store::ObjectMeta| !store.is_remote() || meta.last_modified < cutoff;
     let mut removed = 0;
-    for path in listed.iter().filter(|p| by_ids(p) && !named.contains(*p)) {
+    let orphans = listed
+        .iter()
+        .filter(|meta| old_enough(meta))
+        .map(|meta| &meta.location)
+        .filter(|p| by_ids(p) && !named.contains(*p));
+    for path in orphans {
         match store.delete(path).await {
             Ok(()) => removed += 1,
             Err(error) => tracing::warn!(%error, %path, "deleting an orphan file failed"),

@@ -134,6 +134,11 @@ pub enum Op {
 struct Commit {
     format: u32,
     commit: u64,
+    /// A random id of the server process that wrote the commit, so that it can tell its own
+    /// commit (a put retried after a lost response) from another server's. Absent in commits
+    /// written before it was added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    writer: Option<String>,
     ops: Vec<Op>,
 }
 
@@ -267,6 +272,11 @@ pub struct Manifest {
     /// the number and bytes. The next commit removes it if it is there and ours, so one failed
     /// sync does not make every later commit find its number taken (and call itself fenced).
     uncertain: Option<(u64, Bytes)>,
+    /// This process's writer id (`Commit::writer`).
+    writer: String,
+    /// Cancelled once a commit found its number taken by another writer: every later commit
+    /// fails at once, and the server stops (`fenced`).
+    fenced: tokio_util::sync::CancellationToken,
 }
 
 impl Manifest {
@@ -303,11 +313,37 @@ impl Manifest {
             }
             state.commit = number;
         }
-        Ok(Manifest { store, state, uncertain: None })
+        let mut nonce = [0u8; 8];
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce);
+        Ok(Manifest {
+            store,
+            state,
+            uncertain: None,
+            writer: hex::encode(nonce),
+            fenced: tokio_util::sync::CancellationToken::new(),
+        })
     }
 
     pub fn state(&self) -> &State {
         &self.state
+    }
+
+    /// Cancelled when another server has committed to this store (this one is fenced).
+    pub fn fenced(&self) -> tokio_util::sync::CancellationToken {
+        self.fenced.clone()
+    }
+
+    fn fence(&self, number: u64) -> Error {
+        if !self.fenced.is_cancelled() {
+            tracing::error!(
+                commit = number,
+                store = %self.store.display,
+                "another server committed to this object store: this server is fenced and stops; \
+                 its acknowledged writes stay in its WAL and persist when it is started alone"
+            );
+            self.fenced.cancel();
+        }
+        Error::Fenced { number }
     }
 
     /// Removes the object a failed commit `number` may have left, if it holds exactly what that
@@ -321,7 +357,7 @@ impl Manifest {
         let path = log_path(number);
         match self.store.get_if_exists(&path).await? {
             Some(found) if found == bytes => self.store.delete(&path).await?,
-            Some(_) => return Err(Error::Fenced { number }),
+            Some(_) => return Err(self.fence(number)),
             None => {}
         }
         self.uncertain = None;
@@ -375,12 +411,28 @@ impl Manifest {
             .chain(ops)
             .collect();
         let number = self.state.commit + 1;
+        if self.fenced.is_cancelled() {
+            return Err(Error::Fenced { number });
+        }
         self.clear_uncertain(number).await?;
-        let commit = Commit { format: FORMAT_VERSION, commit: number, ops };
+        let commit = Commit {
+            format: FORMAT_VERSION,
+            commit: number,
+            writer: Some(self.writer.clone()),
+            ops,
+        };
         let bytes = Bytes::from(serde_json::to_vec(&commit).expect("manifest types serialise"));
         match self.store.put_if_absent(&log_path(number), bytes.clone()).await {
             Ok(Created::Yes) => {}
-            Ok(Created::AlreadyExists) => return Err(Error::Fenced { number }),
+            // A remote store's client retries a put whose response was lost; the retry then
+            // finds the object the first attempt created. Ours (same bytes, writer id
+            // included) is a success; anything else is another server's.
+            Ok(Created::AlreadyExists) => {
+                match self.store.get_if_exists(&log_path(number)).await? {
+                    Some(found) if found == bytes => {}
+                    _ => return Err(self.fence(number)),
+                }
+            }
             Err(error) => {
                 // Reported as failed; should it have reached the disk anyway, a restart reads
                 // it as committed, which each op allows (a file named is a file written; a
@@ -409,7 +461,8 @@ mod tests {
     use super::*;
 
     fn store(dir: &std::path::Path) -> Store {
-        Store::open(url::Url::from_directory_path(dir).expect("absolute").as_str()).expect("store")
+        let url = url::Url::from_directory_path(dir).expect("absolute");
+        Store::open(url.as_str(), &Default::default()).expect("store")
     }
 
     /// Ids are assigned once and the same on every load, also for a checkpoint written before

@@ -5,6 +5,7 @@
 //! through `files` (write, read back, decode, delete) and the manifest; queries read the files
 //! through DataFusion (`query::files`).
 
+pub mod cache;
 mod files;
 pub mod manifest;
 pub mod store;

@@ -8,7 +8,10 @@
 //! On a local directory the byte ranges are read with `pread` on the calling thread from a
 //! file opened once per scan, instead of `object_store`'s open-and-read on a blocking thread
 //! for every range: a one-host query reads a handful of small, usually page-cached ranges, and
-//! each hop to the blocking pool and back cost more than the read.
+//! each hop to the blocking pool and back cost more than the read. On a remote store (S3) the
+//! same local reads serve files in the disk cache; a file not yet cached is read from the
+//! store in ranged GETs (the Parquet reader coalesces nearby ranges) while the store downloads
+//! it into the cache for the next query (`persist::store::Store::local_file`).
 
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
@@ -28,8 +31,8 @@ use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData};
 #[derive(Debug)]
 pub struct Readers {
     pub cached: CachedParquetFileReaderFactory,
-    /// The store's root directory when it is local.
-    pub local_root: Option<PathBuf>,
+    /// The store, which knows the local file of an object (its own, or a cached copy).
+    pub store: crate::persist::store::Store,
 }
 
 impl ParquetFileReaderFactory for Readers {
@@ -42,13 +45,23 @@ impl ParquetFileReaderFactory for Readers {
     ) -> datafusion::error::Result<Box<dyn AsyncFileReader + Send>> {
         // A location with percent-escapes names a file whose on-disk name differs; leave
         // those to the object store.
-        let plain = !file.object_meta.location.as_ref().contains('%');
-        let local = self.local_root.as_ref().filter(|_| plain).map(|root| LocalFile {
-            path: root.join(file.object_meta.location.as_ref()),
-            file: None,
-            bytes_scanned: MetricBuilder::new(metrics)
-                .with_new_label("filename", file.object_meta.location.to_string())
-                .counter("bytes_scanned", partition_index),
+        let location = &file.object_meta.location;
+        let plain = !location.as_ref().contains('%');
+        let path = plain.then(|| self.store.local_file(location)).flatten();
+        let local = path.and_then(|path| {
+            // A cached copy is opened now: were it evicted before the first read, the open
+            // file still reads (and a failed open falls back to the store).
+            let file = match self.store.is_remote() {
+                true => Some(std::fs::File::open(&path).ok()?),
+                false => None,
+            };
+            Some(LocalFile {
+                path,
+                file,
+                bytes_scanned: MetricBuilder::new(metrics)
+                    .with_new_label("filename", location.to_string())
+                    .counter("bytes_scanned", partition_index),
+            })
         });
         let inner =
             self.cached.create_reader(partition_index, file, metadata_size_hint, metrics)?;

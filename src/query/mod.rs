@@ -142,7 +142,7 @@ impl QueryEngine {
             RuntimeEnvBuilder::new().with_memory_limit(config.memory_bytes_max, 1.0).build_arc()?;
         let url = url::Url::parse(&engine.store().datafusion_url)
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
-        runtime.register_object_store(&url, engine.store().inner.clone());
+        runtime.register_object_store(&url, engine.store().reader());
         // DataFusion registers the whole local filesystem as `file://`; Sundial's queries read
         // only Sundial's own store, so no query can name a server file.
         let file =
@@ -211,6 +211,7 @@ impl QueryEngine {
         catalog.register_schema(
             "system",
             Arc::new(system::SystemSchema {
+                engine: self.engine.clone(),
                 views: self.views.clone(),
                 alerts: self.alerts.clone(),
                 db: db.to_string(),
@@ -456,7 +457,7 @@ impl Table {
                     state.runtime_env().object_store(&url)?,
                     state.runtime_env().cache_manager.get_file_metadata_cache(),
                 ),
-            local_root: self.engine.store().local_root().map(|p| p.to_path_buf()),
+            store: self.engine.store().clone(),
         };
         let mut source = ParquetSource::new(schema.clone())
             .with_table_parquet_options(state.table_options().parquet.clone())

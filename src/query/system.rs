@@ -1,5 +1,6 @@
-//! The `system` schema of each database: `system.views` (`views::system`) and the alert tables
-//! (`alerts::system`), built live when a query names them, read-only.
+//! The `system` schema of each database: `system.views` (`views::system`), the alert tables
+//! (`alerts::system`) and `system.object_store` (the store and its cache), built live when a
+//! query names them, read-only.
 
 use std::sync::Arc;
 
@@ -11,6 +12,7 @@ use datafusion::error::{DataFusionError, Result as DfResult};
 /// The `system` schema of a database.
 #[derive(Debug)]
 pub struct SystemSchema {
+    pub engine: Arc<crate::engine::Engine>,
     pub views: Arc<crate::views::Views>,
     pub alerts: Arc<crate::alerts::Alerts>,
     pub db: String,
@@ -45,7 +47,7 @@ impl TableProvider for SystemTable {
 #[async_trait]
 impl SchemaProvider for SystemSchema {
     fn table_names(&self) -> Vec<String> {
-        let mut names = vec!["views".to_string()];
+        let mut names = vec!["views".to_string(), "object_store".to_string()];
         names.extend(crate::alerts::system::TABLES.iter().map(|t| t.to_string()));
         names
     }
@@ -53,6 +55,9 @@ impl SchemaProvider for SystemSchema {
     async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
         let batch = if name == "views" {
             crate::views::system::views_table(&self.views, &self.db)?
+        } else if name == "object_store" {
+            object_store_table(self.engine.store())
+                .map_err(|e| DataFusionError::ArrowError(Box::new(e), None))?
         } else {
             match crate::alerts::system::table(&self.alerts, &self.db, name) {
                 Some(batch) => batch.map_err(|e| DataFusionError::ArrowError(Box::new(e), None))?,
@@ -64,6 +69,42 @@ impl SchemaProvider for SystemSchema {
     }
 
     fn table_exist(&self, name: &str) -> bool {
-        name == "views" || crate::alerts::system::TABLES.contains(&name)
+        name == "views" || name == "object_store" || crate::alerts::system::TABLES.contains(&name)
     }
+}
+
+/// One row: the store (as configured), whether it is remote, and its cache's counters (zero
+/// and null for a local directory, which needs no cache).
+fn object_store_table(
+    store: &crate::persist::store::Store,
+) -> Result<arrow::record_batch::RecordBatch, arrow::error::ArrowError> {
+    use arrow::array::{ArrayRef, BooleanArray, StringArray, UInt64Array};
+    use arrow::datatypes::{DataType, Field, Schema};
+    let stats = store.cache_stats();
+    let counter = |f: fn(&crate::persist::cache::Stats) -> u64| -> ArrayRef {
+        Arc::new(UInt64Array::from(vec![stats.as_ref().map(f)]))
+    };
+    let fields = vec![
+        Field::new("store", DataType::Utf8, false),
+        Field::new("remote", DataType::Boolean, false),
+        Field::new("cache_files", DataType::UInt64, true),
+        Field::new("cache_bytes", DataType::UInt64, true),
+        Field::new("cache_bytes_max", DataType::UInt64, true),
+        Field::new("cache_hits", DataType::UInt64, true),
+        Field::new("cache_misses", DataType::UInt64, true),
+    ];
+    let columns: Vec<ArrayRef> = vec![
+        // A local directory is the server's business, not its clients'.
+        Arc::new(StringArray::from(vec![match store.is_remote() {
+            true => store.display.clone(),
+            false => "local directory".to_string(),
+        }])),
+        Arc::new(BooleanArray::from(vec![store.is_remote()])),
+        counter(|s| s.files),
+        counter(|s| s.bytes),
+        counter(|s| s.bytes_max),
+        counter(|s| s.hits),
+        counter(|s| s.misses),
+    ];
+    arrow::record_batch::RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
 }

@@ -7,6 +7,7 @@ mod durability;
 mod harness;
 mod pg;
 mod query;
+mod s3;
 mod slt;
 mod statements;
 mod tidy;
