@@ -8,10 +8,13 @@
 //! Parquet (`queries.py`), right after ingest and after a restart. Under `cargo test` (no
 //! `--bench`) it runs a small smoke version of both instead, so CI keeps the benchmark working
 //! and checks every query type's answers against DuckDB. `cargo bench --bench tsbs -- alerts`
-//! runs 1,000 alert rules over a view every 10 s during ingest (`alerts.rs`).
+//! runs 1,000 alert rules over a view every 10 s during ingest (`alerts.rs`). `cargo bench
+//! --bench tsbs -- s3` puts the same ingest and query suite on SeaweedFS's S3 next to a local
+//! directory (`s3.rs`).
 
 mod alerts;
 mod generate;
+mod s3;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -33,10 +36,15 @@ struct Server {
 
 impl Server {
     fn start(dir: &Path, extra: &[&str]) -> Server {
+        Server::start_with_env(dir, extra, &[])
+    }
+
+    fn start_with_env(dir: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sundial"))
             .args(["serve", "--http-bind", "127.0.0.1:0", "--pg-bind", "127.0.0.1:0", "--data-dir"])
             .arg(dir)
             .args(extra)
+            .envs(envs.iter().copied())
             .env("SUNDIAL_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -91,7 +99,8 @@ fn parquet_bytes(dir: &Path) -> u64 {
             })
             .sum()
     }
-    walk(&dir.join("objects"))
+    // A remote store's files are all in the cache too (written through on persist).
+    walk(&dir.join("objects")) + walk(&dir.join("cache"))
 }
 
 struct Outcome {
@@ -111,8 +120,19 @@ fn ingest(
     on_the_fly: bool,
     extra: &[&str],
 ) -> Outcome {
+    ingest_with_env(hosts, duration_s, writers, on_the_fly, extra, &[])
+}
+
+fn ingest_with_env(
+    hosts: usize,
+    duration_s: i64,
+    writers: usize,
+    on_the_fly: bool,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> Outcome {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(&dir.path().join("data"), extra);
+    let server = Server::start_with_env(&dir.path().join("data"), extra, envs);
     let (rows, seconds, body_bytes, peak_rss) =
         send(&server, hosts, duration_s, writers, on_the_fly);
     let data_dir = server.dir.clone();
@@ -238,24 +258,7 @@ fn queries(hosts: usize, hours: i64, runs: usize) {
     let parquet = dir.join("cpu.parquet");
     // A buffer large enough that the data set stays in memory until the restart.
     let extra = ["--buffer-memory-max", "4GiB", "--persist-interval", "1h"];
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/tsbs/queries.py");
-    let run = |server: &Server, state: &str| {
-        let (host, port) = server.pg_addr.rsplit_once(':').expect("host:port");
-        let status = Command::new("python3")
-            .arg(script)
-            .args([host, port, "benchmark"])
-            .arg(&parquet)
-            .args([
-                state,
-                &generate::START_NS.to_string(),
-                &hosts.to_string(),
-                &hours.to_string(),
-                &runs.to_string(),
-            ])
-            .status()
-            .expect("python3");
-        assert!(status.success(), "the query suite failed ({state})");
-    };
+    let run = |server: &Server, state: &str| suite(server, &parquet, state, hosts, hours, runs, 1);
     if parquet.exists() {
         println!("\nreusing the data set in {}", dir.display());
         let server = Server::start(&data, &extra);
@@ -266,21 +269,56 @@ fn queries(hosts: usize, hours: i64, runs: usize) {
     let server = Server::start(&data, &extra);
     let (rows, seconds, _, _) = send(&server, hosts, hours * 3600, 4, true);
     println!("\ningested {rows} rows ({hosts} hosts × {hours} h) in {seconds:.1} s");
-    let export = format!(
+    export(&server, &parquet);
+    run(&server, "right after ingest");
+    server.stop();
+    let server = Server::start(&data, &extra);
+    run(&server, "persisted, after a restart");
+    server.stop();
+}
+
+/// The whole `cpu` table as Parquet, for DuckDB.
+fn export(server: &Server, parquet: &Path) {
+    let url = format!(
         "http://{}/api/v3/query_sql?db=benchmark&format=parquet&q=SELECT%20*%20FROM%20cpu",
         server.addr
     );
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let bytes = runtime.block_on(async {
-        reqwest::get(export).await.expect("export").bytes().await.expect("parquet body")
+        reqwest::get(url).await.expect("export").bytes().await.expect("parquet body")
     });
-    std::fs::write(&parquet, &bytes).expect("write parquet");
-    run(&server, "right after ingest");
-    server.stop();
-    let server = Server::start(&data, &extra);
-    run(&server, "persisted, after a restart");
-    server.stop();
+    std::fs::write(parquet, &bytes).expect("write parquet");
+}
+
+/// Runs `queries.py` against `server`: every query type `runs` times after `warmup` runs,
+/// next to DuckDB on `parquet`, answers checked equal.
+fn suite(
+    server: &Server,
+    parquet: &Path,
+    state: &str,
+    hosts: usize,
+    hours: i64,
+    runs: usize,
+    warmup: usize,
+) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/tsbs/queries.py");
+    let (host, port) = server.pg_addr.rsplit_once(':').expect("host:port");
+    let status = Command::new("python3")
+        .arg(script)
+        .args([host, port, "benchmark"])
+        .arg(parquet)
+        .args([
+            state,
+            &generate::START_NS.to_string(),
+            &hosts.to_string(),
+            &hours.to_string(),
+            &runs.to_string(),
+        ])
+        .env("TSBS_WARMUP", warmup.to_string())
+        .status()
+        .expect("python3");
+    assert!(status.success(), "the query suite failed ({state})");
 }
 
 fn report(label: &str, o: &Outcome) {
@@ -344,5 +382,8 @@ fn main() {
     if filter.is_empty() || filter == "alerts" {
         // 1,000 rules × 10 instances every 10 s during 1000 hosts × 3 h of ingest.
         alerts::run(1_000, 10, 1_000, 3 * 3600, 5).print();
+    }
+    if filter.is_empty() || filter == "s3" {
+        s3::run(100, 86_400, 1_000, 13, 5);
     }
 }

@@ -5,7 +5,11 @@ on a mismatch. Called by `cargo bench --bench tsbs -- queries` (benches/tsbs/mai
 ingests the data and restarts the server between the two states.
 
 usage: queries.py PG_HOST PG_PORT DB PARQUET STATE START_NS HOSTS HOURS [RUNS]
+
+TSBS_WARMUP=0 in the environment times the first run too (a cold cache's figures).
 """
+
+import os
 
 import datetime
 import math
@@ -133,18 +137,19 @@ def rows_of(raw, ordered):
 def main():
     pg_host, pg_port, db, parquet, state, start_ns, hosts, hours = sys.argv[1:9]
     runs = int(sys.argv[9]) if len(sys.argv) > 9 else 5
+    warmup = int(os.environ.get("TSBS_WARMUP", "1"))
     start = datetime.datetime.fromtimestamp(int(start_ns) / 1e9, tz=UTC)
     sundial = psycopg.connect(f"host={pg_host} port={pg_port} dbname={db} user=bench", autocommit=True)
     duck = duckdb.connect()
     duck.execute("SET TimeZone = 'UTC'")
     duck.execute(f"CREATE VIEW cpu AS SELECT * FROM read_parquet('{parquet}')")
-    print(f"\n{state}: median of {runs} runs after one warm-up, ms\n")
+    print(f"\n{state}: median of {runs} runs after {warmup} warm-up(s), ms\n")
     print("| query | Sundial | DuckDB | Sundial / DuckDB |")
     print("|---|---|---|---|")
     failures = []
     for seed, (name, make, ordered) in enumerate(QUERY_TYPES):
         q = Instances(start, int(hosts), int(hours), seed)
-        instances = [make(q) for _ in range(runs + 1)]
+        instances = [make(q) for _ in range(runs + warmup)]
         timings = {"sundial": [], "duckdb": []}
         for i, sql in enumerate(instances):
             t0 = time.perf_counter()
@@ -155,7 +160,7 @@ def main():
             t1 = time.perf_counter()
             theirs = duck.execute(sql).fetchall()
             t2 = time.perf_counter()
-            if i > 0:
+            if i >= warmup:
                 timings["sundial"].append(t1 - t0)
                 timings["duckdb"].append(t2 - t1)
             if not same(rows_of(ours, ordered), rows_of(theirs, ordered)):
