@@ -256,6 +256,8 @@ pub struct Engine {
     wal_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     store: Store,
     manifest: tokio::sync::Mutex<Manifest>,
+    /// This data directory's WAL id (`open::wal_id`), recorded in every file persisted from it.
+    wal_id: String,
     /// Cancelled when another server committed to the same store (`Manifest::fenced`).
     fenced: tokio_util::sync::CancellationToken,
     buffered_bytes: AtomicUsize,
