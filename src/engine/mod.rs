@@ -342,6 +342,21 @@ impl Engine {
         tables.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
+    /// The Parquet files of every live table of `db` (for `system.files`), by table name.
+    pub fn files_of(&self, db: &str) -> Vec<(String, Vec<Arc<ParquetFile>>)> {
+        let mut out: Vec<_> = self
+            .all_tables()
+            .into_iter()
+            .filter(|((d, _), _)| d == db)
+            .filter_map(|((_, table), data)| {
+                let data = data.read().ok()?;
+                (!data.dropped).then(|| (table, data.files.clone()))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     fn table_data(&self, db: &str, table: &str) -> Option<Arc<RwLock<TableData>>> {
         self.tables.read().expect("tables lock").get(&(db.to_string(), table.to_string())).cloned()
     }

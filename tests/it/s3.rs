@@ -226,13 +226,19 @@ async fn a_fresh_server_reads_everything_from_s3_and_its_cache_serves_repeat_rea
     assert!(store.proxy.data_gets.load(Ordering::SeqCst) > 0, "the first read came from S3");
 
     // The first read started the downloads; once cached, reads make no request to the store.
-    // Each table is one file here; wait for both, and for downloads to be over (no GET for a
-    // second).
+    // `system.files` lists what the manifest holds; wait until every file is cached and the
+    // downloads are over (no GET for a second).
+    let files = second.count("db", "SELECT count(*) FROM system.files").await;
+    assert!(files >= 2, "one file per table at least");
+    let persisted_rows = second
+        .count("db", "SELECT sum(rows) FROM system.files WHERE table_name = 'température #1'")
+        .await;
+    assert_eq!(persisted_rows, 50);
     let cached = eventually(Duration::from_secs(30), || async {
         let rows = second.query("db", "SELECT cache_files FROM system.object_store").await;
         let gets = store.proxy.data_gets.load(Ordering::SeqCst);
         tokio::time::sleep(Duration::from_secs(1)).await;
-        rows[0]["cache_files"].as_i64().unwrap_or(0) >= 2
+        rows[0]["cache_files"].as_i64().unwrap_or(0) == files
             && store.proxy.data_gets.load(Ordering::SeqCst) == gets
     })
     .await;
