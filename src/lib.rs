@@ -36,6 +36,26 @@ pub fn crash_point(name: &str) {
     }
 }
 
+/// `N` random bytes from the system's source, for ids that must differ between processes
+/// (WAL ids, manifest writer ids, probe names) and jitter. Should the source fail, the time,
+/// the process id and a counter are mixed instead: still distinct, never zero.
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut out = [0u8; N];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut out).is_err() {
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let seed = format!("{nanos}-{}-{n}", std::process::id());
+        let digest = ring::digest::digest(&ring::digest::SHA256, seed.as_bytes());
+        for (o, d) in out.iter_mut().zip(digest.as_ref().iter().cycle()) {
+            *o = *d;
+        }
+    }
+    out
+}
+
 /// Injected I/O faults for recovery tests: while `SUNDIAL_FAULT_DIR` is set and holds a file
 /// named after this point, the operation there fails as a full disk would make it fail.
 pub(crate) fn fault(name: &str) -> std::io::Result<()> {

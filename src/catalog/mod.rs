@@ -417,4 +417,9 @@ pub struct ParquetFile {
     /// Rows of this file may share keys with other files or the buffer of the same partition,
     /// so queries must merge them.
     pub overlap: bool,
+    /// The id of the WAL (data directory) whose records `max_seq` counts: only that WAL's
+    /// replay may skip records by it. Absent in files written before it was recorded, which
+    /// count for every WAL (one data directory per store was all there was).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal: Option<String>,
 }

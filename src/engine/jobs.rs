@@ -45,18 +45,26 @@ impl Engine {
     pub async fn persist_loop(self: Arc<Self>, shutdown: CancellationToken) {
         let mut last_full = Instant::now();
         let failures = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        // A full persist that failed is retried as a full one at the next run (after the
+        // backoff), not only when the next interval is up: a store that comes back gets
+        // everything at once.
+        let full_pending = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = shutdown.clone();
         let high_water = self.config.buffer_bytes_max / 4;
         let persist_interval = self.config.persist_interval;
 
         let engine = self.clone();
         let persist = Job::new("persist", TICK, move || {
             // Decided when the run starts, as the loop this replaces did after each wait.
-            let full = last_full.elapsed() >= persist_interval;
+            let full = last_full.elapsed() >= persist_interval
+                || full_pending.load(std::sync::atomic::Ordering::Relaxed);
             if full {
                 last_full = Instant::now();
             }
             let engine = engine.clone();
             let failures = failures.clone();
+            let full_pending = full_pending.clone();
+            let stop = stop.clone();
             async move {
                 let result = if full {
                     engine.persist_all().await.map(|_| ())
@@ -65,6 +73,9 @@ impl Engine {
                 } else {
                     Ok(())
                 };
+                if full {
+                    full_pending.store(result.is_err(), std::sync::atomic::Ordering::Relaxed);
+                }
                 match result {
                     Ok(()) => failures.store(0, std::sync::atomic::Ordering::Relaxed),
                     Err(error) => {
@@ -75,7 +86,11 @@ impl Engine {
                             retry_in_ms = wait.as_millis() as u64,
                             "persist failed; rows stay buffered and in the WAL"
                         );
-                        tokio::time::sleep(wait).await;
+                        // A stop does not wait out the backoff.
+                        tokio::select! {
+                            () = tokio::time::sleep(wait) => {}
+                            () = stop.cancelled() => {}
+                        }
                     }
                 }
                 if let Err(error) = engine.sort_buffers().await {
@@ -93,9 +108,8 @@ impl Engine {
 /// The wait after the `n`th failure in a row (0 for the first).
 fn backoff(n: u32) -> Duration {
     let base = PERSIST_BACKOFF_FIRST.saturating_mul(1 << n.min(16)).min(PERSIST_BACKOFF_MAX);
-    let mut byte = [0u8; 1];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut byte);
-    base + base.mul_f64(f64::from(byte[0]) / 510.0)
+    let [byte] = crate::random_bytes::<1>();
+    base + base.mul_f64(f64::from(byte) / 510.0)
 }
 
 /// A background job: what one run does, how often it runs, how many runs may overlap.

@@ -256,6 +256,8 @@ pub struct Engine {
     wal_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     store: Store,
     manifest: tokio::sync::Mutex<Manifest>,
+    /// This data directory's WAL id (`open::wal_id`), recorded in every file persisted from it.
+    wal_id: String,
     /// Cancelled when another server committed to the same store (`Manifest::fenced`).
     fenced: tokio_util::sync::CancellationToken,
     buffered_bytes: AtomicUsize,
@@ -338,6 +340,21 @@ impl Engine {
     fn all_tables(&self) -> Vec<(TableKey, Arc<RwLock<TableData>>)> {
         let tables = self.tables.read().expect("tables lock");
         tables.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// The Parquet files of every live table of `db` (for `system.files`), by table name.
+    pub fn files_of(&self, db: &str) -> Vec<(String, Vec<Arc<ParquetFile>>)> {
+        let mut out: Vec<_> = self
+            .all_tables()
+            .into_iter()
+            .filter(|((d, _), _)| d == db)
+            .filter_map(|((_, table), data)| {
+                let data = data.read().ok()?;
+                (!data.dropped).then(|| (table, data.files.clone()))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     fn table_data(&self, db: &str, table: &str) -> Option<Arc<RwLock<TableData>>> {

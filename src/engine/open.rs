@@ -38,6 +38,7 @@ impl Engine {
             .map_err(|e| startup("creating the data directory", &e))?;
         let data_dir = std::fs::canonicalize(&config.data_dir)
             .map_err(|e| startup("resolving the data directory", &e))?;
+        let wal_id = wal_id(&data_dir).map_err(|e| startup("reading the WAL id", &e))?;
         let url = match &config.object_store_url {
             Some(url) => url.clone(),
             None => url::Url::from_directory_path(data_dir.join("objects"))
@@ -84,7 +85,8 @@ impl Engine {
             for (name, table) in &state.tables {
                 catalog.put_table(db, TableSchema::new(name.clone(), table.columns.clone()));
                 let floor = table.files.iter().map(|f| f.max_time_ns).max().unwrap_or(i64::MIN);
-                for f in &table.files {
+                // Only files persisted from this WAL say which of its records are in them.
+                for f in table.files.iter().filter(|f| f.wal.as_ref().is_none_or(|w| *w == wal_id)) {
                     let watermark =
                         persisted.entry((db.clone(), name.clone(), f.partition_ns)).or_default();
                     *watermark = (*watermark).max(f.max_seq);
@@ -192,6 +194,7 @@ impl Engine {
             wal: Mutex::new(Some(wal)),
             wal_thread: Mutex::new(Some(wal_thread)),
             store,
+            wal_id,
             fenced: manifest.fenced(),
             manifest: tokio::sync::Mutex::new(manifest),
             buffered_bytes: AtomicUsize::new(buffered),
@@ -232,4 +235,32 @@ async fn partition_duration(
             Ok(configured)
         }
     }
+}
+
+/// The id of this data directory's WAL (`{data-dir}/wal-id`, made at the first start): 16
+/// random hex digits. Files persisted from this WAL carry it (`ParquetFile::wal`), so a
+/// replay skips records only by the files of its own WAL, never by another server's that
+/// numbered its records the same way (two servers wrongly on one store, one of them fenced).
+fn wal_id(data_dir: &std::path::Path) -> std::io::Result<String> {
+    let path = data_dir.join("wal-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if id.trim().len() == 16 && id.trim().bytes().all(|b| b.is_ascii_hexdigit()) => {
+            return Ok(id.trim().to_string())
+        }
+        Ok(_) => {
+            return Err(std::io::Error::other(format!(
+                "{} does not hold a WAL id (16 hex digits)",
+                path.display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let id = hex::encode(crate::random_bytes::<8>());
+    let partial = data_dir.join("wal-id.partial");
+    std::fs::write(&partial, &id)?;
+    std::fs::File::open(&partial)?.sync_all()?;
+    std::fs::rename(&partial, &path)?;
+    std::fs::File::open(data_dir)?.sync_all()?;
+    Ok(id)
 }

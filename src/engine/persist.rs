@@ -112,13 +112,15 @@ impl Engine {
             if !self.table_data(db, table).is_some_and(|live| Arc::ptr_eq(&live, data)) {
                 return Ok(None);
             }
+            // A fenced server writes nothing more to the store.
+            manifest.check_fenced().map_err(crate::persist::Error::from)?;
             manifest
                 .table_ids(db, table, schema.columns())
                 .await
                 .map_err(crate::persist::Error::from)?
         };
         let n = self.file_counter.fetch_add(1, Ordering::Relaxed);
-        let path = crate::persist::file_path(ids, partition_ns, max_seq, n);
+        let path = crate::persist::file_path(ids, partition_ns, max_seq, n, &self.wal_id);
         let bytes = encoded.bytes.len() as u64;
         crate::persist::put_file(&self.store, &path, encoded.bytes).await?;
         crate::crash_point("persist_after_parquet_write");
@@ -131,6 +133,7 @@ impl Engine {
             bytes,
             max_seq,
             overlap,
+            wal: Some(self.wal_id.clone()),
         };
         let op = Op::AddFile {
             database: db.into(),

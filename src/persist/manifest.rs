@@ -26,6 +26,10 @@ pub enum Error {
     Invalid { path: String, reason: String },
     #[error("manifest commit {number} already exists: another server is writing to this store")]
     Fenced { number: u64 },
+    /// The store refused the create (409 while another request for it was in flight, or an
+    /// earlier attempt of ours that landed late): the next commit clears it and tries again.
+    #[error("manifest commit {number}: the store reported a conflicting write; it is retried")]
+    Conflict { number: u64 },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -313,8 +317,7 @@ impl Manifest {
             }
             state.commit = number;
         }
-        let mut nonce = [0u8; 8];
-        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce);
+        let nonce = crate::random_bytes::<8>();
         Ok(Manifest {
             store,
             state,
@@ -346,6 +349,20 @@ impl Manifest {
         Error::Fenced { number }
     }
 
+    /// Fails once this server is fenced, so that it writes nothing more to the store.
+    pub fn check_fenced(&self) -> Result<(), Error> {
+        match self.fenced.is_cancelled() {
+            true => Err(Error::Fenced { number: self.state.commit + 1 }),
+            false => Ok(()),
+        }
+    }
+
+    /// Whether a commit object was written by this process (its writer id is ours).
+    fn written_by_us(&self, found: &[u8]) -> bool {
+        let writer = serde_json::from_slice::<Commit>(found).ok().and_then(|c| c.writer);
+        writer.as_deref() == Some(self.writer.as_str())
+    }
+
     /// Removes the object a failed commit `number` may have left, if it holds exactly what that
     /// commit wrote; another writer's commit there means this server is fenced.
     async fn clear_uncertain(&mut self, number: u64) -> Result<(), Error> {
@@ -356,7 +373,10 @@ impl Manifest {
         }
         let path = log_path(number);
         match self.store.get_if_exists(&path).await? {
-            Some(found) if found == bytes => self.store.delete(&path).await?,
+            // Ours (these bytes, or a still earlier attempt that landed late): remove it.
+            Some(found) if found == bytes || self.written_by_us(&found) => {
+                self.store.delete(&path).await?
+            }
             Some(_) => return Err(self.fence(number)),
             None => {}
         }
@@ -411,9 +431,7 @@ impl Manifest {
             .chain(ops)
             .collect();
         let number = self.state.commit + 1;
-        if self.fenced.is_cancelled() {
-            return Err(Error::Fenced { number });
-        }
+        self.check_fenced()?;
         self.clear_uncertain(number).await?;
         let commit = Commit {
             format: FORMAT_VERSION,
@@ -424,15 +442,27 @@ impl Manifest {
         let bytes = Bytes::from(serde_json::to_vec(&commit).expect("manifest types serialise"));
         match self.store.put_if_absent(&log_path(number), bytes.clone()).await {
             Ok(Created::Yes) => {}
-            // A remote store's client retries a put whose response was lost; the retry then
-            // finds the object the first attempt created. Ours (same bytes, writer id
-            // included) is a success; anything else is another server's.
-            Ok(Created::AlreadyExists) => {
-                match self.store.get_if_exists(&log_path(number)).await? {
-                    Some(found) if found == bytes => {}
-                    _ => return Err(self.fence(number)),
+            // Something is at `number`. The same bytes (writer id included): our own put,
+            // which the client retried after a 5xx or a lost response, succeeded. Another
+            // object of ours: an earlier attempt that landed late, or nothing there (a 409
+            // while our own request was in flight): uncertain, cleared by the next commit.
+            // Only another writer's commit fences this server.
+            Ok(Created::AlreadyExists) => match self.store.get_if_exists(&log_path(number)).await {
+                Ok(Some(found)) if found == bytes => {}
+                Ok(Some(found)) if self.written_by_us(&found) => {
+                    self.uncertain = Some((number, found));
+                    return Err(Error::Conflict { number });
                 }
-            }
+                Ok(Some(_)) => return Err(self.fence(number)),
+                Ok(None) => {
+                    self.uncertain = Some((number, bytes));
+                    return Err(Error::Conflict { number });
+                }
+                Err(error) => {
+                    self.uncertain = Some((number, bytes));
+                    return Err(error.into());
+                }
+            },
             Err(error) => {
                 // Reported as failed; should it have reached the disk anyway, a restart reads
                 // it as committed, which each op allows (a file named is a file written; a

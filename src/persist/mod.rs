@@ -180,13 +180,15 @@ fn time_range(times: &ArrayRef) -> (i64, i64) {
 }
 
 /// Where a partition's file goes:
-/// `data/{database id}/{table id}/{YYYY-MM-DD}-{partition}/{max_seq}-{n}.parquet`. Only ids
-/// and numbers, never a user's name, so any name is stored and the path is plain ASCII.
+/// `data/{database id}/{table id}/{YYYY-MM-DD}-{partition}/{max_seq}-{n}-{wal id}.parquet`.
+/// Only ids and numbers, never a user's name, so any name is stored and the path is plain
+/// ASCII; the WAL id keeps two servers wrongly sharing a store from ever writing one path.
 pub fn file_path(
     (database_id, table_id): (u64, u64),
     partition_ns: i64,
     max_seq: u64,
     n: u64,
+    wal: &str,
 ) -> object_store::path::Path {
     let day = chrono_like_date(partition_ns);
     object_store::path::Path::from_iter([
@@ -194,7 +196,7 @@ pub fn file_path(
         database_id.to_string(),
         table_id.to_string(),
         format!("{day}-{partition_ns}"),
-        format!("{max_seq:020}-{n}.parquet"),
+        format!("{max_seq:020}-{n}-{wal}.parquet"),
     ])
 }
 
@@ -233,10 +235,11 @@ mod tests {
             bytes: 1,
             max_seq: 1,
             overlap: false,
+            wal: None,
         };
         assert_eq!(location(&file).as_ref(), "data/db/a%25b/x.parquet");
-        let path = file_path((3, 17), 0, 5, 1);
-        assert_eq!(path.as_ref(), "data/3/17/1970-01-01-0/00000000000000000005-1.parquet");
+        let path = file_path((3, 17), 0, 5, 1, "0a1b");
+        assert_eq!(path.as_ref(), "data/3/17/1970-01-01-0/00000000000000000005-1-0a1b.parquet");
     }
 
     #[test]

@@ -60,6 +60,8 @@ pub enum Error {
     /// clients).
     #[error("sync {path}: {source}")]
     Sync { path: String, source: std::io::Error },
+    #[error("opening the cache directory: {reason}")]
+    Cache { reason: String },
     #[error(
         "object store {store} accepted a second create-if-absent of one object: it does not \
          support conditional writes (If-None-Match), which manifest commits need to keep two \
@@ -169,8 +171,10 @@ impl Store {
             .cache_dir
             .clone()
             .ok_or_else(|| bad("a remote store needs a cache directory".into()))?;
-        let cache = Cache::open(&cache_dir, options.cache_bytes_max)
-            .map_err(|source| Error::Sync { path: "the object cache directory".into(), source })?;
+        // The cache is keyed by the store it caches: the URL, endpoint included.
+        let identity = format!("{url} {}", options.endpoint.as_deref().unwrap_or(""));
+        let cache = Cache::open(&cache_dir, options.cache_bytes_max, identity.trim_end())
+            .map_err(|e| Error::Cache { reason: e.to_string() })?;
         let inner: Arc<dyn ObjectStore> = Arc::new(PrefixStore::new(s3, prefix));
         let cached = CachedStore::new(inner.clone(), Arc::new(cache))
             .map_err(|e| bad(format!("cache: {e}")))?;
@@ -206,11 +210,11 @@ impl Store {
     /// The local file that holds the object at `path`: in a local store, the object itself;
     /// in a remote one, its cached copy if there is one (a miss starts a background download,
     /// so that the next reader finds it).
-    pub fn local_file(&self, path: &Path) -> Option<PathBuf> {
+    pub fn local_file(&self, path: &Path, bytes: u64) -> Option<PathBuf> {
         if let Some(root) = &self.local_root {
             return Some(root.join(path.as_ref()));
         }
-        self.cached.as_ref()?.local_file(path)
+        self.cached.as_ref()?.local_file(path, bytes)
     }
 
     /// The store queries read through: a remote store's cache in front of it.
@@ -333,7 +337,5 @@ impl Store {
 
 /// A random number for probe names (two servers probing at once must not collide).
 fn rand_u64() -> u64 {
-    let mut bytes = [0u8; 8];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
-    u64::from_le_bytes(bytes)
+    u64::from_le_bytes(crate::random_bytes::<8>())
 }

@@ -47,7 +47,7 @@ impl ParquetFileReaderFactory for Readers {
         // those to the object store.
         let location = &file.object_meta.location;
         let plain = !location.as_ref().contains('%');
-        let path = plain.then(|| self.store.local_file(location)).flatten();
+        let path = plain.then(|| self.store.local_file(location, file.object_meta.size)).flatten();
         let local = path.and_then(|path| {
             // A cached copy is opened now: were it evicted before the first read, the open
             // file still reads (and a failed open falls back to the store).

@@ -1,6 +1,6 @@
 //! The `system` schema of each database: `system.views` (`views::system`), the alert tables
-//! (`alerts::system`) and `system.object_store` (the store and its cache), built live when a
-//! query names them, read-only.
+//! (`alerts::system`), `system.object_store` (the store and its cache) and `system.files` (the
+//! database's Parquet files), built live when a query names them, read-only.
 
 use std::sync::Arc;
 
@@ -47,7 +47,7 @@ impl TableProvider for SystemTable {
 #[async_trait]
 impl SchemaProvider for SystemSchema {
     fn table_names(&self) -> Vec<String> {
-        let mut names = vec!["views".to_string(), "object_store".to_string()];
+        let mut names = ["views", "object_store", "files"].map(String::from).to_vec();
         names.extend(crate::alerts::system::TABLES.iter().map(|t| t.to_string()));
         names
     }
@@ -57,6 +57,9 @@ impl SchemaProvider for SystemSchema {
             crate::views::system::views_table(&self.views, &self.db)?
         } else if name == "object_store" {
             object_store_table(self.engine.store())
+                .map_err(|e| DataFusionError::ArrowError(Box::new(e), None))?
+        } else if name == "files" {
+            files_table(&self.engine.files_of(&self.db))
                 .map_err(|e| DataFusionError::ArrowError(Box::new(e), None))?
         } else {
             match crate::alerts::system::table(&self.alerts, &self.db, name) {
@@ -69,7 +72,7 @@ impl SchemaProvider for SystemSchema {
     }
 
     fn table_exist(&self, name: &str) -> bool {
-        name == "views" || name == "object_store" || crate::alerts::system::TABLES.contains(&name)
+        ["views", "object_store", "files"].contains(&name) || crate::alerts::system::TABLES.contains(&name)
     }
 }
 
@@ -105,6 +108,51 @@ fn object_store_table(
         counter(|s| s.bytes_max),
         counter(|s| s.hits),
         counter(|s| s.misses),
+    ];
+    arrow::record_batch::RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+}
+
+/// One row per Parquet file of the database's tables, as the manifest records it.
+fn files_table(
+    tables: &[(String, Vec<Arc<crate::catalog::ParquetFile>>)],
+) -> Result<arrow::record_batch::RecordBatch, arrow::error::ArrowError> {
+    use arrow::array::{ArrayRef, BooleanArray, StringArray, TimestampNanosecondArray, UInt64Array};
+    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    let files: Vec<(&str, &crate::catalog::ParquetFile)> = tables
+        .iter()
+        .flat_map(|(table, files)| files.iter().map(move |f| (table.as_str(), f.as_ref())))
+        .collect();
+    let time = || DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()));
+    let times = |f: fn(&crate::catalog::ParquetFile) -> i64| -> ArrayRef {
+        Arc::new(
+            TimestampNanosecondArray::from(files.iter().map(|(_, x)| f(x)).collect::<Vec<_>>())
+                .with_timezone("UTC"),
+        )
+    };
+    let counts = |f: fn(&crate::catalog::ParquetFile) -> u64| -> ArrayRef {
+        Arc::new(UInt64Array::from(files.iter().map(|(_, x)| f(x)).collect::<Vec<_>>()))
+    };
+    let fields = vec![
+        Field::new("table_name", DataType::Utf8, false),
+        Field::new("partition", time(), false),
+        Field::new("path", DataType::Utf8, false),
+        Field::new("rows", DataType::UInt64, false),
+        Field::new("bytes", DataType::UInt64, false),
+        Field::new("min_time", time(), false),
+        Field::new("max_time", time(), false),
+        Field::new("max_seq", DataType::UInt64, false),
+        Field::new("overlap", DataType::Boolean, false),
+    ];
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(files.iter().map(|(t, _)| *t).collect::<Vec<_>>())),
+        times(|f| f.partition_ns),
+        Arc::new(StringArray::from(files.iter().map(|(_, f)| f.path.as_str()).collect::<Vec<_>>())),
+        counts(|f| f.rows),
+        counts(|f| f.bytes),
+        times(|f| f.min_time_ns),
+        times(|f| f.max_time_ns),
+        counts(|f| f.max_seq),
+        Arc::new(BooleanArray::from(files.iter().map(|(_, f)| f.overlap).collect::<Vec<_>>())),
     ];
     arrow::record_batch::RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
 }

@@ -226,9 +226,20 @@ async fn a_fresh_server_reads_everything_from_s3_and_its_cache_serves_repeat_rea
     assert!(store.proxy.data_gets.load(Ordering::SeqCst) > 0, "the first read came from S3");
 
     // The first read started the downloads; once cached, reads make no request to the store.
+    // `system.files` lists what the manifest holds; wait until every file is cached and the
+    // downloads are over (no GET for a second).
+    let files = second.count("db", "SELECT count(*) FROM system.files").await;
+    assert!(files >= 2, "one file per table at least");
+    let persisted_rows = second
+        .count("db", "SELECT sum(rows) FROM system.files WHERE table_name = 'température #1'")
+        .await;
+    assert_eq!(persisted_rows, 50);
     let cached = eventually(Duration::from_secs(30), || async {
         let rows = second.query("db", "SELECT cache_files FROM system.object_store").await;
-        rows[0]["cache_files"].as_i64().unwrap_or(0) >= 2
+        let gets = store.proxy.data_gets.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        rows[0]["cache_files"].as_i64().unwrap_or(0) == files
+            && store.proxy.data_gets.load(Ordering::SeqCst) == gets
     })
     .await;
     assert!(cached, "files were not cached");
@@ -264,13 +275,17 @@ async fn a_second_server_on_the_same_prefix_is_fenced_and_nothing_is_lost() {
     let mut a = start(&dir.path().join("a"), &store, prefix, &fast).await;
     let mut b = start(&dir.path().join("b"), &store, prefix, &fast).await;
     write(&a, "db", lines("from_a", 0..100)).await;
+    write(&a, "db", lines("shared", 0..100)).await;
     // `a` commits first (the partition width at its start, then its table and its file); `b`
     // then finds its next number taken.
     let committed = eventually(Duration::from_secs(30), || async {
-        store.proxy.commits.load(Ordering::SeqCst) >= 3
+        store.proxy.commits.load(Ordering::SeqCst) >= 5
     })
     .await;
     assert!(committed, "a did not persist");
+    // `b` numbers its WAL records from 1 as `a` did, and writes into `a`'s table too: its
+    // records must not be taken for the ones `a`'s files hold.
+    write(&b, "db", lines("shared", 1000..1080)).await;
     write(&b, "db", lines("from_b", 0..80)).await;
     assert!(b.wait_exit(Duration::from_secs(60)), "b was not fenced");
     let code = b.child.try_wait().ok().flatten().and_then(|s| s.code());
@@ -284,10 +299,13 @@ async fn a_second_server_on_the_same_prefix_is_fenced_and_nothing_is_lost() {
     let mut b = start(&b_dir, &store, prefix, &fast).await;
     assert_eq!(count_and_sum(&b, "db", "from_b").await, expected(0..80));
     assert_eq!(count_and_sum(&b, "db", "from_a").await, expected(0..100));
+    let shared = (180, expected(0..100).1 + expected(1000..1080).1);
+    assert_eq!(count_and_sum(&b, "db", "shared").await, shared, "both servers' rows");
     assert_eq!(b.terminate(), Some(0), "{}", b.stderr());
     let fresh = start(&dir.path().join("c"), &store, prefix, &[]).await;
     assert_eq!(count_and_sum(&fresh, "db", "from_b").await, expected(0..80), "b's rows on S3");
     assert_eq!(count_and_sum(&fresh, "db", "from_a").await, expected(0..100), "a's rows on S3");
+    assert_eq!(count_and_sum(&fresh, "db", "shared").await, shared);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
