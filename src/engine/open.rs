@@ -86,7 +86,8 @@ impl Engine {
                 catalog.put_table(db, TableSchema::new(name.clone(), table.columns.clone()));
                 let floor = table.files.iter().map(|f| f.max_time_ns).max().unwrap_or(i64::MIN);
                 // Only files persisted from this WAL say which of its records are in them.
-                for f in table.files.iter().filter(|f| f.wal.as_ref().is_none_or(|w| *w == wal_id)) {
+                for f in table.files.iter().filter(|f| f.wal.as_ref().is_none_or(|w| *w == wal_id))
+                {
                     let watermark =
                         persisted.entry((db.clone(), name.clone(), f.partition_ns)).or_default();
                     *watermark = (*watermark).max(f.max_seq);

@@ -270,9 +270,10 @@ impl QueryEngine {
             datafusion::execution::memory_pool::MemoryConsumer::new("query result").register(&pool);
         let mut stream = df.execute_stream().await?;
         let mut batches = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         while let Some(batch) = stream.next().await {
             let batch = batch?;
-            reservation.try_grow(batch.get_array_memory_size())?;
+            reservation.try_grow(new_buffer_bytes(&batch, &mut seen))?;
             batches.push(batch);
         }
         Ok(Collected { schema, batches, reservation })
@@ -289,6 +290,25 @@ impl QueryEngine {
             None => Err(Error::Unsupported("no statement".into())),
         }
     }
+}
+
+/// Bytes of the allocations behind `batch` that no earlier batch of the result holds
+/// (`seen`: their start addresses). `RecordBatch::get_array_memory_size` counts a whole
+/// allocation for every batch that slices it, so a result cut from a few large buffers (a
+/// dictionary's values, a buffered run) was counted many times over, and a result that fits
+/// in memory was refused as larger than the pool.
+fn new_buffer_bytes(batch: &RecordBatch, seen: &mut std::collections::HashSet<usize>) -> usize {
+    fn walk(data: &arrow::array::ArrayData, seen: &mut std::collections::HashSet<usize>) -> usize {
+        let mut bytes = 0;
+        let nulls = data.nulls().map(|n| n.buffer());
+        for buffer in data.buffers().iter().chain(nulls) {
+            if seen.insert(buffer.data_ptr().as_ptr() as usize) {
+                bytes += buffer.capacity();
+            }
+        }
+        bytes + data.child_data().iter().map(|child| walk(child, seen)).sum::<usize>()
+    }
+    batch.columns().iter().map(|column| walk(&column.to_data(), seen)).sum()
 }
 
 /// A query's whole result, and its share of the query memory pool (held until dropped).

@@ -72,7 +72,8 @@ impl SchemaProvider for SystemSchema {
     }
 
     fn table_exist(&self, name: &str) -> bool {
-        ["views", "object_store", "files"].contains(&name) || crate::alerts::system::TABLES.contains(&name)
+        ["views", "object_store", "files"].contains(&name)
+            || crate::alerts::system::TABLES.contains(&name)
     }
 }
 
@@ -116,7 +117,9 @@ fn object_store_table(
 fn files_table(
     tables: &[(String, Vec<Arc<crate::catalog::ParquetFile>>)],
 ) -> Result<arrow::record_batch::RecordBatch, arrow::error::ArrowError> {
-    use arrow::array::{ArrayRef, BooleanArray, StringArray, TimestampNanosecondArray, UInt64Array};
+    use arrow::array::{
+        ArrayRef, BooleanArray, StringArray, TimestampNanosecondArray, UInt64Array,
+    };
     use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
     let files: Vec<(&str, &crate::catalog::ParquetFile)> = tables
         .iter()

@@ -43,3 +43,39 @@ fn split_keeps_order_and_count() {
     assert_eq!(split(vec![1], 4), vec![vec![1]]);
     assert!(split(Vec::<i32>::new(), 2).is_empty());
 }
+
+/// A result sliced from one batch is counted once against the query memory pool, not once per
+/// slice; separate allocations are each counted.
+#[test]
+fn result_memory_counts_shared_buffers_once() {
+    use arrow::array::{DictionaryArray, Float64Array, StringArray};
+    use arrow::datatypes::Int32Type;
+    let values: DictionaryArray<Int32Type> = (0..10_000)
+        .map(|i| format!("host_{}", i % 100))
+        .collect::<Vec<_>>()
+        .iter()
+        .map(|s| s.as_str())
+        .collect();
+    let numbers = Float64Array::from((0..10_000).map(f64::from).collect::<Vec<_>>());
+    let batch = RecordBatch::try_from_iter([
+        ("host", Arc::new(values) as arrow::array::ArrayRef),
+        ("v", Arc::new(numbers) as arrow::array::ArrayRef),
+    ])
+    .expect("batch");
+    let mut seen = std::collections::HashSet::new();
+    let whole = new_buffer_bytes(&batch, &mut seen);
+    assert!(whole >= 10_000 * 8, "the floats at least: {whole}");
+    let mut seen = std::collections::HashSet::new();
+    let sliced: usize =
+        (0..100).map(|i| new_buffer_bytes(&batch.slice(i * 100, 100), &mut seen)).sum();
+    assert_eq!(sliced, whole, "a hundred slices hold what the batch holds");
+    let per_batch: usize =
+        (0..100).map(|i| batch.slice(i * 100, 100).get_array_memory_size()).sum();
+    assert!(per_batch > 50 * whole, "what was counted before: {per_batch} vs {whole}");
+    let other = RecordBatch::try_from_iter([(
+        "s",
+        Arc::new(StringArray::from(vec!["x"; 1000])) as arrow::array::ArrayRef,
+    )])
+    .expect("other");
+    assert!(new_buffer_bytes(&other, &mut seen) > 0, "a new allocation counts");
+}
