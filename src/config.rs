@@ -150,6 +150,30 @@ pub struct ServeArgs {
     #[arg(long, env = "SUNDIAL_PERSIST_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
     pub persist_interval: Duration,
 
+    /// How often compaction looks for partitions to merge (many small files, or files that
+    /// overlap: late or overwritten points); 0s turns it off.
+    #[arg(long, env = "SUNDIAL_COMPACTION_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub compaction_interval: Duration,
+
+    /// Size at which compaction cuts its output files; files of half of it or more are only
+    /// merged again when their partition has overlapping files.
+    #[arg(long, env = "SUNDIAL_COMPACTION_TARGET_SIZE", default_value = "128MiB", value_parser = parse_bytes)]
+    pub compaction_target_size: u64,
+
+    /// Small files a partition still being written gathers before they are merged (a
+    /// partition whose time is over is merged from two).
+    #[arg(long, env = "SUNDIAL_COMPACTION_FILES_MIN", default_value_t = 8, value_parser = clap::value_parser!(u64).range(2..=10_000))]
+    pub compaction_files_min: u64,
+
+    /// Files one compaction merges at most: each holds a decoded batch in memory meanwhile.
+    #[arg(long, env = "SUNDIAL_COMPACTION_INPUTS_MAX", default_value_t = 32, value_parser = clap::value_parser!(u64).range(2..=1_000))]
+    pub compaction_inputs_max: u64,
+
+    /// How long the files a compaction replaced stay in the store (queries that started
+    /// before it may still read them) before they are deleted.
+    #[arg(long, env = "SUNDIAL_COMPACTION_GRACE", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub compaction_grace: Duration,
+
     /// When a write is acknowledged: after fdatasync (default) or after write(2).
     #[arg(long, env = "SUNDIAL_WAL_SYNC", value_enum, default_value_t = WalSync::Fsync)]
     pub wal_sync: WalSync,
@@ -180,7 +204,6 @@ pub struct ServeArgs {
     #[arg(long, env = "SUNDIAL_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
-    /// Log filter (tracing's EnvFilter syntax).
     /// The server's address as notification receivers should reach it: alert notifications'
     /// `externalURL` and `generatorURL` (default: http://{http-bind}).
     #[arg(long, env = "SUNDIAL_EXTERNAL_URL")]
@@ -210,6 +233,7 @@ pub struct ServeArgs {
     #[arg(long, env = "SUNDIAL_SMTP_REQUIRE_TLS", default_value_t = true, action = clap::ArgAction::Set)]
     pub smtp_require_tls: bool,
 
+    /// Log filter (tracing's EnvFilter syntax).
     #[arg(long, env = "SUNDIAL_LOG", default_value = "info")]
     pub log: String,
 }
@@ -261,6 +285,13 @@ impl ServeArgs {
                 .saturating_add(1 << 16),
             sort_rows_min: self.buffer_sort_rows,
             clock: std::sync::Arc::new(crate::clock::SystemClock),
+            compaction: crate::engine::CompactionConfig {
+                interval: self.compaction_interval,
+                target_bytes: self.compaction_target_size.max(1),
+                files_min: usize::try_from(self.compaction_files_min).unwrap_or(usize::MAX),
+                inputs_max: usize::try_from(self.compaction_inputs_max).unwrap_or(usize::MAX),
+                grace: self.compaction_grace,
+            },
         }
     }
 

@@ -36,10 +36,23 @@ pub fn sort_and_merge(
     if !merge {
         return Ok(sorted);
     }
+    merge_sorted(&sorted, keys, seq)
+}
+
+/// Merges rows that share a key in a batch already sorted by `keys`, then `_seq`, then
+/// position (as `sort_and_merge` sorts, and as compaction's merge of sorted files yields).
+pub fn merge_sorted(
+    sorted: &RecordBatch,
+    keys: &[usize],
+    seq: usize,
+) -> Result<RecordBatch, ArrowError> {
+    if sorted.num_rows() == 0 {
+        return Ok(sorted.clone());
+    }
     let key_arrays: Vec<ArrayRef> = keys.iter().map(|&i| sorted.column(i).clone()).collect();
     let ranges = arrow::compute::partition(&key_arrays)?.ranges();
     if ranges.len() == sorted.num_rows() {
-        return Ok(sorted);
+        return Ok(sorted.clone());
     }
     let is_key = |i: usize| keys.contains(&i);
     let mut columns = Vec::with_capacity(sorted.num_columns());

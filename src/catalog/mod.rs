@@ -422,4 +422,11 @@ pub struct ParquetFile {
     /// count for every WAL (one data directory per store was all there was).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wal: Option<String>,
+    /// 0 for a file a persist wrote; a compaction's output is one more than its highest input.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub level: u32,
+}
+
+fn is_zero(level: &u32) -> bool {
+    *level == 0
 }

@@ -8,9 +8,11 @@
 //! Once stopped, no run starts, and `Scheduler::run` returns when the runs in progress have
 //! finished: a run is never cancelled halfway. A run that panics is logged; its job goes on.
 //!
-//! The engine runs one job, "persist" (persisting, then sorting buffered runs); views refresh in
-//! a task of their own (`views::Views::refresh_loop`, which plans SQL). Compaction, evaluating
-//! alerts and enforcing retention are meant to become further jobs on the same scheduler.
+//! The engine runs two jobs: "persist" (persisting, then sorting buffered runs) and "compact"
+//! (`compact`: merging a partition's files, one partition after another, at most one run at a
+//! time; the merge itself runs on a low-priority thread). Views refresh in a task of their own
+//! (`views::Views::refresh_loop`, which plans SQL) and alerts in theirs; enforcing retention is
+//! meant to become a further job on the same scheduler.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -40,8 +42,9 @@ impl Engine {
     /// buffer above a quarter of its limit (`persist_wakeup`): it persists (everything every
     /// `persist_interval`, else the largest partitions down to an eighth of the limit) and then
     /// sorts buffered runs (`sort_buffers`), one after the other as the loop it replaced did, so
-    /// the two never compete for the cores with ingest at once. Returns once `shutdown` is
-    /// cancelled and a run in progress has finished.
+    /// the two never compete for the cores with ingest at once. Beside it, the "compact" job
+    /// (every `--compaction-interval`, unless zero). Returns once `shutdown` is cancelled and
+    /// the runs in progress have finished (a compaction stops at its next batch).
     pub async fn persist_loop(self: Arc<Self>, shutdown: CancellationToken) {
         let mut last_full = Instant::now();
         let failures = Arc::new(std::sync::atomic::AtomicU32::new(0));
@@ -101,7 +104,19 @@ impl Engine {
         .concurrency(1)
         .woken_by(self.persist_wakeup.clone());
 
-        Scheduler::default().with(persist).run(shutdown).await;
+        let mut scheduler = Scheduler::default().with(persist);
+        let interval = self.config.compaction.interval;
+        if !interval.is_zero() {
+            let engine = self.clone();
+            let stop = shutdown.clone();
+            let compact = Job::new("compact", interval, move || {
+                let engine = engine.clone();
+                let stop = stop.clone();
+                async move { engine.compact_all(&stop).await }
+            });
+            scheduler = scheduler.with(compact);
+        }
+        scheduler.run(shutdown).await;
     }
 }
 

@@ -8,15 +8,17 @@
 //!
 //! persistence: a background job writes partitions to Parquet on a timer and under memory
 //! pressure, then deletes WAL segments that hold nothing unpersisted; another sorts buffered
-//! runs by series.
+//! runs by series; a third compacts a partition's small or overlapping files into few.
 //!
 //! It holds no protocol knowledge: `http` and later `pg` call it.
 //!
 //! Files: `open` (startup recovery), `record` (the WAL payload), `write` (the write path),
 //! `ddl` (creating and dropping databases and tables), `snapshot` and `last_cache` (what
-//! queries read), `persist` (what to persist and when), `sort` (sorting buffered runs), and
-//! `jobs` (the background-job scheduler that runs persisting and sorting).
+//! queries read), `persist` (what to persist and when), `sort` (sorting buffered runs),
+//! `compact` (what to compact and when), and `jobs` (the background-job scheduler that runs
+//! persisting, sorting and compacting).
 
+mod compact;
 mod ddl;
 mod jobs;
 mod last_cache;
@@ -49,6 +51,8 @@ use crate::persist::store::Store;
 use crate::wal::{self, Wal};
 use crate::ErrorKind;
 
+pub use compact::{CompactionConfig, CompactionRecord};
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub data_dir: PathBuf,
@@ -69,6 +73,7 @@ pub struct Config {
     pub sort_rows_min: usize,
     /// Where "now" comes from (the system clock; a manual one in tests).
     pub clock: Arc<dyn crate::clock::Clock>,
+    pub compaction: CompactionConfig,
 }
 
 impl Config {
@@ -89,6 +94,7 @@ impl Config {
             wal_record_bytes_max: 64 << 20,
             sort_rows_min: crate::buffer::SORT_ROWS_MIN,
             clock: Arc::new(crate::clock::SystemClock),
+            compaction: CompactionConfig::default(),
         }
     }
 }
@@ -269,6 +275,7 @@ pub struct Engine {
     /// Bytes of request bodies being parsed, built and logged at once (in KiB permits): parsed
     /// rows take a few times their text, so this bounds in-flight write memory.
     in_flight_kib: Arc<tokio::sync::Semaphore>,
+    compaction: compact::CompactionState,
 }
 
 /// KiB of request bodies that may be in flight: a quarter of the buffer limit, at least 64 MiB.

@@ -204,6 +204,7 @@ impl Engine {
             subscribers: RwLock::new(Vec::new()),
             persist_wakeup: Arc::new(tokio::sync::Notify::new()),
             in_flight_kib: Arc::new(tokio::sync::Semaphore::new(kib_max)),
+            compaction: Default::default(),
         });
         Ok(engine)
     }

@@ -134,6 +134,7 @@ impl Engine {
             max_seq,
             overlap,
             wal: Some(self.wal_id.clone()),
+            level: 0,
         };
         let op = Op::AddFile {
             database: db.into(),

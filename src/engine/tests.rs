@@ -94,6 +94,11 @@ async fn storage_format_fixtures_load() {
         log.join("00000000000000000002.json"),
     )
     .expect("copy manifest");
+    std::fs::copy(
+        root.join("manifest-commit-v1-compaction.json"),
+        log.join("00000000000000000003.json"),
+    )
+    .expect("copy manifest");
     let engine = Engine::open(Config::for_tests(dir.path().to_path_buf())).await.expect("open");
     let catalog = engine.catalog();
     assert!(catalog.has_database("telegraf"));
@@ -104,7 +109,11 @@ async fn storage_format_fixtures_load() {
     crate::views::definition::from_sql(&view.sql).expect("a stored definition parses");
     let cpu = catalog.table("db", "cpu").expect("cpu from the manifest");
     assert_eq!(cpu.columns().len(), 6);
-    assert_eq!(engine.snapshot("db", "cpu", i64::MIN, i64::MAX).expect("cpu").files.len(), 1);
+    // Commit 3 replaced the file by a compaction's output.
+    let files = engine.snapshot("db", "cpu", i64::MIN, i64::MAX).expect("cpu").files;
+    assert_eq!(files.len(), 1);
+    assert_eq!((files[0].level, files[0].bytes, files[0].overlap), (1, 1300, false));
+    assert!(files[0].path.contains("-c9f3a01bc-1-"), "{}", files[0].path);
     // The WAL's records are for database "fixture", which no file covers: both replay.
     let fixture = engine.snapshot("fixture", "cpu", i64::MIN, i64::MAX).expect("replayed cpu");
     assert_eq!(

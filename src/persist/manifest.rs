@@ -132,6 +132,14 @@ pub enum Op {
         database: String,
         view: String,
     },
+    /// Compaction: the files of a table at the paths `removed` are replaced by `added`, which
+    /// hold the same rows (keys merged). The removed files are deleted only later.
+    ReplaceFiles {
+        database: String,
+        table: String,
+        removed: Vec<String>,
+        added: Vec<ParquetFile>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -247,6 +255,17 @@ impl State {
                 if let Some(db) = self.databases.get_mut(database) {
                     db.views.remove(view);
                 }
+            }
+            Op::ReplaceFiles { database, table, removed, added } => {
+                let Some(state) =
+                    self.databases.get_mut(database).and_then(|db| db.tables.get_mut(table))
+                else {
+                    return;
+                };
+                state.files.retain(|f| !removed.contains(&f.path));
+                state.files.extend(added.iter().cloned());
+                let max_seq = added.iter().map(|f| f.max_seq).max().unwrap_or(0);
+                self.wal_seq = self.wal_seq.max(max_seq);
             }
         }
     }
@@ -419,6 +438,7 @@ impl Manifest {
                 Op::CreateDatabase { .. }
                 | Op::DropDatabase { .. }
                 | Op::DropView { .. }
+                | Op::ReplaceFiles { .. }
                 | Op::SetPartitionDuration { .. } => continue,
             };
             if !self.state.databases.contains_key(database) && !created.contains(database) {

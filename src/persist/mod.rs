@@ -6,6 +6,7 @@
 //! through DataFusion (`query::files`).
 
 pub mod cache;
+pub mod compact;
 mod files;
 pub mod manifest;
 pub mod store;
@@ -68,22 +69,13 @@ pub fn key_columns(schema: &SchemaRef, table: &TableSchema) -> Vec<usize> {
         .collect()
 }
 
-/// Sorts by (tags, time), merges duplicate keys when `overlap`, and encodes with zstd, page
-/// statistics and delta-encoded time and `_seq`. CPU-heavy: run it off the I/O threads.
-///
-/// Memory: in-order rows (no `overlap`) are never copied whole. Only the key columns are
-/// concatenated and sorted; each row group is then gathered from the source batches with
-/// `interleave` and written, so a persist needs about the size of its keys plus one row group.
-pub fn encode(
+/// How every data file is written (by persist and compaction alike): sorted by (tags, time),
+/// row groups and pages of bounded rows with page statistics, and per-column encodings.
+pub fn writer_properties(
     table: &TableSchema,
-    batches: &[RecordBatch],
-    overlap: bool,
-) -> Result<Encoded, Error> {
-    let schema = table.arrow_schema_with_seq().clone();
-    let adapted: Vec<RecordBatch> = batches.iter().map(|b| adapt(b, &schema)).collect();
-    let keys = key_columns(&schema, table);
-    let seq = schema.index_of(SEQ_COLUMN)?;
-    let time_index = schema.index_of(TIME_COLUMN)?;
+    schema: &SchemaRef,
+) -> Result<WriterProperties, Error> {
+    let keys = key_columns(schema, table);
     let sorting = keys
         .iter()
         .map(|&i| SortingColumn { column_idx: i as i32, descending: false, nulls_first: true })
@@ -115,8 +107,28 @@ pub fn encode(
         };
         props = props.set_column_compression(ColumnPath::from(column.name.as_str()), compression);
     }
+    Ok(props.build())
+}
+
+/// Sorts by (tags, time), merges duplicate keys when `overlap`, and encodes with zstd, page
+/// statistics and delta-encoded time and `_seq`. CPU-heavy: run it off the I/O threads.
+///
+/// Memory: in-order rows (no `overlap`) are never copied whole. Only the key columns are
+/// concatenated and sorted; each row group is then gathered from the source batches with
+/// `interleave` and written, so a persist needs about the size of its keys plus one row group.
+pub fn encode(
+    table: &TableSchema,
+    batches: &[RecordBatch],
+    overlap: bool,
+) -> Result<Encoded, Error> {
+    let schema = table.arrow_schema_with_seq().clone();
+    let adapted: Vec<RecordBatch> = batches.iter().map(|b| adapt(b, &schema)).collect();
+    let keys = key_columns(&schema, table);
+    let seq = schema.index_of(SEQ_COLUMN)?;
+    let time_index = schema.index_of(TIME_COLUMN)?;
     let mut out = Vec::new();
-    let mut writer = ArrowWriter::try_new(&mut out, schema.clone(), Some(props.build()))?;
+    let mut writer =
+        ArrowWriter::try_new(&mut out, schema.clone(), Some(writer_properties(table, &schema)?))?;
     let (rows, min_time_ns, max_time_ns) = if overlap {
         let all = arrow::compute::concat_batches(&schema, &adapted)?;
         drop(adapted);
@@ -200,6 +212,27 @@ pub fn file_path(
     ])
 }
 
+/// Where a compaction's `n`th output goes: beside the partition's other files, named
+/// `{max_seq}-c{nonce}-{n}-{wal id}.parquet` (`nonce` random per compaction, so an output never
+/// lands on the path of a file it replaces, which has the same `max_seq`).
+pub fn compacted_file_path(
+    (database_id, table_id): (u64, u64),
+    partition_ns: i64,
+    max_seq: u64,
+    nonce: &str,
+    n: u32,
+    wal: &str,
+) -> object_store::path::Path {
+    let day = chrono_like_date(partition_ns);
+    object_store::path::Path::from_iter([
+        "data".to_string(),
+        database_id.to_string(),
+        table_id.to_string(),
+        format!("{day}-{partition_ns}"),
+        format!("{max_seq:020}-c{nonce}-{n}-{wal}.parquet"),
+    ])
+}
+
 /// `YYYY-MM-DD` of a UTC timestamp, for readable paths.
 fn chrono_like_date(ns: i64) -> String {
     chrono::DateTime::from_timestamp_nanos(ns).format("%Y-%m-%d").to_string()
@@ -236,6 +269,7 @@ mod tests {
             max_seq: 1,
             overlap: false,
             wal: None,
+            level: 0,
         };
         assert_eq!(location(&file).as_ref(), "data/db/a%25b/x.parquet");
         let path = file_path((3, 17), 0, 5, 1, "0a1b");

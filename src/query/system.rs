@@ -1,6 +1,7 @@
 //! The `system` schema of each database: `system.views` (`views::system`), the alert tables
-//! (`alerts::system`), `system.object_store` (the store and its cache) and `system.files` (the
-//! database's Parquet files), built live when a query names them, read-only.
+//! (`alerts::system`), `system.object_store` (the store and its cache), `system.files` (the
+//! database's Parquet files) and `system.compactions` (its recent compactions), built live when
+//! a query names them, read-only.
 
 use std::sync::Arc;
 
@@ -47,7 +48,8 @@ impl TableProvider for SystemTable {
 #[async_trait]
 impl SchemaProvider for SystemSchema {
     fn table_names(&self) -> Vec<String> {
-        let mut names = ["views", "object_store", "files"].map(String::from).to_vec();
+        let mut names =
+            ["views", "object_store", "files", "compactions"].map(String::from).to_vec();
         names.extend(crate::alerts::system::TABLES.iter().map(|t| t.to_string()));
         names
     }
@@ -61,6 +63,9 @@ impl SchemaProvider for SystemSchema {
         } else if name == "files" {
             files_table(&self.engine.files_of(&self.db))
                 .map_err(|e| DataFusionError::ArrowError(Box::new(e), None))?
+        } else if name == "compactions" {
+            compactions_table(&self.engine.compactions_of(&self.db))
+                .map_err(|e| DataFusionError::ArrowError(Box::new(e), None))?
         } else {
             match crate::alerts::system::table(&self.alerts, &self.db, name) {
                 Some(batch) => batch.map_err(|e| DataFusionError::ArrowError(Box::new(e), None))?,
@@ -72,7 +77,7 @@ impl SchemaProvider for SystemSchema {
     }
 
     fn table_exist(&self, name: &str) -> bool {
-        ["views", "object_store", "files"].contains(&name)
+        ["views", "object_store", "files", "compactions"].contains(&name)
             || crate::alerts::system::TABLES.contains(&name)
     }
 }
@@ -118,7 +123,7 @@ fn files_table(
     tables: &[(String, Vec<Arc<crate::catalog::ParquetFile>>)],
 ) -> Result<arrow::record_batch::RecordBatch, arrow::error::ArrowError> {
     use arrow::array::{
-        ArrayRef, BooleanArray, StringArray, TimestampNanosecondArray, UInt64Array,
+        ArrayRef, BooleanArray, StringArray, TimestampNanosecondArray, UInt32Array, UInt64Array,
     };
     use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
     let files: Vec<(&str, &crate::catalog::ParquetFile)> = tables
@@ -145,6 +150,7 @@ fn files_table(
         Field::new("max_time", time(), false),
         Field::new("max_seq", DataType::UInt64, false),
         Field::new("overlap", DataType::Boolean, false),
+        Field::new("level", DataType::UInt32, false),
     ];
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from(files.iter().map(|(t, _)| *t).collect::<Vec<_>>())),
@@ -156,6 +162,61 @@ fn files_table(
         times(|f| f.max_time_ns),
         counts(|f| f.max_seq),
         Arc::new(BooleanArray::from(files.iter().map(|(_, f)| f.overlap).collect::<Vec<_>>())),
+        Arc::new(UInt32Array::from(files.iter().map(|(_, f)| f.level).collect::<Vec<_>>())),
+    ];
+    arrow::record_batch::RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+}
+
+/// One row per recent compaction of the database's tables (this process's, newest last).
+fn compactions_table(
+    records: &[crate::engine::CompactionRecord],
+) -> Result<arrow::record_batch::RecordBatch, arrow::error::ArrowError> {
+    use arrow::array::{
+        ArrayRef, Float64Array, StringArray, TimestampNanosecondArray, UInt32Array, UInt64Array,
+    };
+    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    type Record = crate::engine::CompactionRecord;
+    let time = || DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()));
+    let times = |f: fn(&Record) -> i64| -> ArrayRef {
+        Arc::new(
+            TimestampNanosecondArray::from(records.iter().map(f).collect::<Vec<_>>())
+                .with_timezone("UTC"),
+        )
+    };
+    let counts = |f: fn(&Record) -> u64| -> ArrayRef {
+        Arc::new(UInt64Array::from(records.iter().map(f).collect::<Vec<_>>()))
+    };
+    let fields = vec![
+        Field::new("table_name", DataType::Utf8, false),
+        Field::new("partition", time(), false),
+        Field::new("started", time(), false),
+        Field::new("duration_ms", DataType::Float64, false),
+        Field::new("status", DataType::Utf8, false),
+        Field::new("error", DataType::Utf8, true),
+        Field::new("input_files", DataType::UInt64, false),
+        Field::new("input_bytes", DataType::UInt64, false),
+        Field::new("input_rows", DataType::UInt64, false),
+        Field::new("output_files", DataType::UInt64, false),
+        Field::new("output_bytes", DataType::UInt64, false),
+        Field::new("output_rows", DataType::UInt64, false),
+        Field::new("level", DataType::UInt32, false),
+    ];
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(records.iter().map(|r| r.table.as_str()).collect::<Vec<_>>())),
+        times(|r| r.partition_ns),
+        times(|r| r.started_ns),
+        Arc::new(Float64Array::from(
+            records.iter().map(|r| r.duration.as_secs_f64() * 1e3).collect::<Vec<_>>(),
+        )),
+        Arc::new(StringArray::from(records.iter().map(|r| r.status).collect::<Vec<_>>())),
+        Arc::new(StringArray::from(records.iter().map(|r| r.error.as_deref()).collect::<Vec<_>>())),
+        counts(|r| r.input_files),
+        counts(|r| r.input_bytes),
+        counts(|r| r.input_rows),
+        counts(|r| r.output_files),
+        counts(|r| r.output_bytes),
+        counts(|r| r.output_rows),
+        Arc::new(UInt32Array::from(records.iter().map(|r| r.level).collect::<Vec<_>>())),
     ];
     arrow::record_batch::RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
 }

@@ -3,6 +3,7 @@
 
 mod alerts;
 mod auth;
+mod compaction;
 mod durability;
 mod harness;
 mod pg;

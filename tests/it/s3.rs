@@ -402,3 +402,53 @@ async fn a_store_that_is_down_or_ignores_conditional_writes_is_refused_at_start(
     let response = client().get(server.url("/health")).send().await.expect("health");
     assert!(response.status().is_success());
 }
+
+/// Compaction on S3: while the store answers 503 a compaction fails (recorded in
+/// `system.compactions`, nothing changed, every row still answered); once the store is back the
+/// partition's files become one, and every row is there exactly once, also for a fresh server
+/// that reads the store alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_on_a_failing_store_changes_nothing_until_it_succeeds() {
+    let store = start_store("bucket-e").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prefix = "s3://bucket-e/c";
+    let data = dir.path().join("server");
+    let off = ["--persist-interval", "1s", "--compaction-interval", "0s"];
+    let mut server = start(&data, &store, prefix, &off).await;
+    // Four files, the last overwriting points of the first (same values: the sums stay).
+    for range in [0..100, 100..200, 200..300, 0..50] {
+        let commits = store.proxy.commits.load(Ordering::SeqCst);
+        write(&server, "db", lines("t", range)).await;
+        let persisted = eventually(Duration::from_secs(30), || async {
+            store.proxy.commits.load(Ordering::SeqCst) > commits
+        })
+        .await;
+        assert!(persisted, "{}", server.stderr());
+    }
+    assert_eq!(server.count("db", "SELECT count(*) FROM system.files").await, 4);
+    assert_eq!(server.terminate(), Some(0));
+
+    let on =
+        ["--persist-interval", "1s", "--compaction-interval", "2s", "--compaction-grace", "0s"];
+    let server = start(&data, &store, prefix, &on).await;
+    store.proxy.mode.store(FAIL_503, Ordering::SeqCst);
+    let failed = eventually(Duration::from_secs(90), || async {
+        server.count("db", "SELECT count(*) FROM system.compactions WHERE status = 'failed'").await
+            > 0
+    })
+    .await;
+    assert!(failed, "a compaction failed on the failing store: {}", server.stderr());
+    assert_eq!(server.count("db", "SELECT count(*) FROM system.files").await, 4);
+    assert_eq!(count_and_sum(&server, "db", "t").await, expected(0..300));
+
+    store.proxy.mode.store(PASS, Ordering::SeqCst);
+    let compacted = eventually(Duration::from_secs(120), || async {
+        server.count("db", "SELECT count(*) FROM system.files").await == 1
+    })
+    .await;
+    assert!(compacted, "compacted once the store was back: {}", server.stderr());
+    assert_eq!(count_and_sum(&server, "db", "t").await, expected(0..300));
+    let fresh = start(&dir.path().join("fresh"), &store, prefix, &[]).await;
+    assert_eq!(count_and_sum(&fresh, "db", "t").await, expected(0..300));
+    assert_eq!(fresh.count("db", "SELECT count(*) FROM system.files").await, 1);
+}
