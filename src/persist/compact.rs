@@ -80,6 +80,7 @@ impl From<arrow::error::ArrowError> for MergeError {
 /// call it on a thread of its own; `handle` runs the store's I/O. Stops with `Cancelled` once
 /// `stop` is cancelled, having written what it wrote (the caller deletes it: nothing names it).
 /// `written` sees every file once it is durable, so a caller can delete them on any error.
+#[allow(clippy::too_many_arguments)]
 pub fn merge(
     handle: &Handle,
     store: &Store,
@@ -385,5 +386,112 @@ impl<'a> Output<'a> {
             max_time_ns: std::mem::replace(&mut self.max_time_ns, i64::MIN),
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::{with_seq, RowsBuilder};
+    use crate::catalog::{Column, ColumnKind, FieldType};
+    use crate::line_protocol::{lines, parse_line, Line};
+
+    fn batches(body: &str, seq: u64) -> Vec<RecordBatch> {
+        let mut builder = RowsBuilder::new(i64::MAX);
+        let mut line = Line::default();
+        for (n, bytes) in lines(body.as_bytes()) {
+            parse_line(n, bytes, &mut line).expect("well formed");
+            builder.push(&line, line.timestamp.expect("timestamp"));
+        }
+        builder.finish().iter().map(|p| with_seq(&p.batch, seq)).collect()
+    }
+
+    /// Many batches per input, keys repeated across inputs (overwrites of one field, late
+    /// points, a tag added later) and outputs cut small: the merge's files, read back in order,
+    /// hold exactly what sorting and merging all the inputs' rows at once gives.
+    #[test]
+    fn merging_files_equals_merging_their_rows_at_once() {
+        let columns = |extra: bool| {
+            let mut c = vec![
+                Column { name: "host".into(), kind: ColumnKind::Tag },
+                Column { name: "u".into(), kind: ColumnKind::Field(FieldType::Float) },
+                Column { name: "s".into(), kind: ColumnKind::Field(FieldType::String) },
+            ];
+            if extra {
+                c.push(Column { name: "dc".into(), kind: ColumnKind::Tag });
+            }
+            c
+        };
+        let old = TableSchema::new("cpu", columns(false));
+        let table = TableSchema::new("cpu", columns(true));
+        let hosts = 7;
+        let first: String = (0..30_000)
+            .map(|i| format!("cpu,host=h{} u={i},s=\"a{i}\" {}\n", i % hosts, i))
+            .collect();
+        // Every third point of the first file again, u only; and points between them.
+        let second: String = (0..30_000)
+            .step_by(3)
+            .map(|i| format!("cpu,host=h{} u=-{i} {}\n", i % hosts, i))
+            .chain((0..3_000).map(|i| format!("cpu,host=h{} u=0.5 {}\n", i % hosts, 40_000 + i)))
+            .collect();
+        // s of some points again, and a series with a new tag.
+        let third: String = (0..30_000)
+            .step_by(5)
+            .map(|i| format!("cpu,host=h{} s=\"c{i}\" {}\n", i % hosts, i))
+            .chain((0..2_000).map(|i| format!("cpu,host=h1,dc=x u=1 {i}\n")))
+            .collect();
+        let inputs = [(first, 1, &old), (second, 2, &old), (third, 3, &table)];
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = url::Url::from_directory_path(dir.path()).expect("absolute");
+        let store = Store::open(url.as_str(), &Default::default()).expect("store");
+        let mut all = Vec::new();
+        let mut files = Vec::new();
+        for (n, (body, seq, schema)) in inputs.iter().enumerate() {
+            let rows = batches(body, *seq);
+            all.extend(rows.iter().map(|b| crate::buffer::adapt(b, table.arrow_schema_with_seq())));
+            let encoded = crate::persist::encode(schema, &rows, *seq > 1).expect("encode");
+            let path = Path::from(format!("data/in-{n}.parquet"));
+            let bytes = encoded.bytes.len() as u64;
+            runtime.block_on(store.put(&path, encoded.bytes)).expect("put");
+            files.push(Input { path, bytes });
+        }
+        let mut n = 0;
+        let mut written = Vec::new();
+        merge(
+            runtime.handle(),
+            &store,
+            &table,
+            &files,
+            64 << 10,
+            || {
+                n += 1;
+                Path::from(format!("data/out-{n:03}.parquet"))
+            },
+            &mut written,
+            &CancellationToken::new(),
+        )
+        .expect("merge");
+        assert!(written.len() > 2, "outputs cut at the target size: {}", written.len());
+        let mut merged = Vec::new();
+        for w in &written {
+            let bytes = runtime.block_on(store.get(&w.path)).expect("get");
+            let read: Vec<RecordBatch> = crate::persist::decode_file(bytes)
+                .expect("decode")
+                .map(|b| b.expect("batch"))
+                .collect();
+            assert_eq!(read.iter().map(|b| b.num_rows() as u64).sum::<u64>(), w.rows);
+            merged.extend(
+                read.iter().map(|b| conform(b, table.arrow_schema_with_seq()).expect("conform")),
+            );
+        }
+        let schema = table.arrow_schema_with_seq().clone();
+        let got = arrow::compute::concat_batches(&schema, &merged).expect("concat");
+        let all = arrow::compute::concat_batches(&schema, &all).expect("concat");
+        let keys = key_columns(&schema, &table);
+        let seq = schema.index_of(SEQ_COLUMN).expect("seq");
+        let want = crate::buffer::dedup::sort_and_merge(&all, &keys, seq, true).expect("merge");
+        assert_eq!(got.num_rows(), 30_000 + 3_000 + 2_000);
+        assert_eq!(got, want);
     }
 }
