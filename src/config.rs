@@ -113,6 +113,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SUNDIAL_S3_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub s3_request_timeout: Duration,
 
+    /// Objects larger than this go to a remote store as multipart uploads in 16 MiB parts,
+    /// each request within the request timeout (5MiB to 5GiB).
+    #[arg(long, env = "SUNDIAL_S3_MULTIPART_THRESHOLD", default_value = "32MiB", value_parser = parse_multipart)]
+    pub s3_multipart_threshold: u64,
+
     /// Local disk cache of a remote store's Parquet files. Default: `{data-dir}/cache`.
     #[arg(long, env = "SUNDIAL_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
@@ -157,7 +162,7 @@ pub struct ServeArgs {
 
     /// Size at which compaction cuts its output files; files of half of it or more are only
     /// merged again when their partition has overlapping files.
-    #[arg(long, env = "SUNDIAL_COMPACTION_TARGET_SIZE", default_value = "128MiB", value_parser = parse_bytes)]
+    #[arg(long, env = "SUNDIAL_COMPACTION_TARGET_SIZE", default_value = "128MiB", value_parser = parse_compaction_target)]
     pub compaction_target_size: u64,
 
     /// Small files a partition still being written gathers before they are merged (a
@@ -166,7 +171,7 @@ pub struct ServeArgs {
     pub compaction_files_min: u64,
 
     /// Files one compaction merges at most: each holds a decoded batch in memory meanwhile.
-    #[arg(long, env = "SUNDIAL_COMPACTION_INPUTS_MAX", default_value_t = 32, value_parser = clap::value_parser!(u64).range(2..=1_000))]
+    #[arg(long, env = "SUNDIAL_COMPACTION_INPUTS_MAX", default_value_t = 32, value_parser = clap::value_parser!(u64).range(2..=256))]
     pub compaction_inputs_max: u64,
 
     /// How long the files a compaction replaced stay in the store (queries that started
@@ -247,6 +252,22 @@ fn parse_partition(s: &str) -> Result<Duration, String> {
     Ok(width)
 }
 
+fn parse_compaction_target(s: &str) -> Result<u64, String> {
+    let bytes = parse_bytes(s)?;
+    if !(1 << 20..=1 << 30).contains(&bytes) {
+        return Err(format!("compaction target size \"{s}\" is not between 1MiB and 1GiB"));
+    }
+    Ok(bytes)
+}
+
+fn parse_multipart(s: &str) -> Result<u64, String> {
+    let bytes = parse_bytes(s)?;
+    if !(5 << 20..=5 << 30).contains(&bytes) {
+        return Err(format!("multipart threshold \"{s}\" is not between 5MiB and 5GiB"));
+    }
+    Ok(bytes)
+}
+
 fn parse_request_max(s: &str) -> Result<u64, String> {
     let bytes = parse_bytes(s)?;
     if bytes == 0 || bytes > 1 << 30 {
@@ -274,6 +295,7 @@ impl ServeArgs {
                 cache_dir: self.cache_dir.clone(),
                 cache_bytes_max: self.cache_size,
                 request_timeout: self.s3_request_timeout.max(Duration::from_millis(100)),
+                multipart_bytes: self.s3_multipart_threshold,
             },
             buffer_bytes_max: usize::try_from(self.buffer_memory_max).unwrap_or(usize::MAX),
             partition: self.partition_duration,

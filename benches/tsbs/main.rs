@@ -10,9 +10,12 @@
 //! and checks every query type's answers against DuckDB. `cargo bench --bench tsbs -- alerts`
 //! runs 1,000 alert rules over a view every 10 s during ingest (`alerts.rs`). `cargo bench
 //! --bench tsbs -- s3` puts the same ingest and query suite on SeaweedFS's S3 next to a local
-//! directory (`s3.rs`).
+//! directory (`s3.rs`). `cargo bench --bench tsbs -- compaction` persists 1000 hosts × 1 day
+//! in small chunks and measures compacting it, with the query suite before and after
+//! (`compaction.rs`).
 
 mod alerts;
+mod compaction;
 mod generate;
 mod s3;
 
@@ -78,6 +81,14 @@ impl Server {
     /// SIGTERM (which persists the buffer) and wait.
     fn stop(mut self) {
         let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = self.child.wait();
+    }
+}
+
+/// A bench that panics does not leave its server running.
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
@@ -379,6 +390,8 @@ fn main() {
         let report = alerts::run(10, 1, 20, 600, 3);
         report.print();
         assert_eq!(report.notified, report.triggers, "every rule made true notified");
+        // Compaction's measurement end to end, on a data set that fits in a few files.
+        compaction::run(10, 13, 1);
         return;
     }
     // `ingest` runs both parts; `ingest-small` / `ingest-large` one of them.
@@ -408,5 +421,8 @@ fn main() {
     }
     if filter.is_empty() || filter == "s3" {
         s3::run(100, 86_400, 1_000, 13, 5);
+    }
+    if filter.is_empty() || filter == "compaction" {
+        compaction::run(1_000, 24, 5);
     }
 }

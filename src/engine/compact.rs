@@ -5,8 +5,8 @@
 //! before may still read them). The "compact" job (`jobs`) runs it.
 //!
 //! Which files: a partition whose files include one marked `overlap` (late or overwritten
-//! points) gets its oldest files merged, up to `inputs_max`, so that its queries stop merging
-//! it whole; otherwise the first run of small files (below half the target) of at least two
+//! points) gets its first such file merged with the files before it, up to `inputs_max`, so
+//! that (once the run starts at the oldest file) its queries stop merging it whole; otherwise the first run of small files (below half the target) of at least two
 //! (a partition no longer written: its time is over and nothing of it is buffered) or at least
 //! `files_min` (one still written). Files persisted from another server's WAL (two servers
 //! wrongly shared a store) are never merged: their sequence numbers are not comparable.
@@ -15,7 +15,7 @@
 //! only after it, so a crash at any point leaves either the inputs or the outputs named, and
 //! the others as orphans that the next start removes (`persist::remove_orphans`).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -86,12 +86,20 @@ pub(crate) struct CompactionState {
     replaced: std::sync::Mutex<Vec<(Instant, String)>>,
     /// Files found not sorted: their partitions are not compacted again by this process.
     unsorted: std::sync::Mutex<HashSet<String>>,
+    /// Partitions whose compaction failed: failures in a row, and when to try again.
+    failures: std::sync::Mutex<HashMap<(String, String, i64), (u32, Instant)>>,
 }
+
+/// A partition's failed compaction is tried again after the job's interval, doubling with
+/// each further failure up to this.
+const FAILURE_BACKOFF_MAX: Duration = Duration::from_secs(3600);
 
 /// What one compaction merges.
 #[derive(Debug, PartialEq)]
 pub(crate) struct Plan {
     pub inputs: Vec<Arc<ParquetFile>>,
+    /// Whether the outputs may still share keys with older files of the partition.
+    pub overlap: bool,
 }
 
 /// Chooses the files of one partition to compact, if any (see the module's description).
@@ -106,17 +114,23 @@ pub(crate) fn plan(
         return None;
     }
     let mut files = files.to_vec();
+    // Outputs of one compaction share a `max_seq`; they share no key either, so their order
+    // among themselves does not matter.
     files.sort_by(|a, b| (a.max_seq, &a.path).cmp(&(b.max_seq, &b.path)));
     let inputs_max = config.inputs_max.max(2);
     let run_min = if written { config.files_min.max(2) } else { 2 };
-    if files.iter().any(|f| f.overlap) {
-        // The oldest files, overlapping ones among them: once merged, none of the output's
-        // keys repeats an older file's (there is none), so it needs no merging at query time.
+    if let Some(first) = files.iter().position(|f| f.overlap) {
+        // A file that may repeat keys of older ones: merged with the older files, up to
+        // `inputs_max` of them. A run from the oldest file holds every row any of its keys
+        // can repeat, so its outputs need no merging at query time; a run that starts later
+        // (the overlapping file is far down the list) still overlaps, but the next run reaches
+        // it with fewer files, so a few compactions clear the flag.
         if written && files.len() < run_min {
             return None;
         }
-        files.truncate(inputs_max);
-        return Some(Plan { inputs: files });
+        let start = (first + 1).saturating_sub(inputs_max);
+        let end = (start + inputs_max).min(files.len());
+        return Some(Plan { inputs: files[start..end].to_vec(), overlap: start > 0 });
     }
     let small = |f: &ParquetFile| f.bytes < config.target_bytes / 2;
     let mut start = 0;
@@ -124,7 +138,7 @@ pub(crate) fn plan(
         let len = files[start..].iter().take_while(|f| small(f)).count();
         if len >= run_min {
             let end = start + len.min(inputs_max);
-            return Some(Plan { inputs: files[start..end].to_vec() });
+            return Some(Plan { inputs: files[start..end].to_vec(), overlap: false });
         }
         start += len + 1;
     }
@@ -148,6 +162,8 @@ impl Engine {
             }
             let record = self.compact(&db, &table, partition_ns, plan, stop).await;
             if let Some(record) = record {
+                let failed = record.status == "failed";
+                self.note_outcome((db.clone(), table.clone(), partition_ns), failed);
                 if let Some(error) = &record.error {
                     tracing::warn!(db, table, partition_ns, %error, "compaction did not complete");
                 } else {
@@ -175,29 +191,53 @@ impl Engine {
         let now = self.clock().now_ns();
         let width = self.partition_ns();
         let unsorted = self.compaction.unsorted.lock().expect("unsorted lock").clone();
+        let backoff = self.compaction.failures.lock().expect("failures lock").clone();
         let mut out = Vec::new();
         for ((db, table), data) in self.all_tables() {
-            let data = data.read().expect("table lock");
-            if data.dropped {
-                continue;
-            }
-            let mut partitions: Vec<i64> = data.files.iter().map(|f| f.partition_ns).collect();
-            partitions.sort_unstable();
-            partitions.dedup();
-            for partition_ns in partitions {
-                let files: Vec<_> =
-                    data.files.iter().filter(|f| f.partition_ns == partition_ns).cloned().collect();
+            // One pass under the table's lock (the WAL thread waits for it to apply writes);
+            // the planning happens after.
+            let (by_partition, buffered) = {
+                let data = data.read().expect("table lock");
+                if data.dropped {
+                    continue;
+                }
+                let mut by_partition: BTreeMap<i64, Vec<Arc<ParquetFile>>> = BTreeMap::new();
+                for file in &data.files {
+                    by_partition.entry(file.partition_ns).or_default().push(file.clone());
+                }
+                let buffered: HashSet<i64> = data.buffer.partitions.keys().copied().collect();
+                (by_partition, buffered)
+            };
+            for (partition_ns, files) in by_partition {
                 if files.iter().any(|f| unsorted.contains(&f.path)) {
                     continue;
                 }
-                let written = partition_ns.saturating_add(width) > now
-                    || data.buffer.partitions.contains_key(&partition_ns);
+                let key = (db.clone(), table.clone(), partition_ns);
+                if backoff.get(&key).is_some_and(|(_, until)| *until > Instant::now()) {
+                    continue;
+                }
+                let written =
+                    partition_ns.saturating_add(width) > now || buffered.contains(&partition_ns);
                 if let Some(plan) = plan(&files, &self.wal_id, written, &self.config.compaction) {
                     out.push((db.clone(), table.clone(), partition_ns, plan));
                 }
             }
         }
         out
+    }
+
+    /// Counts a failed compaction of a partition, which then waits before it is tried again
+    /// (the job's interval, doubling to an hour); a success forgets the failures.
+    fn note_outcome(&self, key: (String, String, i64), failed: bool) {
+        let mut failures = self.compaction.failures.lock().expect("failures lock");
+        if !failed {
+            failures.remove(&key);
+            return;
+        }
+        let entry = failures.entry(key).or_insert((0, Instant::now()));
+        let first = self.config.compaction.interval.max(Duration::from_secs(1));
+        let wait = first.saturating_mul(1 << entry.0.min(12)).min(FAILURE_BACKOFF_MAX);
+        *entry = (entry.0.saturating_add(1), Instant::now() + wait);
     }
 
     /// Compacts one partition's planned files; `None` if there was nothing to do after all
@@ -220,7 +260,7 @@ impl Engine {
             }
             manifest.state().table_id(db, table)?
         };
-        let inputs = plan.inputs;
+        let (inputs, overlap) = (plan.inputs, plan.overlap);
         let mut record = CompactionRecord {
             database: db.to_string(),
             table: table.to_string(),
@@ -269,7 +309,7 @@ impl Engine {
                 rows: w.rows,
                 bytes: w.bytes,
                 max_seq,
-                overlap: false,
+                overlap,
                 wal: wal.clone(),
                 level: record.level,
             })
@@ -473,9 +513,22 @@ mod tests {
         );
         let more: Vec<_> = files.iter().cloned().chain([file("e", 5, 10, false)]).collect();
         assert_eq!(paths(plan(&more, "w", true, &config)), ["c", "d", "e"]);
-        // Overlap: the oldest files, big ones too, at most inputs_max.
-        let overlapping: Vec<_> = more.iter().cloned().chain([file("f", 6, 10, true)]).collect();
-        assert_eq!(paths(plan(&overlapping, "w", false, &config)), ["a", "b", "c", "d"]);
+        // Overlap: the overlapping file with the files before it, big ones too, at most
+        // inputs_max; from the oldest the outputs no longer overlap.
+        let late = file("f", 6, 10, true);
+        let overlapping: Vec<_> = more.iter().cloned().chain([late.clone()]).collect();
+        let far = plan(&overlapping, "w", false, &config).expect("a plan");
+        assert!(far.overlap, "a run not from the oldest file still overlaps");
+        assert_eq!(paths(Some(far)), ["c", "d", "e", "f"]);
+        let mut merged = (*file("out", 6, 40, true)).clone();
+        merged.level = 1;
+        let next = [file("a", 1, 10, false), file("b", 2, 80, false), Arc::new(merged)];
+        let near = plan(&next, "w", false, &config).expect("a plan");
+        assert!(!near.overlap, "a run from the oldest file clears the flag");
+        assert_eq!(paths(Some(near)), ["a", "b", "out"]);
+        // An overlapping file among the oldest: the prefix up to inputs_max.
+        let early: Vec<_> = more.iter().cloned().chain([file("g", 0, 10, true)]).collect();
+        assert_eq!(paths(plan(&early, "w", false, &config)), ["g", "a", "b", "c"]);
         // One file alone is merged only when it overlaps (to clear the flag).
         assert_eq!(
             paths(plan(&[file("a", 1, 10, false)], "w", false, &config)),

@@ -285,6 +285,14 @@ impl AsyncFileReader for FileReader {
 /// are null, and a column read back as another Arrow type is cast to the table's.
 fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, MergeError> {
     let source = batch.schema();
+    // A column the table does not have would be lost: refuse rather than drop it.
+    if let Some(extra) = source.fields().iter().find(|f| schema.index_of(f.name()).is_err()) {
+        return Err(Error::Arrow(arrow::error::ArrowError::SchemaError(format!(
+            "a file has column \"{}\", which the table does not",
+            extra.name()
+        )))
+        .into());
+    }
     let columns = schema
         .fields()
         .iter()
@@ -344,7 +352,11 @@ impl<'a> Output<'a> {
         }
         if self.writer.is_none() {
             let props = writer_properties(self.table, &self.schema)?;
-            self.writer = Some(ArrowWriter::try_new(Vec::new(), self.schema.clone(), Some(props))?);
+            // Room for a whole output up front: no copies as it grows (pages are only
+            // touched as they are written).
+            let capacity = usize::try_from(self.target_bytes + self.target_bytes / 8).unwrap_or(0);
+            let buffer = Vec::with_capacity(capacity.min(1 << 31));
+            self.writer = Some(ArrowWriter::try_new(buffer, self.schema.clone(), Some(props))?);
         }
         let writer = self.writer.as_mut().expect("just made");
         writer.write(batch)?;

@@ -40,6 +40,9 @@ pub struct Options {
     pub cache_bytes_max: u64,
     /// One request's time limit (connecting has 5 s of it).
     pub request_timeout: Duration,
+    /// Objects larger than this go to a remote store as multipart uploads (0: the default,
+    /// `MULTIPART_FROM`).
+    pub multipart_bytes: u64,
 }
 
 /// Requests that fail for a reason worth retrying (5xx, a dropped connection, a timeout) are
@@ -70,6 +73,12 @@ pub enum Error {
     NoConditionalWrites { store: String },
 }
 
+/// Objects larger than this (unless `Options::multipart_bytes` says otherwise) go to a
+/// remote store as multipart uploads, in parts of `MULTIPART_PART` (S3 wants at least 5 MiB
+/// per part but the last).
+pub const MULTIPART_FROM: u64 = 32 << 20;
+const MULTIPART_PART: usize = 16 << 20;
+
 #[derive(Debug, Clone)]
 pub struct Store {
     pub inner: Arc<dyn ObjectStore>,
@@ -82,6 +91,8 @@ pub struct Store {
     /// The store as the user named it, for messages (no credentials: those come from
     /// the environment).
     pub display: String,
+    /// Objects above this many bytes are put in parts (remote stores).
+    multipart_bytes: usize,
 }
 
 /// What a create-if-absent put found.
@@ -117,6 +128,7 @@ impl Store {
                     cached: None,
                     datafusion_url: "sundial://store/".into(),
                     display: url.into(),
+                    multipart_bytes: usize::MAX,
                 })
             }
             other => Err(Error::BadUrl {
@@ -184,6 +196,11 @@ impl Store {
             cached: Some(Arc::new(cached)),
             datafusion_url: "sundial://store/".into(),
             display: url.into(),
+            multipart_bytes: usize::try_from(match options.multipart_bytes {
+                0 => MULTIPART_FROM,
+                n => n,
+            })
+            .unwrap_or(usize::MAX),
         })
     }
 
@@ -259,15 +276,31 @@ impl Store {
     /// written to a remote store is also written to the cache (a failure there only costs a
     /// download later).
     pub async fn put(&self, path: &Path, data: Bytes) -> Result<(), Error> {
-        self.inner
-            .put(path, PutPayload::from(data.clone()))
-            .await
-            .map_err(|source| self.object_error("put", path.to_string(), source))?;
+        if self.is_remote() && data.len() > self.multipart_bytes {
+            // A large object (a compaction's output) goes up in parts, each its own request
+            // under the request timeout, rather than as one body that a slow link never
+            // finishes within it.
+            self.put_in_parts(path, data.clone())
+                .await
+                .map_err(|source| self.object_error("put", path.to_string(), source))?;
+        } else {
+            self.inner
+                .put(path, PutPayload::from(data.clone()))
+                .await
+                .map_err(|source| self.object_error("put", path.to_string(), source))?;
+        }
         if let Some(cached) = self.cached.clone() {
             let path = path.clone();
             let _ = tokio::task::spawn_blocking(move || cached.write_through(&path, &data)).await;
         }
         self.sync_local(path).await
+    }
+
+    async fn put_in_parts(&self, path: &Path, data: Bytes) -> object_store::Result<()> {
+        let upload = self.inner.put_multipart(path).await?;
+        let mut parts = object_store::WriteMultipart::new_with_chunk_size(upload, MULTIPART_PART);
+        parts.put(data);
+        parts.finish().await.map(|_| ())
     }
 
     /// Writes an object only if none exists at `path` (the commit primitive), durably.

@@ -34,6 +34,8 @@ struct Proxy {
     faulted: AtomicU64,
     /// Manifest commits the store accepted.
     commits: AtomicU64,
+    /// Parts of multipart uploads the store accepted.
+    parts: AtomicU64,
     upstream: String,
     http: reqwest::Client,
 }
@@ -50,6 +52,7 @@ async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Response 
     let (parts, body) = request.into_parts();
     let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
     let commit = parts.method == axum::http::Method::PUT && path.contains("/manifest/log/");
+    let part = parts.method == axum::http::Method::PUT && path.contains("partNumber=");
     if parts.method == axum::http::Method::GET && path.contains("/data/") {
         proxy.data_gets.fetch_add(1, Ordering::SeqCst);
     }
@@ -74,6 +77,9 @@ async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Response 
     };
     if commit && answer.status().is_success() {
         proxy.commits.fetch_add(1, Ordering::SeqCst);
+    }
+    if part && answer.status().is_success() {
+        proxy.parts.fetch_add(1, Ordering::SeqCst);
     }
     let mut response = Response::builder().status(answer.status().as_u16());
     for (name, value) in answer.headers() {
@@ -130,6 +136,7 @@ async fn start_store(bucket: &str) -> Store {
         data_gets: AtomicU64::new(0),
         faulted: AtomicU64::new(0),
         commits: AtomicU64::new(0),
+        parts: AtomicU64::new(0),
         upstream,
         http,
     });
@@ -429,7 +436,8 @@ async fn compaction_on_a_failing_store_changes_nothing_until_it_succeeds() {
     assert_eq!(server.terminate(), Some(0));
 
     let on =
-        ["--persist-interval", "1s", "--compaction-interval", "2s", "--compaction-grace", "0s"];
+        ["--persist-interval", "1s", "--compaction-interval", "5s", "--compaction-grace", "0s"];
+    // The first compaction comes 5 s after the start; the store fails before.
     let server = start(&data, &store, prefix, &on).await;
     store.proxy.mode.store(FAIL_503, Ordering::SeqCst);
     let failed = eventually(Duration::from_secs(90), || async {
@@ -451,4 +459,42 @@ async fn compaction_on_a_failing_store_changes_nothing_until_it_succeeds() {
     let fresh = start(&dir.path().join("fresh"), &store, prefix, &[]).await;
     assert_eq!(count_and_sum(&fresh, "db", "t").await, expected(0..300));
     assert_eq!(fresh.count("db", "SELECT count(*) FROM system.files").await, 1);
+}
+
+/// Objects above `--s3-multipart-threshold` go up as multipart uploads, and read back whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_files_go_up_in_parts() {
+    let store = start_store("bucket-f").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prefix = "s3://bucket-f/m";
+    let flags = ["--persist-interval", "1s", "--s3-multipart-threshold", "5MiB"];
+    let server = start(&dir.path().join("server"), &store, prefix, &flags).await;
+    // Values that do not compress: a file of several MiB.
+    let n = 120_000i64;
+    let body: String = (0..n)
+        .map(|i| {
+            let x = |k: i64| ((i * 7_919 + k * 104_729) as f64 * 0.618_033_988_7).fract();
+            format!(
+                "big,host=h{} a={},b={},c={},d={},e={},v={i}i {}\n",
+                i % 10,
+                x(1),
+                x(2),
+                x(3),
+                x(4),
+                x(5),
+                1_700_000_000_000_000_000 + i * 1_000_000
+            )
+        })
+        .collect();
+    write(&server, "db", body).await;
+    let uploaded = eventually(Duration::from_secs(60), || async {
+        store.proxy.parts.load(Ordering::SeqCst) > 0
+            && server.count("db", "SELECT count(*) FROM system.files").await == 1
+    })
+    .await;
+    assert!(uploaded, "a multipart upload: {}", server.stderr());
+    let bytes = server.count("db", "SELECT sum(bytes) FROM system.files").await;
+    assert!(bytes > 5 << 20, "{bytes} bytes");
+    let fresh = start(&dir.path().join("fresh"), &store, prefix, &[]).await;
+    assert_eq!(count_and_sum(&fresh, "db", "big").await, expected(0..n));
 }
