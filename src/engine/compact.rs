@@ -87,12 +87,15 @@ pub(crate) struct CompactionState {
     /// Files found not sorted: their partitions are not compacted again by this process.
     unsorted: std::sync::Mutex<HashSet<String>>,
     /// Partitions whose compaction failed: failures in a row, and when to try again.
-    failures: std::sync::Mutex<HashMap<(String, String, i64), (u32, Instant)>>,
+    failures: std::sync::Mutex<HashMap<PartitionKey, (u32, Instant)>>,
 }
 
 /// A partition's failed compaction is tried again after the job's interval, doubling with
 /// each further failure up to this.
 const FAILURE_BACKOFF_MAX: Duration = Duration::from_secs(3600);
+
+/// (database, table, partition start).
+type PartitionKey = (String, String, i64);
 
 /// What one compaction merges.
 #[derive(Debug, PartialEq)]
@@ -228,7 +231,7 @@ impl Engine {
 
     /// Counts a failed compaction of a partition, which then waits before it is tried again
     /// (the job's interval, doubling to an hour); a success forgets the failures.
-    fn note_outcome(&self, key: (String, String, i64), failed: bool) {
+    fn note_outcome(&self, key: PartitionKey, failed: bool) {
         let mut failures = self.compaction.failures.lock().expect("failures lock");
         if !failed {
             failures.remove(&key);
