@@ -6,24 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use super::{export, parquet_bytes, send, suite, Server};
+use super::{export, parquet_bytes, parquet_under, send, suite, Server};
 
 fn files_in(dir: &std::path::Path) -> usize {
-    fn walk(dir: &std::path::Path) -> usize {
-        let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
-        entries
-            .flatten()
-            .map(|e| {
-                let p = e.path();
-                if p.is_dir() {
-                    walk(&p)
-                } else {
-                    usize::from(p.extension().is_some_and(|x| x == "parquet"))
-                }
-            })
-            .sum()
-    }
-    walk(&dir.join("objects"))
+    parquet_under(&dir.join("objects")).0
 }
 
 /// One number from a query over HTTP.

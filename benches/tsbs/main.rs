@@ -93,25 +93,25 @@ impl Drop for Server {
     }
 }
 
+/// Parquet files under `dir` and their bytes.
+pub(crate) fn parquet_under(dir: &Path) -> (usize, u64) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return (0, 0) };
+    entries.flatten().fold((0, 0), |(files, bytes), e| {
+        let p = e.path();
+        if p.is_dir() {
+            let (f, b) = parquet_under(&p);
+            (files + f, bytes + b)
+        } else if p.extension().is_some_and(|x| x == "parquet") {
+            (files + 1, bytes + e.metadata().map_or(0, |m| m.len()))
+        } else {
+            (files, bytes)
+        }
+    })
+}
+
 fn parquet_bytes(dir: &Path) -> u64 {
-    fn walk(dir: &Path) -> u64 {
-        let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
-        entries
-            .flatten()
-            .map(|e| {
-                let p = e.path();
-                if p.is_dir() {
-                    walk(&p)
-                } else if p.extension().is_some_and(|x| x == "parquet") {
-                    e.metadata().map_or(0, |m| m.len())
-                } else {
-                    0
-                }
-            })
-            .sum()
-    }
     // A remote store's files are all in the cache too (written through on persist).
-    walk(&dir.join("objects")) + walk(&dir.join("cache"))
+    parquet_under(&dir.join("objects")).1 + parquet_under(&dir.join("cache")).1
 }
 
 struct Outcome {

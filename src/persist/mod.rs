@@ -196,40 +196,41 @@ fn time_range(times: &ArrayRef) -> (i64, i64) {
 /// Only ids and numbers, never a user's name, so any name is stored and the path is plain
 /// ASCII; the WAL id keeps two servers wrongly sharing a store from ever writing one path.
 pub fn file_path(
-    (database_id, table_id): (u64, u64),
+    ids: (u64, u64),
     partition_ns: i64,
     max_seq: u64,
     n: u64,
     wal: &str,
 ) -> object_store::path::Path {
-    let day = chrono_like_date(partition_ns);
-    object_store::path::Path::from_iter([
-        "data".to_string(),
-        database_id.to_string(),
-        table_id.to_string(),
-        format!("{day}-{partition_ns}"),
-        format!("{max_seq:020}-{n}-{wal}.parquet"),
-    ])
+    in_partition(ids, partition_ns, format!("{max_seq:020}-{n}-{wal}.parquet"))
 }
 
 /// Where a compaction's `n`th output goes: beside the partition's other files, named
 /// `{max_seq}-c{nonce}-{n}-{wal id}.parquet` (`nonce` random per compaction, so an output never
 /// lands on the path of a file it replaces, which has the same `max_seq`).
 pub fn compacted_file_path(
-    (database_id, table_id): (u64, u64),
+    ids: (u64, u64),
     partition_ns: i64,
     max_seq: u64,
     nonce: &str,
     n: u32,
     wal: &str,
 ) -> object_store::path::Path {
-    let day = chrono_like_date(partition_ns);
+    in_partition(ids, partition_ns, format!("{max_seq:020}-c{nonce}-{n}-{wal}.parquet"))
+}
+
+/// `data/{database id}/{table id}/{YYYY-MM-DD}-{partition}/{name}`.
+fn in_partition(
+    (database_id, table_id): (u64, u64),
+    partition_ns: i64,
+    name: String,
+) -> object_store::path::Path {
     object_store::path::Path::from_iter([
         "data".to_string(),
         database_id.to_string(),
         table_id.to_string(),
-        format!("{day}-{partition_ns}"),
-        format!("{max_seq:020}-c{nonce}-{n}-{wal}.parquet"),
+        format!("{}-{partition_ns}", chrono_like_date(partition_ns)),
+        name,
     ])
 }
 
