@@ -158,7 +158,7 @@ impl Engine {
     /// One run of the "compact" job: deletes replaced files whose grace period is over, then
     /// compacts every partition that needs it, one after the other, until `stop`.
     pub(crate) async fn compact_all(&self, stop: &CancellationToken) {
-        self.delete_replaced(false).await;
+        self.delete_replaced().await;
         for (db, table, partition_ns, plan) in self.compaction_candidates() {
             if stop.is_cancelled() {
                 break;
@@ -431,13 +431,13 @@ impl Engine {
         }
     }
 
-    /// Deletes replaced files whose grace period is over (all of them with `all`).
-    pub(crate) async fn delete_replaced(&self, all: bool) {
+    /// Deletes replaced files whose grace period is over.
+    async fn delete_replaced(&self) {
         let now = Instant::now();
         let due: Vec<String> = {
             let mut replaced = self.compaction.replaced.lock().expect("replaced lock");
             let (due, keep) =
-                std::mem::take(&mut *replaced).into_iter().partition(|(at, _)| all || *at <= now);
+                std::mem::take(&mut *replaced).into_iter().partition(|(at, _)| *at <= now);
             *replaced = keep;
             due.into_iter().map(|(_, p)| p).collect()
         };
