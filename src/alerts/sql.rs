@@ -41,7 +41,7 @@ pub struct RawTarget {
 }
 
 /// Whether the next token is the word `word` (unquoted, any case); consumes it if so.
-fn word(p: &mut Parser<'_>, word: &str) -> bool {
+pub(crate) fn word(p: &mut Parser<'_>, word: &str) -> bool {
     let is = matches!(&p.peek_token().token, Token::Word(w)
         if w.quote_style.is_none() && w.value.eq_ignore_ascii_case(word));
     if is {
@@ -50,7 +50,7 @@ fn word(p: &mut Parser<'_>, word: &str) -> bool {
     is
 }
 
-fn expect_word(p: &mut Parser<'_>, w: &str) -> Result<(), ParserError> {
+pub(crate) fn expect_word(p: &mut Parser<'_>, w: &str) -> Result<(), ParserError> {
     if word(p, w) {
         Ok(())
     } else {

@@ -180,6 +180,17 @@ pub fn need(command: &crate::statement::Command, db: &str) -> Vec<Need> {
         // An alert rule makes the server send requests to addresses the rule names: that is
         // the server's administrator's to allow.
         Command::Alert(_) => vec![Need::Admin],
+        // Shortening a database's retention deletes data in every table, as a drop does.
+        Command::Retention(statement) => {
+            use crate::statement::retention::{Statement as Retention, Target};
+            match statement {
+                Retention::CreateDatabase { name, .. } => {
+                    vec![Need::Database(Access::Write, name.clone())]
+                }
+                Retention::Alter { target: Target::Database(_), .. } => vec![Need::Admin],
+                Retention::Alter { target: Target::Table(_), .. } => vec![on_db(Access::Write)],
+            }
+        }
         Command::Ddl(statement) => match statement.as_ref() {
             Statement::CreateDatabase { db_name, .. } => {
                 let name = db_name.0.last().and_then(|p| p.as_ident()).map(|i| i.value.clone());

@@ -51,6 +51,11 @@ pub struct LastValues {
 
 impl LastValues {
     /// Folds in another cache of the same table.
+    /// Forgets the series whose latest point is before `cutoff` (expired by retention).
+    pub fn forget_before(&mut self, cutoff: i64) {
+        self.points.retain(|_, p| p.time_ns >= cutoff);
+    }
+
     pub fn merge(&mut self, other: LastValues) {
         for (key, point) in other.points {
             match self.points.get_mut(&key) {
@@ -140,10 +145,17 @@ impl LastValues {
         }
     }
 
-    /// One row per series, in the table's schema (tags, fields, time).
-    pub fn to_batch(&self, table: &TableSchema) -> Result<RecordBatch, arrow::error::ArrowError> {
+    /// One row per series whose latest point is at or after `since` (every series with
+    /// `None`), in the table's schema (tags, fields, time). A series whose latest point is
+    /// older has no row at or after it at all.
+    pub fn to_batch(
+        &self,
+        table: &TableSchema,
+        since: Option<i64>,
+    ) -> Result<RecordBatch, arrow::error::ArrowError> {
         let schema: SchemaRef = table.arrow_schema().clone();
-        let points: Vec<(&SeriesKey, &Point)> = self.points.iter().collect();
+        let points: Vec<(&SeriesKey, &Point)> =
+            self.points.iter().filter(|(_, p)| since.is_none_or(|s| p.time_ns >= s)).collect();
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
         for field in schema.fields() {
             let name = field.name();
@@ -230,7 +242,7 @@ mod tests {
     }
 
     fn render(last: &LastValues, table: &TableSchema) -> Vec<String> {
-        let batch = last.to_batch(table).expect("batch");
+        let batch = last.to_batch(table, None).expect("batch");
         let text =
             arrow::util::pretty::pretty_format_batches(&[batch]).expect("pretty").to_string();
         let mut lines: Vec<String> = text

@@ -314,6 +314,60 @@ pub struct Catalog {
     /// Materialized views per database: name → the text of the defining query. Tables and
     /// views share one namespace per database.
     views: BTreeMap<String, BTreeMap<String, Arc<ViewSpec>>>,
+    /// Retention periods set on databases, and on tables (overriding their database's).
+    database_retention: BTreeMap<String, Retention>,
+    table_retention: BTreeMap<(String, String), Retention>,
+    /// Per table: the time below which its rows were expired (the highest cutoff its
+    /// retention ever applied, in ns). Rows below it are gone even if the retention is later
+    /// lengthened, and writes below it are refused.
+    expired_before: BTreeMap<(String, String), i64>,
+}
+
+/// How long a database or table keeps its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Retention {
+    /// Rows are kept forever (a table's setting overrides its database's).
+    Infinite,
+    /// Rows whose time is older than now minus this many nanoseconds are gone.
+    PeriodNs(i64),
+}
+
+/// The shortest retention period (InfluxDB 3 allows an hour; shorter ones serve tests and
+/// short-lived debug data).
+pub const RETENTION_MIN_NS: i64 = 1_000_000_000;
+
+impl Retention {
+    /// `'30d'`, `'12h'`, `'1h 30m'`, `'30 days'`, or `none` / `infinite` / `inf` (InfluxQL's
+    /// `INF`) for forever.
+    pub fn parse(text: &str) -> Result<Retention, String> {
+        let trimmed = text.trim();
+        if ["none", "infinite", "inf"].iter().any(|w| trimmed.eq_ignore_ascii_case(w)) {
+            return Ok(Retention::Infinite);
+        }
+        let compact: String = trimmed.split_whitespace().collect();
+        let duration = humantime::parse_duration(&compact).map_err(|_| {
+            format!(
+                "retention '{text}' is not a duration: write it as '30d', '12h', '90 days' or 'none'"
+            )
+        })?;
+        let ns = i64::try_from(duration.as_nanos())
+            .map_err(|_| format!("retention '{text}' is too long (at most about 292 years)"))?;
+        if ns < RETENTION_MIN_NS {
+            return Err(format!("retention '{text}' is shorter than the minimum of 1s"));
+        }
+        Ok(Retention::PeriodNs(ns))
+    }
+
+    /// As users write it back: `'7days'`, or `none`.
+    pub fn display(self) -> String {
+        match self {
+            Retention::Infinite => "none".to_string(),
+            Retention::PeriodNs(ns) => {
+                humantime::format_duration(std::time::Duration::from_nanos(ns as u64)).to_string()
+            }
+        }
+    }
 }
 
 /// A materialized view as the catalog records it: its name, the id the manifest gave it and
@@ -356,13 +410,74 @@ impl Catalog {
 
     /// Removes a table; `false` if there was none.
     pub fn drop_table(&mut self, db: &str, table: &str) -> bool {
+        let key = (db.to_string(), table.to_string());
+        self.table_retention.remove(&key);
+        self.expired_before.remove(&key);
         self.databases.get_mut(db).is_some_and(|tables| tables.remove(table).is_some())
     }
 
     /// Removes a database, its tables and views; `false` if there was none.
     pub fn drop_database(&mut self, db: &str) -> bool {
         self.views.remove(db);
+        self.database_retention.remove(db);
+        self.table_retention.retain(|(d, _), _| d != db);
+        self.expired_before.retain(|(d, _), _| d != db);
         self.databases.remove(db).is_some()
+    }
+
+    /// Sets (or with `None` clears) a database's retention, or a table's when `table` is given
+    /// (a table without one follows its database).
+    pub fn set_retention(&mut self, db: &str, table: Option<&str>, retention: Option<Retention>) {
+        match (table, retention) {
+            (None, Some(r)) => {
+                self.database_retention.insert(db.to_string(), r);
+            }
+            (None, None) => {
+                self.database_retention.remove(db);
+            }
+            (Some(t), Some(r)) => {
+                self.table_retention.insert((db.to_string(), t.to_string()), r);
+            }
+            (Some(t), None) => {
+                self.table_retention.remove(&(db.to_string(), t.to_string()));
+            }
+        }
+    }
+
+    /// A database's own retention, or a table's own (`None`: not set).
+    pub fn retention_setting(&self, db: &str, table: Option<&str>) -> Option<Retention> {
+        match table {
+            None => self.database_retention.get(db).copied(),
+            Some(t) => self.table_retention.get(&(db.to_string(), t.to_string())).copied(),
+        }
+    }
+
+    /// The retention a table's rows live by: its own, else its database's, else forever.
+    pub fn retention(&self, db: &str, table: &str) -> Retention {
+        self.retention_setting(db, Some(table))
+            .or_else(|| self.retention_setting(db, None))
+            .unwrap_or(Retention::Infinite)
+    }
+
+    /// Records that a table's rows below `before_ns` were expired (the mark only rises).
+    pub fn set_expired_before(&mut self, db: &str, table: &str, before_ns: i64) {
+        let mark =
+            self.expired_before.entry((db.to_string(), table.to_string())).or_insert(i64::MIN);
+        *mark = (*mark).max(before_ns);
+    }
+
+    pub fn expired_before(&self, db: &str, table: &str) -> Option<i64> {
+        self.expired_before.get(&(db.to_string(), table.to_string())).copied()
+    }
+
+    /// The time below which a table has no rows at `now_ns` (`None`: it keeps every row):
+    /// now minus its retention, or the mark of rows it already expired if that is later.
+    pub fn cutoff(&self, db: &str, table: &str, now_ns: i64) -> Option<i64> {
+        let by_period = match self.retention(db, table) {
+            Retention::Infinite => None,
+            Retention::PeriodNs(ns) => Some(now_ns.saturating_sub(ns)),
+        };
+        by_period.max(self.expired_before(db, table))
     }
 
     pub fn view(&self, db: &str, name: &str) -> Option<&Arc<ViewSpec>> {

@@ -362,12 +362,7 @@ impl Engine {
             guard.files.retain(|f| !removed.contains(&f.path));
             guard.files.extend(added.iter().cloned().map(Arc::new));
         }
-        let due = Instant::now() + self.config.compaction.grace;
-        self.compaction
-            .replaced
-            .lock()
-            .expect("replaced lock")
-            .extend(removed.into_iter().map(|p| (due, p)));
+        self.defer_delete(removed, Instant::now() + self.config.compaction.grace);
         record.output_files = added.len() as u64;
         record.output_bytes = added.iter().map(|f| f.bytes).sum();
         record.output_rows = added.iter().map(|f| f.rows).sum();
@@ -431,8 +426,15 @@ impl Engine {
         }
     }
 
+    /// Deletes files that no commit names any more (replaced by a compaction, expired by
+    /// retention) at `due`, once queries that started before are done with them.
+    pub(super) fn defer_delete(&self, paths: Vec<String>, due: Instant) {
+        let mut replaced = self.compaction.replaced.lock().expect("replaced lock");
+        replaced.extend(paths.into_iter().map(|p| (due, p)));
+    }
+
     /// Deletes replaced files whose grace period is over.
-    async fn delete_replaced(&self) {
+    pub(super) async fn delete_replaced(&self) {
         let now = Instant::now();
         let due: Vec<String> = {
             let mut replaced = self.compaction.replaced.lock().expect("replaced lock");

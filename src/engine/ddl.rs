@@ -13,6 +13,16 @@ use crate::persist::manifest::Op;
 impl Engine {
     /// Creates a database explicitly (a write creates it implicitly). `false` if it existed.
     pub async fn create_database(&self, db: &str) -> Result<bool, Error> {
+        self.create_database_with(db, None).await
+    }
+
+    /// Creates a database with a retention, in one commit. `false` (and the database left as
+    /// it is) if it existed.
+    pub async fn create_database_with(
+        &self,
+        db: &str,
+        retention: Option<crate::catalog::Retention>,
+    ) -> Result<bool, Error> {
         catalog::check_object_name("database", db).map_err(|reason| Error::InvalidName {
             what: "database",
             name: db.into(),
@@ -26,13 +36,15 @@ impl Engine {
         if self.catalog().has_database(db) {
             return Ok(false);
         }
-        manifest
-            .commit(vec![Op::CreateDatabase { database: db.to_string() }])
-            .await
-            .map_err(crate::persist::Error::from)?;
+        let mut ops = vec![Op::CreateDatabase { database: db.to_string() }];
+        if retention.is_some() {
+            ops.push(Op::SetRetention { database: db.to_string(), table: None, retention });
+        }
+        manifest.commit(ops).await.map_err(crate::persist::Error::from)?;
         let _guard = self.schema_lock.lock().expect("schema lock");
         let mut catalog = self.catalog().as_ref().clone();
         catalog.create_database(db);
+        catalog.set_retention(db, None, retention);
         *self.catalog.write().expect("catalog lock") = Arc::new(catalog);
         Ok(true)
     }

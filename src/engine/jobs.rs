@@ -8,11 +8,12 @@
 //! Once stopped, no run starts, and `Scheduler::run` returns when the runs in progress have
 //! finished: a run is never cancelled halfway. A run that panics is logged; its job goes on.
 //!
-//! The engine runs two jobs: "persist" (persisting, then sorting buffered runs) and "compact"
+//! The engine runs three jobs: "persist" (persisting, then sorting buffered runs) and "compact"
 //! (`compact`: merging a partition's files, one partition after another, at most one run at a
 //! time; the merge itself runs on a low-priority thread). Views refresh in a task of their own
-//! (`views::Views::refresh_loop`, which plans SQL) and alerts in theirs; enforcing retention is
-//! meant to become a further job on the same scheduler.
+//! (`views::Views::refresh_loop`, which plans SQL) and alerts in theirs. The "retention" job
+//! (`retention`, every minute and whenever a retention is set) expires files past their
+//! table's retention and deletes the files replaced or expired whose grace period is over.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -27,6 +28,10 @@ use super::Engine;
 
 /// How often the engine's jobs look for work when nothing wakes them.
 const TICK: Duration = Duration::from_secs(1);
+
+/// How often the "retention" job expires files (and deletes replaced ones) when no new
+/// retention setting wakes it.
+const RETENTION_EVERY: Duration = Duration::from_secs(60);
 
 /// How long the persist job waits after a failed persist before it may run again: doubling
 /// from the first to the last with each failure in a row (a store that is down is not
@@ -104,7 +109,17 @@ impl Engine {
         .concurrency(1)
         .woken_by(self.persist_wakeup.clone());
 
-        let mut scheduler = Scheduler::default().with(persist);
+        let engine = self.clone();
+        let retention = Job::new("retention", RETENTION_EVERY, move || {
+            let engine = engine.clone();
+            async move {
+                engine.expire_all().await;
+            }
+        })
+        .concurrency(1)
+        .woken_by(self.retention_wakeup.clone());
+
+        let mut scheduler = Scheduler::default().with(persist).with(retention);
         let interval = self.config.compaction.interval;
         if !interval.is_zero() {
             let engine = self.clone();

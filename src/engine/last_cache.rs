@@ -9,7 +9,7 @@ use crate::buffer::last::LastValues;
 
 impl Engine {
     /// The latest point of every series of a table (see `buffer::last`), exactly as a query
-    /// over all its rows would find it. The first call builds the cache from a snapshot of the
+    /// over all its rows would find it (rows past the table's retention left out). The first call builds the cache from a snapshot of the
     /// buffer and the files while new writes fold into it; later calls answer from memory.
     pub async fn last_values(&self, db: &str, table: &str) -> Result<Option<RecordBatch>, Error> {
         let Some(data) = self.table_data(db, table) else { return Ok(None) };
@@ -21,7 +21,7 @@ impl Engine {
             if let Some(cache) = guard.last.as_ref().filter(|c| c.ready) {
                 return cache
                     .values
-                    .to_batch(&schema)
+                    .to_batch(&schema, self.cutoff(db, table))
                     .map(Some)
                     .map_err(|e| Error::Internal(e.to_string()));
             }
@@ -32,7 +32,7 @@ impl Engine {
             if cache.ready {
                 return cache
                     .values
-                    .to_batch(&schema)
+                    .to_batch(&schema, self.cutoff(db, table))
                     .map(Some)
                     .map_err(|e| Error::Internal(e.to_string()));
             }
@@ -75,6 +75,10 @@ impl Engine {
         cache.values.merge(built);
         cache.ready = true;
         let schema = self.catalog().table(db, table).cloned().unwrap_or(schema);
-        cache.values.to_batch(&schema).map(Some).map_err(|e| Error::Internal(e.to_string()))
+        cache
+            .values
+            .to_batch(&schema, self.cutoff(db, table))
+            .map(Some)
+            .map_err(|e| Error::Internal(e.to_string()))
     }
 }

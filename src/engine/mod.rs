@@ -25,6 +25,7 @@ mod last_cache;
 mod open;
 mod persist;
 mod record;
+mod retention;
 mod snapshot;
 mod sort;
 #[cfg(test)]
@@ -107,6 +108,8 @@ pub enum Error {
     DatabaseNotFound(String),
     #[error("relation \"{0}\" already exists")]
     TableExists(String),
+    #[error("table \"{0}\" does not exist")]
+    TableNotFound(String),
     #[error("buffer memory limit of {bytes_max} bytes reached; persisting, retry shortly")]
     BufferFull { bytes_max: usize },
     #[error("database \"{database}\" would exceed {tables_max} tables")]
@@ -131,7 +134,7 @@ impl Error {
             Error::InvalidName { .. } | Error::Rejected(_) | Error::TooManyTables { .. } => {
                 ErrorKind::InvalidInput
             }
-            Error::DatabaseNotFound(_) => ErrorKind::NotFound,
+            Error::DatabaseNotFound(_) | Error::TableNotFound(_) => ErrorKind::NotFound,
             Error::TableExists(_) => ErrorKind::AlreadyExists,
             Error::BufferFull { .. } => ErrorKind::ResourceExhausted,
             Error::ShuttingDown => ErrorKind::Unavailable,
@@ -272,6 +275,8 @@ pub struct Engine {
     subscribers: RwLock<Vec<Subscriber>>,
     /// Wakes the "persist" job (`jobs`): a write found the buffer above its high-water mark.
     persist_wakeup: Arc<tokio::sync::Notify>,
+    /// Wakes the "retention" job: a retention was set.
+    retention_wakeup: Arc<tokio::sync::Notify>,
     /// Bytes of request bodies being parsed, built and logged at once (in KiB permits): parsed
     /// rows take a few times their text, so this bounds in-flight write memory.
     in_flight_kib: Arc<tokio::sync::Semaphore>,

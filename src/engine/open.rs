@@ -78,12 +78,17 @@ impl Engine {
         let mut persisted: HashMap<(String, String, i64), u64> = HashMap::new();
         for (db, state) in &manifest.state().databases {
             catalog.create_database(db);
+            catalog.set_retention(db, None, state.retention);
             for (name, view) in &state.views {
                 let spec = ViewSpec { name: name.clone(), id: view.id, sql: view.sql.clone() };
                 catalog.put_view(db, spec);
             }
             for (name, table) in &state.tables {
                 catalog.put_table(db, TableSchema::new(name.clone(), table.columns.clone()));
+                catalog.set_retention(db, Some(name), table.retention);
+                if let Some(before) = table.expired_before_ns {
+                    catalog.set_expired_before(db, name, before);
+                }
                 let floor = table.files.iter().map(|f| f.max_time_ns).max().unwrap_or(i64::MIN);
                 // Only files persisted from this WAL say which of its records are in them.
                 for f in table.files.iter().filter(|f| f.wal.as_ref().is_none_or(|w| *w == wal_id))
@@ -113,6 +118,7 @@ impl Engine {
             sync: config.wal_sync,
         };
         let mut replayed_rows = 0usize;
+        let now_ns = config.clock.now_ns();
         let replayed = wal::replay(&wal_config, |seq, kind, payload| {
             if kind != wal::KIND_LINE_PROTOCOL {
                 return Err(ReplayError::UnknownKind(kind));
@@ -128,6 +134,7 @@ impl Engine {
                 partition_ns,
                 &dropped,
                 crate::line_protocol::Strictness::Replay,
+                now_ns,
             );
             if prepared.wal_lines.is_empty() && prepared.rejected.is_empty() {
                 // Every line belonged to a table dropped since.
@@ -203,6 +210,7 @@ impl Engine {
             file_counter: AtomicU64::new(file_counter),
             subscribers: RwLock::new(Vec::new()),
             persist_wakeup: Arc::new(tokio::sync::Notify::new()),
+            retention_wakeup: Arc::new(tokio::sync::Notify::new()),
             in_flight_kib: Arc::new(tokio::sync::Semaphore::new(kib_max)),
             compaction: Default::default(),
         });

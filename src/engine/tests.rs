@@ -99,6 +99,11 @@ async fn storage_format_fixtures_load() {
         log.join("00000000000000000003.json"),
     )
     .expect("copy manifest");
+    std::fs::copy(
+        root.join("manifest-commit-v1-retention.json"),
+        log.join("00000000000000000004.json"),
+    )
+    .expect("copy manifest");
     let engine = Engine::open(Config::for_tests(dir.path().to_path_buf())).await.expect("open");
     let catalog = engine.catalog();
     assert!(catalog.has_database("telegraf"));
@@ -114,6 +119,13 @@ async fn storage_format_fixtures_load() {
     assert_eq!(files.len(), 1);
     assert_eq!((files[0].level, files[0].bytes, files[0].overlap), (1, 1300, false));
     assert!(files[0].path.contains("-c9f3a01bc-1-"), "{}", files[0].path);
+    // Commit 4: 30 days for the database, forever for cpu, cpu's rows before 2023-07-22 gone.
+    use crate::catalog::Retention;
+    let thirty_days = Retention::PeriodNs(30 * 86_400 * 1_000_000_000);
+    assert_eq!(catalog.retention_setting("db", None), Some(thirty_days));
+    assert_eq!(catalog.retention("db", "cpu"), Retention::Infinite);
+    assert_eq!(catalog.expired_before("db", "cpu"), Some(1_690_000_000_000_000_000));
+    assert_eq!(catalog.cutoff("db", "cpu", i64::MAX), Some(1_690_000_000_000_000_000));
     // The WAL's records are for database "fixture", which no file covers: both replay.
     let fixture = engine.snapshot("fixture", "cpu", i64::MIN, i64::MAX).expect("replayed cpu");
     assert_eq!(

@@ -29,6 +29,13 @@ pub(super) enum LineError {
     TooManyTables,
     #[error("\"{0}\" is a materialized view: it cannot be written to")]
     IsView(String),
+    #[error("point time {} is outside the retention period of table \"{table}\": rows before {} are not kept", rfc3339(*.time_ns), rfc3339(*.cutoff_ns))]
+    Expired { table: String, time_ns: i64, cutoff_ns: i64 },
+}
+
+/// A time for messages: RFC 3339 in UTC, or the number of nanoseconds if it has no date.
+pub(crate) fn rfc3339(ns: i64) -> String {
+    chrono::DateTime::from_timestamp_nanos(ns).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
 
 /// Lines checked against a catalog and turned into rows.
@@ -44,7 +51,9 @@ const ORIGINAL_LINE_BYTES_MAX: usize = 1024;
 
 /// Checks and builds the lines of `body`; lines of tables for which `skip` says so are left
 /// out silently (replay skips the rows of dropped tables that way). Replay reads lines with
-/// `Strictness::Replay`: what an earlier version accepted is read back, not refused.
+/// `Strictness::Replay`: what an earlier version accepted is read back, not refused. A point
+/// older than its table's retention cutoff at `now_ns` is refused, or on replay left out (its
+/// rows were expired, or would be at once).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn prepare(
     catalog: &Catalog,
@@ -55,6 +64,7 @@ pub(super) fn prepare(
     partition_ns: i64,
     skip: &dyn Fn(&str) -> bool,
     strictness: line_protocol::Strictness,
+    now_ns: i64,
 ) -> Prepared {
     let mut prepared = Prepared {
         wal_lines: Vec::with_capacity(body.len()),
@@ -97,10 +107,16 @@ pub(super) fn prepare(
                 }
                 new_tables += 1;
             }
-            Ok((added, time_ns))
+            if let Some(cutoff_ns) = catalog.cutoff(db, name, now_ns) {
+                if time_ns < cutoff_ns && strictness == line_protocol::Strictness::Write {
+                    return Err(LineError::Expired { table: name.to_string(), time_ns, cutoff_ns });
+                }
+                return Ok((added, time_ns, time_ns >= cutoff_ns));
+            }
+            Ok((added, time_ns, true))
         });
         match outcome {
-            Ok((added, time_ns)) => {
+            Ok((added, time_ns, kept)) => {
                 if !added.is_empty() {
                     match prepared.additions.get_mut(line.measurement.as_ref()) {
                         Some(columns) => columns.extend(added),
@@ -109,9 +125,11 @@ pub(super) fn prepare(
                         }
                     }
                 }
-                prepared.rows.push(&line, time_ns);
-                prepared.wal_lines.extend_from_slice(bytes);
-                prepared.wal_lines.push(b'\n');
+                if kept {
+                    prepared.rows.push(&line, time_ns);
+                    prepared.wal_lines.extend_from_slice(bytes);
+                    prepared.wal_lines.push(b'\n');
+                }
             }
             Err(error) => prepared.rejected.push(|| {
                 let mut original = String::from_utf8_lossy(bytes).into_owned();
@@ -193,6 +211,7 @@ impl Engine {
             .map_err(|_| Error::ShuttingDown)?;
         let partition_ns = self.partition_ns();
         let gate = self.write_gate.clone().read_owned().await;
+        let now_ns = self.clock().now_ns();
         let mut prepared = prepare(
             &self.catalog(),
             db,
@@ -202,6 +221,7 @@ impl Engine {
             partition_ns,
             &|_| false,
             line_protocol::Strictness::Write,
+            now_ns,
         );
         let needs_growth = !self.catalog().has_database(db)
             || prepared.additions.values().any(|c| !c.is_empty())
@@ -220,6 +240,7 @@ impl Engine {
                     partition_ns,
                     &|_| false,
                     line_protocol::Strictness::Write,
+                    now_ns,
                 );
                 let grown = grow_catalog(&mut catalog, db, &prepared.additions);
                 debug_assert!(grown, "lines checked under the schema lock cannot conflict");

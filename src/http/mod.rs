@@ -6,6 +6,7 @@
 
 mod auth;
 mod changes;
+mod configure;
 #[cfg(test)]
 mod tests;
 
@@ -28,6 +29,7 @@ use crate::line_protocol::Precision;
 use datafusion::sql::sqlparser::ast::{ObjectName, ObjectType, Statement};
 
 use crate::auth::{Access, Need, Principal};
+use crate::catalog::Retention;
 use crate::query::QueryEngine;
 use crate::statement::Command;
 use crate::ErrorKind;
@@ -57,6 +59,11 @@ pub fn router(
         .route("/query", get(influxql).post(influxql))
         .route("/api/v3/query_sql", get(query_get).post(query_post))
         .route("/api/v3/views/{name}/changes", get(changes::view_changes))
+        .route(
+            "/api/v3/configure/database",
+            post(configure::create_database).put(configure::update_database),
+        )
+        .route("/api/v3/configure/table", axum::routing::put(configure::update_table))
         .route("/api/v3/tokens", get(auth::list_tokens).post(auth::create_token))
         .route("/api/v3/tokens/{name}", axum::routing::delete(auth::revoke_token))
         .layer(DefaultBodyLimit::max(request_bytes_max))
@@ -453,17 +460,30 @@ async fn influxql(
             if read_only && quirk.is_some() {
                 return use_post();
             }
+            use crate::statement::quirks::InfluxQlDatabase;
             let need = match &quirk {
-                Some((true, name)) => Need::Database(Access::Write, name.clone()),
-                Some((false, _)) => Need::Admin,
+                Some(InfluxQlDatabase::Create { name, .. }) => {
+                    Need::Database(Access::Write, name.clone())
+                }
+                Some(InfluxQlDatabase::Drop { .. }) => Need::Admin,
                 None => return only(),
             };
             if let Some(refused) = auth::forbidden(&principal, &need) {
                 return refused;
             }
             let done = match quirk {
-                Some((true, name)) => engine.create_database(&name).await.map(|_| ()),
-                Some((false, name)) => engine.drop_database(&name).await.map(|_| ()),
+                Some(InfluxQlDatabase::Create { name, duration }) => {
+                    let retention = match duration.as_deref().map(Retention::parse).transpose() {
+                        Ok(retention) => retention,
+                        Err(reason) => {
+                            return error_response(StatusCode::BAD_REQUEST, &reason, None)
+                        }
+                    };
+                    engine.create_database_with(&name, retention).await.map(|_| ())
+                }
+                Some(InfluxQlDatabase::Drop { name }) => {
+                    engine.drop_database(&name).await.map(|_| ())
+                }
                 None => return only(),
             };
             return match done {
@@ -659,6 +679,12 @@ async fn run_sql(
         Command::Query(statement) => statement,
         Command::Ddl(statement) => {
             return match crate::query::ddl::execute(&state.query, &db, *statement).await {
+                Ok(_) => Json(json!([])).into_response(),
+                Err(e) => error_response(status_of(e.kind()), &e.to_string(), None),
+            };
+        }
+        Command::Retention(statement) => {
+            return match crate::query::ddl::retention(&state.query, &db, statement).await {
                 Ok(_) => Json(json!([])).into_response(),
                 Err(e) => error_response(status_of(e.kind()), &e.to_string(), None),
             };

@@ -11,7 +11,7 @@ use object_store::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::store::{Created, Store};
-use crate::catalog::{Column, ParquetFile};
+use crate::catalog::{Column, ParquetFile, Retention};
 
 pub const FORMAT_VERSION: u32 = 1;
 pub const CHECKPOINT_EVERY: u64 = 100;
@@ -40,6 +40,13 @@ pub struct TableState {
     pub id: u64,
     pub columns: Vec<Column>,
     pub files: Vec<ParquetFile>,
+    /// The table's own retention (`None`: its database's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
+    /// Rows below this time (ns) were expired by retention: replay skips them and writes
+    /// below it are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expired_before_ns: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -54,6 +61,9 @@ pub struct DatabaseState {
     /// Materialized views by name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub views: BTreeMap<String, ViewState>,
+    /// The database's retention (`None`: forever).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
 }
 
 /// A materialized view: its id (from the same sequence as tables', never reused, so a view
@@ -139,6 +149,22 @@ pub enum Op {
         table: String,
         removed: Vec<String>,
         added: Vec<ParquetFile>,
+    },
+    /// A database's retention (`table` absent) or a table's; `None` clears it (a database
+    /// keeps rows forever, a table follows its database).
+    SetRetention {
+        database: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        table: Option<String>,
+        retention: Option<Retention>,
+    },
+    /// Retention: the table's rows below `before_ns` are gone, and so are the files at the
+    /// paths `removed` (every row of them is below it). Deleted from the store only later.
+    Expire {
+        database: String,
+        table: String,
+        before_ns: i64,
+        removed: Vec<String>,
     },
 }
 
@@ -266,6 +292,21 @@ impl State {
                 state.files.extend(added.iter().cloned());
                 let max_seq = added.iter().map(|f| f.max_seq).max().unwrap_or(0);
                 self.wal_seq = self.wal_seq.max(max_seq);
+            }
+            Op::SetRetention { database, table: None, retention } => {
+                self.database(database).retention = *retention;
+            }
+            Op::SetRetention { database, table: Some(table), retention } => {
+                self.table(database, table).retention = *retention;
+            }
+            Op::Expire { database, table, before_ns, removed } => {
+                let Some(state) =
+                    self.databases.get_mut(database).and_then(|db| db.tables.get_mut(table))
+                else {
+                    return;
+                };
+                state.files.retain(|f| !removed.contains(&f.path));
+                state.expired_before_ns = state.expired_before_ns.max(Some(*before_ns));
             }
         }
     }
@@ -434,7 +475,9 @@ impl Manifest {
                 Op::CreateTable { database, .. }
                 | Op::AddFile { database, .. }
                 | Op::DropTable { database, .. }
-                | Op::CreateView { database, .. } => database,
+                | Op::CreateView { database, .. }
+                | Op::SetRetention { database, .. }
+                | Op::Expire { database, .. } => database,
                 Op::CreateDatabase { .. }
                 | Op::DropDatabase { .. }
                 | Op::DropView { .. }

@@ -160,7 +160,10 @@ fn with_sqlstate_in_rows(response: Response) -> Response {
 
 fn sqlstate_of_ddl(error: &crate::query::ddl::Error) -> SqlState {
     match error {
-        crate::query::ddl::Error::NotFound { what: "database", .. } => SqlState::InvalidCatalogName,
+        crate::query::ddl::Error::NotFound { what: "database", .. }
+        | crate::query::ddl::Error::Engine(crate::engine::Error::DatabaseNotFound(_)) => {
+            SqlState::InvalidCatalogName
+        }
         crate::query::ddl::Error::DatabaseExists(_) => SqlState::DuplicateDatabase,
         crate::query::ddl::Error::Dependent { .. } => SqlState::DependentObjectsStillExist,
         crate::query::ddl::Error::Query(e) => sqlstate_of_query(e),
@@ -205,6 +208,7 @@ fn in_failed_transaction<C: ClientInfo>(client: &C, command: &Command) -> bool {
             command,
             Command::Query(_)
                 | Command::Ddl(_)
+                | Command::Retention(_)
                 | Command::Refresh { .. }
                 | Command::Alert(_)
                 | Command::Subscribe { .. }
@@ -508,6 +512,12 @@ impl Handler {
             Command::Declare { cursor, query } => self.declare(client, cursor, *query).await,
             Command::Ddl(ddl) => {
                 crate::query::ddl::execute(&self.databases.query, &database(client), *ddl)
+                    .await
+                    .map(|tag| Response::Execution(Tag::new(tag)))
+                    .map_err(|e| user_error(sqlstate_of_ddl(&e), e.to_string()))
+            }
+            Command::Retention(statement) => {
+                crate::query::ddl::retention(&self.databases.query, &database(client), statement)
                     .await
                     .map(|tag| Response::Execution(Tag::new(tag)))
                     .map_err(|e| user_error(sqlstate_of_ddl(&e), e.to_string()))

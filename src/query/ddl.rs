@@ -92,6 +92,51 @@ pub async fn execute(
     }
 }
 
+/// Runs a retention statement (`statement::retention`); returns the command tag.
+pub async fn retention(
+    query: &crate::query::QueryEngine,
+    db: &str,
+    statement: crate::statement::retention::Statement,
+) -> Result<&'static str, Error> {
+    use crate::statement::retention::{Statement as Retention, Target};
+    let engine = query.engine().as_ref();
+    let value = |text: &str| crate::catalog::Retention::parse(text).map_err(Error::Invalid);
+    match statement {
+        Retention::CreateDatabase { name, if_not_exists, retention } => {
+            let retention =
+                Some(value(&retention)?).filter(|r| *r != crate::catalog::Retention::Infinite);
+            match engine.create_database_with(&name, retention).await {
+                Ok(false) if !if_not_exists => Err(Error::DatabaseExists(name)),
+                Ok(_) => Ok("CREATE DATABASE"),
+                Err(e) => Err(e.into()),
+            }
+        }
+        Retention::Alter { target, retention } => {
+            let mut retention = retention.as_deref().map(value).transpose()?;
+            if matches!(target, Target::Database(_))
+                && retention == Some(crate::catalog::Retention::Infinite)
+            {
+                // A database's "forever" is no retention at all.
+                retention = None;
+            }
+            let (database, table) = match &target {
+                Target::Database(name) => (name.as_str(), None),
+                Target::Table(name) => (db, Some(name.as_str())),
+            };
+            if table.is_some_and(|t| engine.catalog().view(db, t).is_some()) {
+                return Err(Error::Unsupported(
+                    "a materialized view follows the retention of the table it reads".into(),
+                ));
+            }
+            engine.set_retention(database, table, retention).await?;
+            Ok(match target {
+                Target::Database(_) => "ALTER DATABASE",
+                Target::Table(_) => "ALTER TABLE",
+            })
+        }
+    }
+}
+
 /// `DROP TABLE a, b`: all named tables must exist (unless `IF EXISTS`) before any is dropped.
 async fn drop_tables(
     engine: &Engine,

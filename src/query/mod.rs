@@ -646,11 +646,54 @@ impl TableProvider for Table {
         filters: &[Expr],
         _limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let Some(cutoff) = self.engine.cutoff(&self.db, &self.name) else {
+            return self.scan_rows(state, projection, filters, i64::MIN).await;
+        };
+        // Rows past the table's retention are gone: read them with their time, keep those at
+        // or after the cutoff, and leave the time out again if the query did not ask for it.
+        let time_index = self.schema.index_of(TIME_COLUMN)?;
+        let asked: Vec<usize> =
+            projection.cloned().unwrap_or_else(|| (0..self.schema.fields().len()).collect());
+        let mut read = asked.clone();
+        let position = match read.iter().position(|&i| i == time_index) {
+            Some(position) => position,
+            None => {
+                read.push(time_index);
+                read.len() - 1
+            }
+        };
+        let rows = self.scan_rows(state, Some(&read), filters, cutoff).await?;
+        let cutoff = ScalarValue::TimestampNanosecond(Some(cutoff), Some("UTC".into()));
+        let predicate = Arc::new(datafusion::physical_expr::expressions::BinaryExpr::new(
+            Arc::new(datafusion::physical_expr::expressions::Column::new(TIME_COLUMN, position)),
+            Operator::GtEq,
+            Arc::new(datafusion::physical_expr::expressions::Literal::new(cutoff)),
+        ));
+        let mut filter = datafusion::physical_plan::filter::FilterExecBuilder::new(predicate, rows);
+        if read.len() > asked.len() {
+            filter = filter.apply_projection(Some((0..asked.len()).collect()))?;
+        }
+        let filter = filter.build()?;
+        Ok(Arc::new(filter))
+    }
+}
+
+impl Table {
+    /// The table's rows (all of them: the caller drops those past the retention) for a query
+    /// with these filters, none of whose rows is below `lowest`.
+    async fn scan_rows(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        lowest: i64,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let projected = match projection {
             Some(p) => Arc::new(self.schema.project(p)?),
             None => self.schema.clone(),
         };
         let (lo, hi) = time_bounds(filters);
+        let lo = lo.max(lowest);
         let Some(snapshot) = self.engine.snapshot(&self.db, &self.name, lo, hi) else {
             return Ok(Arc::new(EmptyExec::new(projected)));
         };

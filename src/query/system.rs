@@ -1,6 +1,7 @@
 //! The `system` schema of each database: `system.views` (`views::system`), the alert tables
 //! (`alerts::system`), `system.object_store` (the store and its cache), `system.files` (the
-//! database's Parquet files) and `system.compactions` (its recent compactions), built live when
+//! database's Parquet files), `system.compactions` (its recent compactions) and
+//! `system.retention` (its databases' and tables' retention), built live when
 //! a query names them, read-only.
 
 use std::sync::Arc;
@@ -48,8 +49,9 @@ impl TableProvider for SystemTable {
 #[async_trait]
 impl SchemaProvider for SystemSchema {
     fn table_names(&self) -> Vec<String> {
-        let mut names =
-            ["views", "object_store", "files", "compactions"].map(String::from).to_vec();
+        let mut names = ["views", "object_store", "files", "compactions", "retention"]
+            .map(String::from)
+            .to_vec();
         names.extend(crate::alerts::system::TABLES.iter().map(|t| t.to_string()));
         names
     }
@@ -62,6 +64,9 @@ impl SchemaProvider for SystemSchema {
                 .map_err(|e| DataFusionError::ArrowError(Box::new(e), None))?
         } else if name == "files" {
             files_table(&self.engine.files_of(&self.db))
+                .map_err(|e| DataFusionError::ArrowError(Box::new(e), None))?
+        } else if name == "retention" {
+            retention_table(&self.engine, &self.db)
                 .map_err(|e| DataFusionError::ArrowError(Box::new(e), None))?
         } else if name == "compactions" {
             compactions_table(&self.engine.compactions_of(&self.db))
@@ -77,7 +82,7 @@ impl SchemaProvider for SystemSchema {
     }
 
     fn table_exist(&self, name: &str) -> bool {
-        ["views", "object_store", "files", "compactions"].contains(&name)
+        ["views", "object_store", "files", "compactions", "retention"].contains(&name)
             || crate::alerts::system::TABLES.contains(&name)
     }
 }
@@ -163,6 +168,71 @@ fn files_table(
         counts(|f| f.max_seq),
         Arc::new(BooleanArray::from(files.iter().map(|(_, f)| f.overlap).collect::<Vec<_>>())),
         Arc::new(UInt32Array::from(files.iter().map(|(_, f)| f.level).collect::<Vec<_>>())),
+    ];
+    arrow::record_batch::RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+}
+
+/// The database's retention (a row with no table name) and each table's: its own setting or
+/// its database's, the cutoff now (rows before it are gone from queries) and the mark below
+/// which rows were expired for good.
+fn retention_table(
+    engine: &crate::engine::Engine,
+    db: &str,
+) -> Result<arrow::record_batch::RecordBatch, arrow::error::ArrowError> {
+    use crate::catalog::Retention;
+    use arrow::array::{ArrayRef, Int64Array, StringArray, TimestampNanosecondArray};
+    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    let catalog = engine.catalog();
+    let now_ns = engine.clock().now_ns();
+    let mut names: Vec<Option<String>> = vec![None];
+    names.extend(catalog.tables(db).map(|t| Some(t.name.clone())));
+    let (mut retention, mut source, mut period, mut cutoff, mut expired) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for name in &names {
+        let (setting, from) = match name {
+            None => (catalog.retention_setting(db, None), "database"),
+            Some(table) => match catalog.retention_setting(db, Some(table)) {
+                Some(own) => (Some(own), "table"),
+                None => (catalog.retention_setting(db, None), "database"),
+            },
+        };
+        let setting = setting.unwrap_or(Retention::Infinite);
+        retention.push(setting.display());
+        source.push(from);
+        period.push(match setting {
+            Retention::Infinite => None,
+            Retention::PeriodNs(ns) => Some(ns / 1_000_000_000),
+        });
+        match name {
+            None => {
+                cutoff.push(match setting {
+                    Retention::Infinite => None,
+                    Retention::PeriodNs(ns) => Some(now_ns.saturating_sub(ns)),
+                });
+                expired.push(None);
+            }
+            Some(table) => {
+                cutoff.push(catalog.cutoff(db, table, now_ns));
+                expired.push(catalog.expired_before(db, table));
+            }
+        }
+    }
+    let time = || DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()));
+    let fields = vec![
+        Field::new("table_name", DataType::Utf8, true),
+        Field::new("retention", DataType::Utf8, false),
+        Field::new("retention_seconds", DataType::Int64, true),
+        Field::new("set_on", DataType::Utf8, false),
+        Field::new("cutoff", time(), true),
+        Field::new("expired_before", time(), true),
+    ];
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(names)),
+        Arc::new(StringArray::from(retention)),
+        Arc::new(Int64Array::from(period)),
+        Arc::new(StringArray::from(source)),
+        Arc::new(TimestampNanosecondArray::from(cutoff).with_timezone("UTC")),
+        Arc::new(TimestampNanosecondArray::from(expired).with_timezone("UTC")),
     ];
     arrow::record_batch::RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
 }

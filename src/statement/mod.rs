@@ -16,6 +16,7 @@
 
 pub mod catalog_shapes;
 pub mod quirks;
+pub mod retention;
 
 use std::sync::OnceLock;
 
@@ -50,6 +51,9 @@ pub enum Command {
     /// `CREATE DATABASE`, `CREATE TABLE`, `DROP TABLE`, `DROP DATABASE`, `CREATE
     /// MATERIALIZED VIEW`, `DROP MATERIALIZED VIEW` (`query::ddl`).
     Ddl(Box<Statement>),
+    /// `CREATE DATABASE … WITH (retention = …)`, `ALTER DATABASE | TABLE … SET | RESET
+    /// retention` (`query::ddl::retention`).
+    Retention(retention::Statement),
     /// `CREATE ALERT`, `DROP ALERT`, `ALTER ALERT … PAUSE | RESUME` (`alerts::ddl`).
     Alert(Box<crate::alerts::sql::Statement>),
     /// `REFRESH MATERIALIZED VIEW name`: materialize the view's dirty buckets now (never
@@ -84,7 +88,7 @@ pub enum Command {
 /// what a `GET` must not run and what needs write permission.
 pub fn changes_data(command: &Command) -> bool {
     match command {
-        Command::Ddl(_) | Command::Alert(_) => true,
+        Command::Ddl(_) | Command::Alert(_) | Command::Retention(_) => true,
         Command::Copy(statement) => matches!(statement.as_ref(), Statement::Copy { to: false, .. }),
         Command::Query(statement) => match statement.as_ref() {
             Statement::Insert(_) => true,
@@ -107,10 +111,14 @@ pub fn parse(sql: &str) -> Result<Vec<Statement>, Error> {
     Ok(parser().parse(sql)?)
 }
 
-/// Parses and classifies every statement of `sql`. A text sqlparser cannot parse is tried
-/// as an alert statement (Sundial's own, which sqlparser does not know) and against the client
+/// Parses and classifies every statement of `sql`. A retention statement is Sundial's own
+/// (`retention`); a text sqlparser cannot parse is tried as an alert statement (Sundial's own, which sqlparser does not know) and against the client
 /// quirks before its syntax error is returned.
 pub fn commands(sql: &str) -> Result<Vec<Command>, Error> {
+    // First: sqlparser reads some of them as other statements (`ALTER TABLE … SET (…)`).
+    if let Some(statement) = retention::parse(sql) {
+        return Ok(vec![Command::Retention(statement?)]);
+    }
     match parse(sql) {
         Ok(statements) => statements.into_iter().map(classify).collect(),
         Err(error) => match crate::alerts::sql::parse(sql) {

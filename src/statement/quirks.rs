@@ -77,18 +77,36 @@ fn strip_word<'a>(text: &'a str, word: &str) -> Option<&'a str> {
 }
 
 /// A database statement of InfluxQL on the v1 `/query` endpoint that SQL does not parse:
-/// Telegraf and the influx 1.x CLI send `CREATE DATABASE name WITH DURATION 30d …` (retention
-/// clauses, which Sundial does not keep). `true` for CREATE, `false` for DROP, with the name.
-pub fn influxql_database(q: &str) -> Option<(bool, String)> {
+/// Telegraf and the influx 1.x CLI send `CREATE DATABASE name WITH DURATION 30d …` (the
+/// duration becomes the database's retention; replication, shard duration and policy names
+/// mean nothing here). The name, and for CREATE the duration if one was given.
+pub fn influxql_database(q: &str) -> Option<InfluxQlDatabase> {
     let words: Vec<&str> = q.split_whitespace().collect();
-    let upper: Vec<String> = words.iter().take(2).map(|w| w.to_ascii_uppercase()).collect();
-    let create = match upper.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    let upper: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
+    let create = match upper.iter().take(2).map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["CREATE", "DATABASE"] => true,
         ["DROP", "DATABASE"] => false,
         _ => return None,
     };
-    let name = words.get(2)?.trim_end_matches(';').trim_matches('"');
-    (!name.is_empty()).then(|| (create, name.to_string()))
+    let name = words.get(2)?.trim_end_matches(';').trim_matches('"').to_string();
+    if name.is_empty() {
+        return None;
+    }
+    if !create {
+        return Some(InfluxQlDatabase::Drop { name });
+    }
+    let duration = upper
+        .iter()
+        .position(|w| w == "DURATION")
+        .and_then(|at| words.get(at + 1))
+        .map(|d| d.trim_end_matches(';').to_string());
+    Some(InfluxQlDatabase::Create { name, duration })
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum InfluxQlDatabase {
+    Create { name: String, duration: Option<String> },
+    Drop { name: String },
 }
 
 #[cfg(test)]
@@ -98,10 +116,20 @@ mod tests {
     #[test]
     fn influxql_database_statements_with_retention_clauses() {
         assert_eq!(
-            influxql_database("CREATE DATABASE \"telegraf\" WITH DURATION 30d"),
-            Some((true, "telegraf".to_string()))
+            influxql_database("CREATE DATABASE \"telegraf\" WITH DURATION 30d REPLICATION 1"),
+            Some(InfluxQlDatabase::Create {
+                name: "telegraf".to_string(),
+                duration: Some("30d".to_string())
+            })
         );
-        assert_eq!(influxql_database("drop database x;"), Some((false, "x".to_string())));
+        assert_eq!(
+            influxql_database("CREATE DATABASE t"),
+            Some(InfluxQlDatabase::Create { name: "t".to_string(), duration: None })
+        );
+        assert_eq!(
+            influxql_database("drop database x;"),
+            Some(InfluxQlDatabase::Drop { name: "x".to_string() })
+        );
         assert_eq!(influxql_database("CREATE DATABASE"), None);
         assert_eq!(influxql_database("SELECT 1"), None);
         assert!(matches!(command("DISCARD ALL"), Some(Command::NoOp { tag: "DISCARD ALL" })));

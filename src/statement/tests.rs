@@ -21,6 +21,7 @@ fn kind(sql: &str) -> &'static str {
         Ok(Command::Refresh { .. }) => "refresh",
         Ok(Command::Subscribe { .. }) => "subscribe",
         Ok(Command::Alert(_)) => "alert",
+        Ok(Command::Retention(_)) => "retention",
         Err(Error::Syntax(_)) => "syntax",
         Err(Error::Unsupported(_)) => "unsupported",
     }
@@ -57,6 +58,9 @@ fn each_statement_has_one_command() {
         ("RESET ALL", "reset"),
         ("RESET statement_timeout", "reset"),
         ("CREATE DATABASE x", "ddl"),
+        ("CREATE DATABASE x WITH (retention = '30d')", "retention"),
+        ("ALTER DATABASE x SET retention = '7d'", "retention"),
+        ("ALTER TABLE cpu RESET retention", "retention"),
         ("CREATE TABLE t (host TEXT, v DOUBLE PRECISION, PRIMARY KEY (host))", "ddl"),
         ("DROP TABLE t", "ddl"),
         ("DROP DATABASE x", "ddl"),

@@ -190,6 +190,22 @@ fn dirty_predicate(definition: &Definition, dirty: &Dirty) -> DfResult<Option<Sq
     Ok(Some(predicate))
 }
 
+/// The earliest time of `definition`'s base that can still have rows (`None`: all can): the
+/// retention cutoff of the table at the root of the chain of views, carried up as the start
+/// of the bucket holding it in each view between.
+fn source_cutoff(views: &Views, db: &str, definition: &Definition, depth: usize) -> Option<i64> {
+    let engine = views.engine();
+    if engine.catalog().table(db, &definition.base).is_some() {
+        return engine.cutoff(db, &definition.base);
+    }
+    if depth >= crate::views::VIEW_DEPTH_MAX {
+        return None;
+    }
+    let base = views.get(db, &definition.base)?;
+    let below = base.definition.as_ref().ok()?;
+    source_cutoff(views, db, below, depth + 1).map(|c| below.bucket.of(c))
+}
+
 impl View {
     /// A view whose table does not exist (yet, or any more) has no answer, and says why.
     fn check_waiting(&self, views: &Views, definition: &Definition) -> Result<(), Error> {
@@ -225,7 +241,10 @@ impl View {
     }
 
     /// The view's rows for buckets in `[lo, hi]` (a superset: the caller filters), read in
-    /// `state`: clean materialized rows ∪ dirty ones recomputed from raw.
+    /// `state`: clean materialized rows ∪ dirty ones recomputed from raw. Under a retention
+    /// of the table it reads (at the root of a chain of views), buckets wholly before the
+    /// cutoff are gone and the bucket holding it is recomputed from the rows still kept, so
+    /// the view stays what its query over the table says.
     pub(super) async fn answer(
         &self,
         views: &Views,
@@ -236,6 +255,39 @@ impl View {
         let definition = self.definition()?;
         self.check_waiting(views, definition)?;
         self.check_fits(views, definition)?;
+        let Some(edge) =
+            source_cutoff(views, &self.db, definition, 0).map(|c| definition.bucket.of(c))
+        else {
+            return self.answer_range(state, definition, lo, hi).await;
+        };
+        let lo = lo.max(edge);
+        if lo > edge || lo > hi {
+            return self.answer_range(state, definition, lo, hi).await;
+        }
+        let failed = |e: DataFusionError| self.failed(e.to_string());
+        let query_error =
+            |e: DataFusionError| Error::Query { view: self.spec.name.clone(), source: Arc::new(e) };
+        let query =
+            restricted(definition, range_predicate(definition, edge, edge).map_err(failed)?)
+                .map_err(failed)?;
+        let (schema, mut batches) = run(state, query).await.map_err(query_error)?;
+        let next = definition.bucket.end(edge);
+        if next > hi || next == edge {
+            return Ok((schema, batches));
+        }
+        let (_, rest) = self.answer_range(state, definition, next, hi).await?;
+        batches.extend(rest);
+        Ok((schema, batches))
+    }
+
+    /// `answer` for buckets in `[lo, hi]`, none of them cut by a retention.
+    async fn answer_range(
+        &self,
+        state: &SessionState,
+        definition: &Definition,
+        lo: i64,
+        hi: i64,
+    ) -> Result<(SchemaRef, Vec<RecordBatch>), Error> {
         let plan = self.state().plan_query(lo, hi);
         let failed = |e: DataFusionError| self.failed(e.to_string());
         let result = match plan {

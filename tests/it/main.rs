@@ -8,6 +8,7 @@ mod durability;
 mod harness;
 mod pg;
 mod query;
+mod retention;
 mod s3;
 mod slt;
 mod statements;
