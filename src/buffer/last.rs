@@ -50,12 +50,12 @@ pub struct LastValues {
 }
 
 impl LastValues {
-    /// Folds in another cache of the same table.
     /// Forgets the series whose latest point is before `cutoff` (expired by retention).
     pub fn forget_before(&mut self, cutoff: i64) {
         self.points.retain(|_, p| p.time_ns >= cutoff);
     }
 
+    /// Folds in another cache of the same table.
     pub fn merge(&mut self, other: LastValues) {
         for (key, point) in other.points {
             match self.points.get_mut(&key) {

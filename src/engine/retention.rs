@@ -62,13 +62,15 @@ impl Engine {
     /// the next run.
     pub(super) async fn expire_all(&self) -> usize {
         self.delete_replaced().await;
-        let now_ns = self.clock().now_ns();
         let catalog = self.catalog();
         let mut expired = 0;
         for db in catalog.database_names() {
             for schema in catalog.tables(db) {
-                let Some(cutoff) = catalog.cutoff(db, &schema.name, now_ns) else { continue };
-                match self.expire_table(db, &schema.name, cutoff).await {
+                // Only a hint: the cutoff that counts is read again under the manifest lock.
+                if self.cutoff(db, &schema.name).is_none() {
+                    continue;
+                }
+                match self.expire_table(db, &schema.name).await {
                     Ok(n) => expired += n,
                     Err(error) => tracing::warn!(
                         %error, db, table = %schema.name,
@@ -80,29 +82,30 @@ impl Engine {
         expired
     }
 
-    /// Expires a table's files whose rows are all below `cutoff`, in one commit.
-    async fn expire_table(&self, db: &str, table: &str, cutoff: i64) -> Result<usize, Error> {
+    /// Expires a table's files whose rows are all below its cutoff, in one commit.
+    async fn expire_table(&self, db: &str, table: &str) -> Result<usize, Error> {
         let Some(data) = self.table_data(db, table) else { return Ok(0) };
-        let expired = |data: &super::TableData| -> Vec<String> {
-            data.files.iter().filter(|f| f.max_time_ns < cutoff).map(|f| f.path.clone()).collect()
-        };
-        {
-            let mut guard = data.write().expect("table lock");
-            if let Some(cache) = guard.last.as_mut() {
-                cache.values.forget_before(cutoff);
-            }
-            if expired(&guard).is_empty() {
-                return Ok(0);
-            }
-        }
         let removed = {
             let mut manifest = self.manifest.lock().await;
-            // Under the manifest lock, as persists and compactions commit: the table is still
-            // the live one, and its files are what they are now.
+            // Under the manifest lock, as persists, compactions and retention settings commit:
+            // the table is still the live one, its retention is the one set last, and its
+            // files are what they are now.
             if !self.table_data(db, table).is_some_and(|live| Arc::ptr_eq(&live, &data)) {
                 return Ok(0);
             }
-            let removed = expired(&data.read().expect("table lock"));
+            let Some(cutoff) = self.cutoff(db, table) else { return Ok(0) };
+            let removed: Vec<String> = {
+                let guard = data.read().expect("table lock");
+                guard
+                    .files
+                    .iter()
+                    .filter(|f| f.max_time_ns < cutoff)
+                    .map(|f| f.path.clone())
+                    .collect()
+            };
+            if removed.is_empty() {
+                return Ok(0);
+            }
             let op = Op::Expire {
                 database: db.into(),
                 table: table.into(),
@@ -117,7 +120,12 @@ impl Engine {
                 catalog.set_expired_before(db, table, cutoff);
                 *self.catalog.write().expect("catalog lock") = Arc::new(catalog);
             }
-            data.write().expect("table lock").files.retain(|f| !removed.contains(&f.path));
+            let mut guard = data.write().expect("table lock");
+            guard.files.retain(|f| !removed.contains(&f.path));
+            // Below the mark now, for good: no longer lengthening the retention could show them.
+            if let Some(cache) = guard.last.as_mut() {
+                cache.values.forget_before(cutoff);
+            }
             removed
         };
         let count = removed.len();

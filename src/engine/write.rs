@@ -52,8 +52,8 @@ const ORIGINAL_LINE_BYTES_MAX: usize = 1024;
 /// Checks and builds the lines of `body`; lines of tables for which `skip` says so are left
 /// out silently (replay skips the rows of dropped tables that way). Replay reads lines with
 /// `Strictness::Replay`: what an earlier version accepted is read back, not refused. A point
-/// older than its table's retention cutoff at `now_ns` is refused, or on replay left out (its
-/// rows were expired, or would be at once).
+/// older than its table's retention cutoff at `now_ns` is refused; on replay, one below the
+/// table's expired-before mark is left out (its rows were expired for good).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn prepare(
     catalog: &Catalog,
@@ -101,19 +101,27 @@ pub(super) fn prepare(
                     .to_nanos(t)
                     .ok_or(LineError::TimestampRange { timestamp: t, precision })?,
             };
+            // Writes: refused before the cutoff. Replay: rows below the table's expired-before
+            // mark are gone for good and left out; rows merely past the retention now are
+            // kept (the scan hides them; a longer retention later shows them, as it does
+            // their persisted neighbours).
+            let cutoff = match strictness {
+                line_protocol::Strictness::Write => catalog.cutoff(db, name, now_ns),
+                line_protocol::Strictness::Replay => catalog.expired_before(db, name),
+            };
+            let kept = cutoff.is_none_or(|cutoff| time_ns >= cutoff);
+            if let (false, line_protocol::Strictness::Write, Some(cutoff_ns)) =
+                (kept, strictness, cutoff)
+            {
+                return Err(LineError::Expired { table: name.to_string(), time_ns, cutoff_ns });
+            }
             if catalog.table(db, name).is_none() && !prepared.additions.contains_key(name) {
                 if catalog.table_count(db) + new_tables >= catalog::TABLES_PER_DATABASE_MAX {
                     return Err(LineError::TooManyTables);
                 }
                 new_tables += 1;
             }
-            if let Some(cutoff_ns) = catalog.cutoff(db, name, now_ns) {
-                if time_ns < cutoff_ns && strictness == line_protocol::Strictness::Write {
-                    return Err(LineError::Expired { table: name.to_string(), time_ns, cutoff_ns });
-                }
-                return Ok((added, time_ns, time_ns >= cutoff_ns));
-            }
-            Ok((added, time_ns, true))
+            Ok((added, time_ns, kept))
         });
         match outcome {
             Ok((added, time_ns, kept)) => {

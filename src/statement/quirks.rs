@@ -95,11 +95,19 @@ pub fn influxql_database(q: &str) -> Option<InfluxQlDatabase> {
     if !create {
         return Some(InfluxQlDatabase::Drop { name });
     }
-    let duration = upper
-        .iter()
-        .position(|w| w == "DURATION")
-        .and_then(|at| words.get(at + 1))
-        .map(|d| d.trim_end_matches(';').to_string());
+    // `WITH [DURATION d] [REPLICATION n] [SHARD DURATION d] [NAME rp]`: only a DURATION after
+    // the name's WITH and not after SHARD; InfluxQL's `0s` and `INF` mean forever.
+    let with = upper.iter().skip(3).position(|w| w == "WITH").map(|at| at + 3);
+    let duration = with.and_then(|with| {
+        (with + 1..upper.len())
+            .find(|&at| upper[at] == "DURATION" && upper[at - 1] != "SHARD")
+            .and_then(|at| words.get(at + 1))
+            .map(|d| d.trim_end_matches(';'))
+            .map(|d| match d.trim_start_matches('0') {
+                "" | "s" | "m" | "h" | "d" | "w" => "none".to_string(),
+                _ => d.to_string(),
+            })
+    });
     Some(InfluxQlDatabase::Create { name, duration })
 }
 
@@ -122,6 +130,18 @@ mod tests {
                 duration: Some("30d".to_string())
             })
         );
+        let duration = |q: &str| match influxql_database(q) {
+            Some(InfluxQlDatabase::Create { duration, .. }) => duration,
+            other => panic!("{q}: {other:?}"),
+        };
+        assert_eq!(duration("CREATE DATABASE t WITH SHARD DURATION 1h"), None);
+        assert_eq!(
+            duration("CREATE DATABASE t WITH REPLICATION 1 SHARD DURATION 1d DURATION 7d"),
+            Some("7d".to_string())
+        );
+        assert_eq!(duration("CREATE DATABASE duration WITH DURATION 2d"), Some("2d".to_string()));
+        assert_eq!(duration("CREATE DATABASE t WITH DURATION 0s"), Some("none".to_string()));
+        assert_eq!(duration("CREATE DATABASE t WITH DURATION INF"), Some("INF".to_string()));
         assert_eq!(
             influxql_database("CREATE DATABASE t"),
             Some(InfluxQlDatabase::Create { name: "t".to_string(), duration: None })

@@ -61,7 +61,7 @@ pub fn parse(sql: &str) -> Option<Result<Statement, ParserError>> {
         let mut look = Parser::new(&dialect).try_with_sql(sql).ok()?;
         look.next_token();
         look.next_token();
-        name(&mut look).ok()?;
+        look.parse_object_name(false).ok()?;
         if !word(&mut look, "SET") && !word(&mut look, "RESET") {
             return None;
         }
@@ -137,12 +137,21 @@ fn value(p: &mut Parser<'_>) -> Result<String, ParserError> {
     }
 }
 
-/// A database or table name: the last part of a dotted name (`public.cpu`), as written (the
-/// other DDL statements keep names as written too).
+/// A database or table name, as written (the other DDL statements keep names as written too);
+/// a table may be qualified by `public` only: another database is not this session's to change.
 fn name(p: &mut Parser<'_>) -> Result<String, ParserError> {
     let parts = p.parse_object_name(false)?;
-    let last: Option<&Ident> = parts.0.last().and_then(|part| part.as_ident());
-    last.map(|i| i.value.clone()).ok_or_else(|| ParserError::ParserError("expected a name".into()))
+    let idents: Option<Vec<&Ident>> = parts.0.iter().map(|part| part.as_ident()).collect();
+    match idents.as_deref() {
+        Some([name]) => Ok(name.value.clone()),
+        Some([schema, name]) if schema.value.eq_ignore_ascii_case("public") => {
+            Ok(name.value.clone())
+        }
+        _ => Err(ParserError::ParserError(format!(
+            "\"{parts}\" names an object of another database or schema: connect to that \
+             database and name it alone"
+        ))),
+    }
 }
 
 fn end(p: &mut Parser<'_>) -> Result<(), ParserError> {
@@ -223,6 +232,8 @@ mod tests {
             "ALTER DATABASE x SET retention = 30",
             "ALTER DATABASE x SET retention = '1d' extra",
             "ALTER DATABASE x DROP",
+            "ALTER TABLE staging.cpu SET retention = '1h'",
+            "ALTER DATABASE a.b SET retention = '1h'",
         ] {
             assert!(matches!(parse(sql), Some(Err(_))), "{sql}: {:?}", parse(sql));
         }
