@@ -103,13 +103,11 @@ async fn run(
     statement: Statement,
     done: StatusCode,
 ) -> Response {
-    let command = Command::Retention(statement);
-    let needs = crate::auth::need(&command, db);
+    let needs = crate::auth::need(&Command::Retention(statement.clone()), db);
     if let Some(refused) = principal.lacks(&needs).and_then(|need| auth::forbidden(principal, need))
     {
         return refused;
     }
-    let Command::Retention(statement) = command else { unreachable!("built above") };
     match crate::query::ddl::retention(&state.query, db, statement).await {
         Ok(_) => done.into_response(),
         Err(e) => error_response(status_of(e.kind()), &e.to_string(), None),
